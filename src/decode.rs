@@ -1,0 +1,210 @@
+//! Turning the LLM's output into a label.
+//!
+//! `greedy` is the paper's: up to a few new tokens, stopping at end-of-turn; the text is
+//! trimmed and lower-cased and must equal a label, else it is `invalid`.
+//! `constrained` scores every label: the sum of the log-probabilities of its tokens and
+//! the end-of-turn token. All labels go through the model in *one* pass after the shared
+//! prompt: their tokens are packed into a single sequence whose attention mask lets each
+//! label see the prompt and its own earlier tokens only, with the positions it would have
+//! on its own. Exact, and one pass instead of one per label.
+
+use crate::error::Result;
+use crate::metrics::{parse_answer, INVALID};
+use crate::model::llama::{argmax, log_softmax, mask_from_allowed, Cache, Positions};
+use crate::model::Llm;
+use candle_core::{IndexOp, Tensor};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Decode {
+    Greedy,
+    Constrained,
+}
+
+impl std::fmt::Display for Decode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Decode::Greedy => "greedy",
+            Decode::Constrained => "constrained",
+        })
+    }
+}
+
+/// The paper's generation budget.
+pub const GREEDY_MAX_NEW: usize = 5;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// A label, or `invalid`.
+    pub label: String,
+    /// What the model wrote (greedy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Probability of each label, in label order (constrained).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probs: Option<Vec<f64>>,
+}
+
+/// The token sequences of the candidate answers: each label's tokens then end-of-turn.
+#[derive(Debug, Clone)]
+pub struct LabelTokens {
+    pub labels: Vec<String>,
+    pub seqs: Vec<Vec<u32>>,
+}
+
+impl LabelTokens {
+    pub fn new(llm: &Llm, labels: &[String]) -> Result<Self> {
+        let seqs = labels
+            .iter()
+            .map(|l| {
+                let mut t = llm.tokenizer.encode(l)?;
+                t.push(llm.end_of_turn);
+                Ok(t)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LabelTokens {
+            labels: labels.to_vec(),
+            seqs,
+        })
+    }
+}
+
+/// Greedy decoding from the logits at the last prompt position; `cache` holds the prompt.
+pub fn greedy(
+    llm: &Llm,
+    mut cache: Cache,
+    last_logits: &Tensor,
+    labels: &[String],
+    max_new: usize,
+) -> Result<Prediction> {
+    let mut out = Vec::new();
+    let mut next = argmax(last_logits)?;
+    for step in 0..max_new {
+        if llm.stop_tokens.contains(&next) {
+            break;
+        }
+        out.push(next);
+        if step + 1 == max_new {
+            break;
+        }
+        let x = llm.model.embed(&[next])?.unsqueeze(0)?;
+        let logits = llm
+            .model
+            .forward(&x, &mut cache, &Positions::default(), &[0])?
+            .expect("logits asked");
+        next = argmax(&logits.i((0, 0))?)?;
+    }
+    let text = llm.tokenizer.decode(&out, true)?;
+    Ok(Prediction {
+        label: parse_answer(&text, labels),
+        text: Some(text),
+        probs: None,
+    })
+}
+
+/// Scores every label after the prompt held in `cache`; `last_logits` are the logits at
+/// the last prompt position (they give each label's first token).
+pub fn constrained(
+    llm: &Llm,
+    cache: &Cache,
+    last_logits: &Tensor,
+    cands: &LabelTokens,
+) -> Result<Prediction> {
+    let past = cache.len();
+    let first_lp = log_softmax(last_logits)?.to_vec1::<f32>()?;
+    // Pack every label's tokens but the last (whose log-prob no later token needs).
+    let mut tokens = Vec::new();
+    let mut pos = Vec::new();
+    let mut owner = Vec::new();
+    for (j, seq) in cands.seqs.iter().enumerate() {
+        for (k, &t) in seq[..seq.len() - 1].iter().enumerate() {
+            tokens.push(t);
+            pos.push((past + k) as u32);
+            owner.push(j);
+        }
+    }
+    let mut scores: Vec<f64> = cands
+        .seqs
+        .iter()
+        .map(|s| first_lp[s[0] as usize] as f64)
+        .collect();
+    if !tokens.is_empty() {
+        let n = tokens.len();
+        let allowed: Vec<Vec<bool>> = (0..n)
+            .map(|r| {
+                (0..past + n)
+                    .map(|c| c < past || (c - past <= r && owner[c - past] == owner[r]))
+                    .collect()
+            })
+            .collect();
+        let mask = mask_from_allowed(&allowed, llm.model.device(), llm.model.dtype())?;
+        let x = llm.model.embed(&tokens)?.unsqueeze(0)?;
+        let at: Vec<usize> = (0..n).collect();
+        let mut c = cache.clone();
+        let logits = llm
+            .model
+            .forward(
+                &x,
+                &mut c,
+                &Positions {
+                    ids: Some(&pos),
+                    mask: Some(&mask),
+                },
+                &at,
+            )?
+            .expect("logits asked");
+        let lp = log_softmax(&logits.i(0)?)?;
+        // Each packed position predicts the next token of its own label.
+        let mut r = 0;
+        for (j, seq) in cands.seqs.iter().enumerate() {
+            for &tok in &seq[1..] {
+                scores[j] += lp.i((r, tok as usize))?.to_scalar::<f32>()? as f64;
+                r += 1;
+            }
+        }
+    }
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let z: f64 = exps.iter().sum();
+    let probs: Vec<f64> = exps.iter().map(|e| e / z).collect();
+    let best = probs
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.partial_cmp(b.1).unwrap())
+        .map(|(i, _)| i);
+    Ok(Prediction {
+        label: best
+            .map(|i| cands.labels[i].clone())
+            .unwrap_or_else(|| INVALID.into()),
+        text: None,
+        probs: Some(probs),
+    })
+}
+
+/// Reference implementation for tests: each label scored on its own, with the whole
+/// prompt recomputed (no shared pass, no packing).
+pub fn constrained_plain(llm: &Llm, prompt: &Tensor, cands: &LabelTokens) -> Result<Vec<f64>> {
+    let mut scores = Vec::new();
+    let t = prompt.dim(1)?;
+    for seq in &cands.seqs {
+        let ans = llm.model.embed(seq)?.unsqueeze(0)?;
+        let x = Tensor::cat(&[prompt, &ans], 1)?;
+        let at: Vec<usize> = (t - 1..t - 1 + seq.len()).collect();
+        let mut cache = llm.model.new_cache();
+        let logits = llm
+            .model
+            .forward(&x, &mut cache, &Positions::default(), &at)?
+            .expect("logits");
+        let lp = log_softmax(&logits.i(0)?)?;
+        let mut s = 0.0;
+        for (k, &tok) in seq.iter().enumerate() {
+            s += lp.i((k, tok as usize))?.to_scalar::<f32>()? as f64;
+        }
+        scores.push(s);
+    }
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let z: f64 = exps.iter().sum();
+    Ok(exps.iter().map(|e| e / z).collect())
+}

@@ -1,0 +1,300 @@
+//! Evaluation: every sample of a split through the prompt, the model and a decoder, then
+//! the metrics. The prompt prefix of a prompt set goes through the LLM once; each sample
+//! then runs only its own tokens on a copy of that cache.
+
+use crate::data::{Dataset, Sample, Scope, Utterance};
+use crate::decode::{self, Decode, LabelTokens, Prediction};
+use crate::error::{Error, Result};
+use crate::metrics::{self, Scores};
+use crate::model::llama::{Cache, Positions};
+use crate::model::Llm;
+use crate::prompt::{Encoded, PromptConfig, PromptSet, Prompter};
+use crate::util::mean_std;
+use candle_core::{IndexOp, Tensor};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// What turns a sample's prompt into input embeddings: the LLM alone (text-only), or
+/// FARCER with its projection of image vectors.
+pub trait InputBuilder {
+    fn llm(&self) -> &Llm;
+    /// Whether this utterance contributes an image vector.
+    fn has_image(&self, u: &Utterance) -> bool;
+    /// Embeddings `(1, len, hidden)` of a sample's prompt suffix.
+    fn suffix_embeds(&self, enc: &Encoded, context: &[Utterance]) -> Result<Tensor>;
+    /// Short description for reports (`text-only`, `farcer-base`...).
+    fn kind(&self) -> String;
+}
+
+/// Text only: token embeddings, no image slots.
+impl InputBuilder for Llm {
+    fn llm(&self) -> &Llm {
+        self
+    }
+    fn has_image(&self, _: &Utterance) -> bool {
+        false
+    }
+    fn suffix_embeds(&self, enc: &Encoded, _: &[Utterance]) -> Result<Tensor> {
+        Ok(self.model.embed(&enc.flat_tokens())?.unsqueeze(0)?)
+    }
+    fn kind(&self) -> String {
+        "text-only".into()
+    }
+}
+
+/// Which prompt sets to evaluate with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PromptSets {
+    One(u64),
+    All(String),
+}
+
+impl std::str::FromStr for PromptSets {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s == "all" {
+            return Ok(PromptSets::All("all".into()));
+        }
+        match s.parse::<u64>() {
+            Ok(n) if n < 10 => Ok(PromptSets::One(n)),
+            _ => Err(Error::input(
+                "--prompt-set",
+                format!("`{s}`: expected 0-9 or all"),
+            )),
+        }
+    }
+}
+
+impl PromptSets {
+    pub fn indices(&self) -> Vec<u64> {
+        match self {
+            PromptSets::One(n) => vec![*n],
+            PromptSets::All(_) => (0..10).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalOptions {
+    pub scope: Scope,
+    pub prompt: PromptConfig,
+    pub prompt_sets: Vec<u64>,
+    pub decode: Decode,
+    /// Evaluate the first N samples only.
+    pub limit: Option<usize>,
+    /// Longest prompt in tokens (default: the model's context).
+    pub max_tokens: Option<usize>,
+}
+
+/// One prediction, as written to `predictions.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PredictionRecord {
+    pub dialogue_id: String,
+    pub utterance_id: String,
+    pub prompt_set: u64,
+    pub gold: String,
+    pub pred: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probs: Option<metrics::indexmap_like::OrderedMap<f64>>,
+    /// Utterances cut from the front to fit the context.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dropped: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Scores of one prompt set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetResult {
+    pub prompt_set: u64,
+    pub scores: Scores,
+    pub prefix_tokens: usize,
+    pub excluded_dialogues: usize,
+}
+
+/// The whole result of an evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub sets: Vec<SetResult>,
+    pub predictions: Vec<PredictionRecord>,
+    /// Samples whose dialogue was cut to fit the context.
+    pub truncated: usize,
+    pub seconds: f64,
+    pub samples: usize,
+}
+
+/// Mean and standard deviation over prompt sets of each headline metric.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spread {
+    pub weighted_f1: (f64, f64),
+    pub accuracy: (f64, f64),
+    pub macro_f1: (f64, f64),
+}
+
+impl EvalResult {
+    pub fn spread(&self) -> Spread {
+        let f = |g: &dyn Fn(&Scores) -> f64| {
+            mean_std(&self.sets.iter().map(|s| g(&s.scores)).collect::<Vec<_>>())
+        };
+        Spread {
+            weighted_f1: f(&|s| s.weighted_f1),
+            accuracy: f(&|s| s.accuracy),
+            macro_f1: f(&|s| s.macro_f1),
+        }
+    }
+}
+
+/// Runs the prompt prefix through the LLM once and returns its cache.
+pub fn prefix_cache(llm: &Llm, prefix: &[u32]) -> Result<Cache> {
+    let mut cache = llm.model.new_cache();
+    if !prefix.is_empty() {
+        let x = llm.model.embed(prefix)?.unsqueeze(0)?;
+        llm.model
+            .forward(&x, &mut cache, &Positions::default(), &[])?;
+    }
+    Ok(cache)
+}
+
+/// A prompt set ready to use: the prompter and the cache of its prefix.
+pub struct PreparedSet {
+    pub prompter: Prompter,
+    pub cache: Cache,
+}
+
+pub fn prepare_set(
+    llm: &Llm,
+    labels: &[String],
+    cfg: &PromptConfig,
+    set: PromptSet,
+    max_tokens: Option<usize>,
+) -> Result<PreparedSet> {
+    let max = max_tokens
+        .unwrap_or(usize::MAX)
+        .min(llm.model.config.max_position_embeddings);
+    let prompter = Prompter::new(&llm.tokenizer, &llm.template, labels, cfg, set, max)?;
+    let cache = prefix_cache(llm, &prompter.prefix)?;
+    Ok(PreparedSet { prompter, cache })
+}
+
+/// Predicts one sample with a prepared prompt set.
+pub fn predict_one(
+    b: &dyn InputBuilder,
+    ps: &PreparedSet,
+    context: &[Utterance],
+    past: Option<&[Option<String>]>,
+    decoder: Decode,
+    cands: &LabelTokens,
+) -> Result<(Prediction, Encoded)> {
+    let llm = b.llm();
+    let has_image = |i: usize| b.has_image(&context[i]);
+    let enc = ps.prompter.encode(context, &has_image, past)?;
+    let x = b.suffix_embeds(&enc, context)?;
+    let t = x.dim(1)?;
+    let mut cache = ps.cache.clone();
+    let logits = llm
+        .model
+        .forward(&x, &mut cache, &Positions::default(), &[t - 1])?
+        .expect("logits asked");
+    let last = logits.i((0, 0))?;
+    let pred = match decoder {
+        Decode::Greedy => decode::greedy(
+            llm,
+            cache,
+            &last,
+            &ps.prompter.labels,
+            decode::GREEDY_MAX_NEW,
+        )?,
+        Decode::Constrained => decode::constrained(llm, &cache, &last, cands)?,
+    };
+    Ok((pred, enc))
+}
+
+/// Evaluates `data` (examples drawn from `pool`) with each prompt set of `opts`.
+/// `progress` is told each finished sample.
+pub fn evaluate(
+    b: &dyn InputBuilder,
+    data: &Dataset,
+    pool: Option<&Dataset>,
+    opts: &EvalOptions,
+    progress: &dyn Fn(usize, usize),
+) -> Result<EvalResult> {
+    let llm = b.llm();
+    let start = Instant::now();
+    let cands = LabelTokens::new(llm, &data.labels)?;
+    let mut sets = Vec::new();
+    let mut predictions = Vec::new();
+    let mut truncated = 0;
+    let mut samples_done = 0;
+    let all_samples = data.samples(opts.scope);
+    let per_set = opts.limit.unwrap_or(usize::MAX).min(all_samples.len());
+    let total = per_set * opts.prompt_sets.len();
+    for &s in &opts.prompt_sets {
+        let set = match (opts.prompt.shots, pool) {
+            (0, _) => PromptSet::empty(s),
+            (k, Some(p)) => PromptSet::draw(p, k, s)?,
+            (_, None) => {
+                return Err(Error::msg(
+                    "few-shot prompts need a pool of example dialogues; this data has no dev/train split to draw from (use --shots 0 or a folder with dev.jsonl)",
+                ))
+            }
+        };
+        // Dialogues shown as examples are not scored when the pool is the evaluated split.
+        let same_split = pool.is_some_and(|p| p.corpus == data.corpus && p.split == data.split);
+        let excluded = if same_split {
+            set.dialogue_ids()
+        } else {
+            Default::default()
+        };
+        let ps = prepare_set(llm, &data.labels, &opts.prompt, set, opts.max_tokens)?;
+        let chosen: Vec<Sample> = all_samples
+            .iter()
+            .filter(|s| !excluded.contains(&data.dialogues[s.dialogue].id))
+            .take(per_set)
+            .copied()
+            .collect();
+        let mut gold = Vec::new();
+        let mut pred = Vec::new();
+        for smp in &chosen {
+            let ctx = data.context(smp);
+            let (p, enc) = predict_one(b, &ps, ctx, None, opts.decode, &cands)?;
+            if enc.dropped > 0 {
+                truncated += 1;
+            }
+            let d = &data.dialogues[smp.dialogue];
+            gold.push(data.gold(smp).to_string());
+            pred.push(p.label.clone());
+            predictions.push(PredictionRecord {
+                dialogue_id: d.id.clone(),
+                utterance_id: d.utterances[smp.target].id.clone(),
+                prompt_set: s,
+                gold: data.gold(smp).to_string(),
+                pred: p.label,
+                text: p.text,
+                probs: p.probs.map(|v| {
+                    metrics::indexmap_like::OrderedMap(data.labels.iter().cloned().zip(v).collect())
+                }),
+                dropped: enc.dropped,
+            });
+            samples_done += 1;
+            progress(samples_done, total);
+        }
+        sets.push(SetResult {
+            prompt_set: s,
+            scores: metrics::score(&data.labels, &gold, &pred),
+            prefix_tokens: ps.prompter.prefix.len(),
+            excluded_dialogues: excluded.len(),
+        });
+    }
+    Ok(EvalResult {
+        sets,
+        predictions,
+        truncated,
+        seconds: start.elapsed().as_secs_f64(),
+        samples: samples_done,
+    })
+}

@@ -1,0 +1,20 @@
+//! farcer: FARCER (Nonaka & Valles, 2024), a multimodal LLM for emotion recognition in
+//! conversations, in Rust.
+//!
+//! The modules follow the data: [`data`] (dialogues from corpora and files) ->
+//! [`prompt`] (where a dialogue becomes tokens) -> [`model`] (the LLM) -> [`decode`],
+//! [`eval`], [`metrics`], [`report`]. The CLI in `main.rs` is a thin layer over them.
+
+pub mod data;
+pub mod decode;
+pub mod error;
+pub mod eval;
+pub mod fetch;
+pub mod metrics;
+pub mod model;
+pub mod plot;
+pub mod prompt;
+pub mod report;
+pub mod util;
+
+pub use error::{Error, Result};

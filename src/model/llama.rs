@@ -1,0 +1,799 @@
+//! Llama decoder (Touvron et al. 2023; Llama 3, Dubey et al. 2024), as used by
+//! Llama-3-8B-Instruct, Llama-3.1/3.2, TinyLlama and SmolLM2. Follows Hugging Face
+//! `transformers`' `modeling_llama.py`: pre-norm RMSNorm blocks, rotary position
+//! embeddings in the half-split convention, grouped-query attention, SwiGLU MLP.
+//!
+//! Written for FARCER rather than taken from candle-transformers because FARCER needs:
+//! input *embeddings* in (image vectors sit between tokens), a KV cache that can be cloned
+//! and shared by many samples (the prompt prefix), explicit positions and attention masks
+//! (all candidate labels scored in one pass), logits only at the positions asked for, and
+//! a training path where gradients flow to the inputs and LoRA adapters but are never
+//! computed for the frozen weights. Fused kernels (RMSNorm, RoPE, softmax) record no
+//! backward in candle, so each op picks the fused form only when no graph is recorded.
+
+use super::frozen;
+use super::lora::{LoraConfig, LoraLinear};
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+/// `rope_scaling` as found in `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+/// `rope_parameters` of transformers >= 5: the theta and the scaling in one object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeParameters {
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(flatten)]
+    pub scaling: RopeScaling,
+}
+
+/// The serde mirror of a Llama `config.json` (fields differ between versions, hence the
+/// options). [`LlamaConfig::into_config`] resolves it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// transformers >= 5 writes `rope_theta` and the scaling here instead.
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+/// The resolved configuration the model runs with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    /// Per-dimension divisors of the rotary frequencies (GGUF `rope_freqs.weight`, how
+    /// llama.cpp stores Llama 3.1's scaling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_freq_divisors: Option<Vec<f32>>,
+}
+
+impl LlamaConfig {
+    pub fn into_config(self) -> std::result::Result<Config, String> {
+        if let Some(m) = &self.model_type {
+            if !matches!(m.as_str(), "llama" | "mistral") {
+                return Err(format!("model_type `{m}` is not a Llama-family model"));
+            }
+        }
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return Err(format!(
+                    "hidden_act `{act}` is not supported (Llama uses silu)"
+                ));
+            }
+        }
+        let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        if self.num_attention_heads % num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
+                self.num_attention_heads
+            ));
+        }
+        let (rope_theta, rope_scaling) = match self.rope_parameters {
+            Some(p) => (
+                p.rope_theta.unwrap_or(self.rope_theta),
+                (p.scaling.rope_type != "default").then_some(p.scaling),
+            ),
+            None => (self.rope_theta, self.rope_scaling),
+        };
+        Ok(Config {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads,
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size / self.num_attention_heads),
+            vocab_size: self.vocab_size,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings,
+            attention_bias: self.attention_bias,
+            mlp_bias: self.mlp_bias,
+            rope_freq_divisors: None,
+        })
+    }
+}
+
+impl Config {
+    /// Inverse frequencies of the rotary embedding, with `rope_scaling` applied
+    /// (`llama3` and `linear`), computed as transformers does in f32.
+    pub fn inv_freq(&self) -> std::result::Result<Vec<f32>, String> {
+        let d = self.head_dim;
+        let mut inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0f32 / (self.rope_theta as f32).powf((2 * i) as f32 / d as f32))
+            .collect();
+        if let Some(s) = &self.rope_scaling {
+            match s.rope_type.as_str() {
+                "default" => {}
+                "linear" => {
+                    let f = s.factor.ok_or("rope_scaling linear needs `factor`")? as f32;
+                    inv.iter_mut().for_each(|x| *x /= f);
+                }
+                "llama3" => {
+                    let factor = s.factor.ok_or("rope_scaling llama3 needs `factor`")? as f32;
+                    let low = s.low_freq_factor.unwrap_or(1.0) as f32;
+                    let high = s.high_freq_factor.unwrap_or(4.0) as f32;
+                    let old = s.original_max_position_embeddings.unwrap_or(8192) as f32;
+                    let low_wavelen = old / low;
+                    let high_wavelen = old / high;
+                    for x in inv.iter_mut() {
+                        let wavelen = 2.0 * std::f32::consts::PI / *x;
+                        let scaled = if wavelen > low_wavelen {
+                            *x / factor
+                        } else {
+                            *x
+                        };
+                        // transformers: neither high- nor low-frequency.
+                        let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
+                        *x = if medium {
+                            let smooth = (old / wavelen - low) / (high - low);
+                            (1.0 - smooth) * scaled / factor + smooth * scaled
+                        } else {
+                            scaled
+                        };
+                    }
+                }
+                other => return Err(format!("rope_scaling type `{other}` is not supported")),
+            }
+        }
+        if let Some(div) = &self.rope_freq_divisors {
+            if div.len() != inv.len() {
+                return Err(format!(
+                    "{} rope frequency divisors for {} frequencies",
+                    div.len(),
+                    inv.len()
+                ));
+            }
+            inv.iter_mut().zip(div).for_each(|(x, d)| *x /= d);
+        }
+        Ok(inv)
+    }
+}
+
+/// Per-layer keys and values of the positions seen so far. Cloning is cheap (tensors are
+/// shared), which is how one prompt prefix serves many samples.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    kvs: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl Cache {
+    pub fn new(num_layers: usize) -> Self {
+        Cache {
+            kvs: vec![None; num_layers],
+            len: 0,
+        }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drops the graph from every cached tensor (a prefix reused across training steps
+    /// must not drag the step that made it along).
+    pub fn detach(&self) -> Cache {
+        Cache {
+            kvs: self
+                .kvs
+                .iter()
+                .map(|kv| kv.as_ref().map(|(k, v)| (k.detach(), v.detach())))
+                .collect(),
+            len: self.len,
+        }
+    }
+
+    /// Repeats a batch-1 cache `n` times along the batch dimension.
+    pub fn repeat_batch(&self, n: usize) -> Result<Cache> {
+        let kvs = self
+            .kvs
+            .iter()
+            .map(|kv| match kv {
+                Some((k, v)) => Ok(Some((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?))),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Cache { kvs, len: self.len })
+    }
+
+    /// Bytes held by the cached keys and values.
+    pub fn bytes(&self) -> usize {
+        self.kvs
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// Where the positions of a forward call sit and what they may attend to.
+#[derive(Debug, Clone, Default)]
+pub struct Positions<'a> {
+    /// Rotary positions of the new tokens; default `cache.len() ..`.
+    pub ids: Option<&'a [u32]>,
+    /// Additive mask `(new, cache.len() + new)` (0 or -inf); default causal.
+    pub mask: Option<&'a Tensor>,
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::rms_norm_slow(x, w, eps as f32)
+    } else {
+        candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+    }
+}
+
+fn softmax(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        let cos = Tensor::cat(&[cos, cos], D::Minus1)?
+            .unsqueeze(0)?
+            .unsqueeze(0)?;
+        let sin = Tensor::cat(&[sin, sin], D::Minus1)?
+            .unsqueeze(0)?
+            .unsqueeze(0)?;
+        let d = x.dim(D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
+    } else {
+        candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
+    }
+}
+
+/// A projection `x W^T (+ b)` whose weight is frozen, with an optional LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct Proj {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraLinear>,
+}
+
+impl Proj {
+    fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Proj {
+            weight,
+            bias,
+            lora: None,
+        })
+    }
+
+    /// `x`: `(n, in)`.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = frozen::matmul_t(x, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            y = (y + l.delta(x, train)?)?;
+        }
+        Ok(y)
+    }
+
+    /// Folds the adapter into the weight (for inference).
+    pub fn merge_lora(&mut self) -> Result<()> {
+        if let Some(l) = self.lora.take() {
+            self.weight = (&self.weight + l.delta_weight()?)?;
+        }
+        Ok(())
+    }
+}
+
+struct Attention {
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate: Proj,
+    up: Proj,
+    down: Proj,
+}
+
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// The Llama model: embeddings, decoder blocks, final norm and the LM head.
+pub struct Llama {
+    embed: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    /// `None` when tied to the embeddings.
+    lm_head: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    pub config: Config,
+    device: Device,
+    /// Dropout of LoRA adapters and the like is active.
+    train: bool,
+}
+
+impl Llama {
+    /// Loads weights named as in Hugging Face (`model.layers.N.self_attn.q_proj.weight`).
+    pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        let c = config;
+        let m = vb.pp("model");
+        let embed = m
+            .pp("embed_tokens")
+            .get((c.vocab_size, c.hidden_size), "weight")?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let l = m.pp("layers").pp(i);
+            let a = l.pp("self_attn");
+            let (h, hd) = (c.hidden_size, c.head_dim);
+            let attn = Attention {
+                q: Proj::load(&a.pp("q_proj"), h, c.num_heads * hd, c.attention_bias)?,
+                k: Proj::load(&a.pp("k_proj"), h, c.num_kv_heads * hd, c.attention_bias)?,
+                v: Proj::load(&a.pp("v_proj"), h, c.num_kv_heads * hd, c.attention_bias)?,
+                o: Proj::load(&a.pp("o_proj"), c.num_heads * hd, h, c.attention_bias)?,
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: hd,
+            };
+            let p = l.pp("mlp");
+            let mlp = Mlp {
+                gate: Proj::load(&p.pp("gate_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                up: Proj::load(&p.pp("up_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                down: Proj::load(&p.pp("down_proj"), c.intermediate_size, h, c.mlp_bias)?,
+            };
+            layers.push(Block {
+                input_norm: l.pp("input_layernorm").get(h, "weight")?,
+                attn,
+                post_norm: l.pp("post_attention_layernorm").get(h, "weight")?,
+                mlp,
+            });
+        }
+        let norm = m.pp("norm").get(c.hidden_size, "weight")?;
+        let lm_head = if c.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+            None
+        } else {
+            Some(
+                vb.pp("lm_head")
+                    .get((c.vocab_size, c.hidden_size), "weight")?,
+            )
+        };
+        let device = vb.device().clone();
+        let (cos, sin) = rope_tables(config, &device, vb.dtype())?;
+        Ok(Llama {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            config: config.clone(),
+            device,
+            train: false,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(self.config.num_layers)
+    }
+
+    /// Turns dropout (of LoRA adapters) on or off.
+    pub fn set_train(&mut self, train: bool) {
+        self.train = train;
+    }
+
+    /// Token embeddings `(n, hidden)`; they carry no graph.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(ids, &self.device)?;
+        self.embed.index_select(&ids, 0)
+    }
+
+    /// Runs new positions through the model, appending their keys and values to `cache`.
+    ///
+    /// `x`: input embeddings `(batch, new, hidden)`. Returns the logits `(batch,
+    /// logits_at.len(), vocab)` at the listed indices into the new positions, or `None`
+    /// when `logits_at` is empty (a prefix pass that only fills the cache).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cache: &mut Cache,
+        pos: &Positions,
+        logits_at: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let h = self.hidden(x, cache, pos)?;
+        if logits_at.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.logits(&h, logits_at)?))
+    }
+
+    /// The final hidden states (before the last norm) of the new positions.
+    pub fn hidden(&self, x: &Tensor, cache: &mut Cache, pos: &Positions) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let past = cache.len;
+        let ids: Vec<u32> = match pos.ids {
+            Some(ids) => {
+                if ids.len() != t {
+                    candle_core::bail!("{} position ids for {t} new positions", ids.len());
+                }
+                ids.to_vec()
+            }
+            None => (past as u32..(past + t) as u32).collect(),
+        };
+        let max = *ids.iter().max().unwrap_or(&0) as usize;
+        if max >= self.cos.dim(0)? {
+            candle_core::bail!(
+                "position {max} is beyond the model's context of {} tokens",
+                self.cos.dim(0)?
+            );
+        }
+        let contiguous = ids.windows(2).all(|w| w[1] == w[0] + 1);
+        let (cos, sin) = if contiguous && !ids.is_empty() {
+            (
+                self.cos.narrow(0, ids[0] as usize, t)?,
+                self.sin.narrow(0, ids[0] as usize, t)?,
+            )
+        } else {
+            let idx = Tensor::new(ids.as_slice(), &self.device)?;
+            (
+                self.cos.index_select(&idx, 0)?,
+                self.sin.index_select(&idx, 0)?,
+            )
+        };
+        let mask = match pos.mask {
+            Some(m) => Some(m.clone()),
+            None if t > 1 => Some(causal_mask(t, past, &self.device, x.dtype())?),
+            None => None,
+        };
+        let mut h = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let residual = &h;
+            let n = rms_norm(&h, &layer.input_norm, self.config.rms_norm_eps)?;
+            let a =
+                layer
+                    .attn
+                    .forward(&n, &cos, &sin, mask.as_ref(), &mut cache.kvs[i], self.train)?;
+            let h1 = (residual + a)?;
+            let n = rms_norm(&h1, &layer.post_norm, self.config.rms_norm_eps)?;
+            let m = layer.mlp.forward(&n, self.train)?;
+            h = (h1 + m)?;
+        }
+        cache.len = past + t;
+        let _ = b;
+        Ok(h)
+    }
+
+    /// Final norm and LM head at the listed positions of hidden states `(b, t, hidden)`.
+    pub fn logits(&self, h: &Tensor, at: &[usize]) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        if let Some(&bad) = at.iter().find(|&&i| i >= t) {
+            candle_core::bail!("logits asked at position {bad} of {t}");
+        }
+        let sel = if at.len() == t && at.iter().enumerate().all(|(i, &p)| i == p) {
+            h.clone()
+        } else {
+            let idx = Tensor::new(
+                at.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                &self.device,
+            )?;
+            h.index_select(&idx, 1)?
+        };
+        let n = rms_norm(&sel, &self.norm, self.config.rms_norm_eps)?;
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let flat = n.reshape((b * at.len(), d))?;
+        frozen::matmul_t(&flat, w)?.reshape((b, at.len(), self.config.vocab_size))
+    }
+
+    /// Adds LoRA adapters (B = 0, so the model is unchanged) to the named projections
+    /// (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`) of
+    /// every layer. Returns the adapters' variables, named as PEFT names them.
+    pub fn add_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        seed: u64,
+    ) -> Result<Vec<(String, candle_core::Var)>> {
+        let mut vars = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            for (name, proj) in l.projections_mut() {
+                if !cfg.target_modules.iter().any(|t| t == name) {
+                    continue;
+                }
+                let (out_dim, in_dim) = proj.weight.dims2()?;
+                let group = if matches!(name, "q_proj" | "k_proj" | "v_proj" | "o_proj") {
+                    "self_attn"
+                } else {
+                    "mlp"
+                };
+                let prefix = format!("base_model.model.model.layers.{i}.{group}.{name}");
+                let lora = LoraLinear::new(cfg, in_dim, out_dim, seed, &prefix, &self.device)?;
+                vars.push((format!("{prefix}.lora_A.weight"), lora.a.clone()));
+                vars.push((format!("{prefix}.lora_B.weight"), lora.b.clone()));
+                proj.lora = Some(lora);
+            }
+        }
+        Ok(vars)
+    }
+
+    /// Folds every LoRA adapter into its weight.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for l in self.layers.iter_mut() {
+            for (_, p) in l.projections_mut() {
+                p.merge_lora()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any LoRA adapter is attached (then the prompt prefix depends on trained
+    /// weights and must be recomputed during training).
+    pub fn has_lora(&self) -> bool {
+        self.layers.iter().any(|l| {
+            [
+                &l.attn.q,
+                &l.attn.k,
+                &l.attn.v,
+                &l.attn.o,
+                &l.mlp.gate,
+                &l.mlp.up,
+                &l.mlp.down,
+            ]
+            .iter()
+            .any(|p| p.lora.is_some())
+        })
+    }
+
+    /// Number of parameters of the frozen model.
+    pub fn num_params(&self) -> usize {
+        let c = &self.config;
+        let per_layer = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+            + c.num_heads * c.head_dim * c.hidden_size
+            + 3 * c.hidden_size * c.intermediate_size
+            + 2 * c.hidden_size;
+        let head = if self.lm_head.is_some() {
+            c.vocab_size * c.hidden_size
+        } else {
+            0
+        };
+        c.vocab_size * c.hidden_size + c.num_layers * per_layer + c.hidden_size + head
+    }
+}
+
+impl Block {
+    fn projections_mut(&mut self) -> Vec<(&'static str, &mut Proj)> {
+        vec![
+            ("q_proj", &mut self.attn.q),
+            ("k_proj", &mut self.attn.k),
+            ("v_proj", &mut self.attn.v),
+            ("o_proj", &mut self.attn.o),
+            ("gate_proj", &mut self.mlp.gate),
+            ("up_proj", &mut self.mlp.up),
+            ("down_proj", &mut self.mlp.down),
+        ]
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: &mut Option<(Tensor, Tensor)>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let (h, hk, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let flat = x.reshape((b * t, d))?;
+        let q = self
+            .q
+            .forward(&flat, train)?
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?;
+        let k = self
+            .k
+            .forward(&flat, train)?
+            .reshape((b, t, hk, hd))?
+            .transpose(1, 2)?;
+        let v = self
+            .v
+            .forward(&flat, train)?
+            .reshape((b, t, hk, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = rope(&q.contiguous()?, cos, sin)?;
+        let k = rope(&k.contiguous()?, cos, sin)?;
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let s = k.dim(2)?;
+        let rep = h / hk;
+        // Grouped-query attention without copying keys: the `rep` query heads that share
+        // a key head are stacked along the time axis.
+        let q = q.reshape((b, hk, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((b, hk, rep, t, s))?
+                .broadcast_add(m)?
+                .reshape((b, hk, rep * t, s))?,
+            None => scores,
+        };
+        let p = softmax(&scores)?;
+        let out = p.matmul(&v)?; // (b, hk, rep*t, hd)
+        let out = out
+            .reshape((b, h, t, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * t, h * hd))?;
+        self.o.forward(&out, train)?.reshape((b, t, d))
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let flat = x.reshape((b * t, d))?;
+        let g = candle_nn::ops::silu(&self.gate.forward(&flat, train)?)?;
+        let u = self.up.forward(&flat, train)?;
+        self.down.forward(&(g * u)?, train)?.reshape((b, t, d))
+    }
+}
+
+/// Cosine and sine tables `(max_positions, head_dim / 2)`.
+fn rope_tables(c: &Config, dev: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let inv = c.inv_freq().map_err(candle_core::Error::Msg)?;
+    let n = c.max_position_embeddings;
+    let inv_t = Tensor::new(inv.as_slice(), dev)?;
+    let pos = Tensor::arange(0u32, n as u32, dev)?.to_dtype(DType::F32)?;
+    let freqs = pos.unsqueeze(1)?.broadcast_mul(&inv_t.unsqueeze(0)?)?;
+    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+}
+
+/// Additive causal mask `(t, past + t)` for `t` new positions after `past` cached ones.
+pub fn causal_mask(t: usize, past: usize, dev: &Device, dtype: DType) -> Result<Tensor> {
+    let s = past + t;
+    let v: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(v, (t, s), dev)?.to_dtype(dtype)
+}
+
+/// Additive mask from a boolean "may attend" matrix `(t, s)`.
+pub fn mask_from_allowed(allowed: &[Vec<bool>], dev: &Device, dtype: DType) -> Result<Tensor> {
+    let t = allowed.len();
+    let s = allowed.first().map(|r| r.len()).unwrap_or(0);
+    let v: Vec<f32> = allowed
+        .iter()
+        .flat_map(|r| r.iter().map(|&a| if a { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(v, (t, s), dev)?.to_dtype(dtype)
+}
+
+/// Log-softmax over the vocabulary of logits `(.., vocab)`, in f32.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    let l = logits.to_dtype(DType::F32)?;
+    let max = l.max_keepdim(D::Minus1)?;
+    let shifted = l.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// Greedy next token from logits `(vocab,)`.
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    logits
+        .to_dtype(DType::F32)?
+        .argmax(D::Minus1)?
+        .to_scalar::<u32>()
+}

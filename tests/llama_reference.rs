@@ -1,0 +1,222 @@
+//! Our Llama forward against transformers on a tiny random checkpoint (GQA, Llama-3 rope
+//! scaling, untied head), and the consistency of the cached, packed and training paths.
+
+mod common;
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use common::*;
+use farcer::decode::{self, LabelTokens};
+use farcer::model::llama::Positions;
+use farcer::model::load_llm;
+
+/// transformers' logits, f32 throughout: we require agreement to 1e-4.
+const TOL: f32 = 1e-4;
+
+fn tiny() -> farcer::model::Llm {
+    load_llm(
+        fixture("tiny-llama").to_str().unwrap(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
+}
+
+#[test]
+fn tiny_llama_logits_match_transformers() {
+    let llm = tiny();
+    let f = load_safetensors("tiny-llama-logits.safetensors");
+    let ids = ids_of(&f["ids"]);
+    let x = llm.model.embed(&ids).unwrap().unsqueeze(0).unwrap();
+    let at: Vec<usize> = (0..ids.len()).collect();
+    let mut cache = llm.model.new_cache();
+    let logits = llm
+        .model
+        .forward(&x, &mut cache, &Positions::default(), &at)
+        .unwrap()
+        .unwrap();
+    let d = max_abs_diff(&logits.i(0).unwrap(), &f["logits"]);
+    assert!(d <= TOL, "max abs logit difference {d} > {TOL}");
+    assert!(
+        llm.model.config.rope_scaling.is_some(),
+        "fixture exercises llama3 rope scaling"
+    );
+    assert_eq!(
+        llm.model.config.num_kv_heads * 2,
+        llm.model.config.num_heads,
+        "fixture exercises GQA"
+    );
+}
+
+#[test]
+fn bf16_sharded_checkpoint_loads_and_matches() {
+    let llm = load_llm(
+        fixture("tiny-llama-bf16").to_str().unwrap(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let f = load_safetensors("tiny-llama-bf16-logits.safetensors");
+    let ids = ids_of(&f["ids"]);
+    let x = llm.model.embed(&ids).unwrap().unsqueeze(0).unwrap();
+    let at: Vec<usize> = (0..ids.len()).collect();
+    let logits = llm
+        .model
+        .forward(&x, &mut llm.model.new_cache(), &Positions::default(), &at)
+        .unwrap()
+        .unwrap();
+    let d = max_abs_diff(&logits.i(0).unwrap(), &f["logits"]);
+    assert!(d <= TOL, "max abs logit difference {d} > {TOL}");
+}
+
+#[test]
+fn kv_cache_and_logit_selection_agree_with_one_full_pass() {
+    let llm = tiny();
+    let ids: Vec<u32> = (0..30).map(|i| (i * 13 + 5) % 260).collect();
+    let x = llm.model.embed(&ids).unwrap().unsqueeze(0).unwrap();
+    let all: Vec<usize> = (0..30).collect();
+    let full = llm
+        .model
+        .forward(&x, &mut llm.model.new_cache(), &Positions::default(), &all)
+        .unwrap()
+        .unwrap();
+    // Prefill 20, then one at a time.
+    let mut cache = llm.model.new_cache();
+    let first = llm
+        .model
+        .forward(
+            &x.narrow(1, 0, 20).unwrap(),
+            &mut cache,
+            &Positions::default(),
+            &[3, 19],
+        )
+        .unwrap()
+        .unwrap();
+    assert!(max_abs_diff(&first.i((0, 0)).unwrap(), &full.i((0, 3)).unwrap()) <= TOL);
+    assert!(max_abs_diff(&first.i((0, 1)).unwrap(), &full.i((0, 19)).unwrap()) <= TOL);
+    for t in 20..30 {
+        let step = llm
+            .model
+            .forward(
+                &x.narrow(1, t, 1).unwrap(),
+                &mut cache,
+                &Positions::default(),
+                &[0],
+            )
+            .unwrap()
+            .unwrap();
+        let d = max_abs_diff(&step.i((0, 0)).unwrap(), &full.i((0, t)).unwrap());
+        assert!(d <= TOL, "position {t}: {d}");
+    }
+    assert_eq!(cache.len(), 30);
+}
+
+#[test]
+fn packed_constrained_scoring_equals_scoring_each_label_alone() {
+    let llm = tiny();
+    let labels: Vec<String> = ["neutral", "joy", "anger", "the end"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let cands = LabelTokens::new(&llm, &labels).unwrap();
+    assert!(
+        cands.seqs.iter().any(|s| s.len() > 3),
+        "labels of several tokens"
+    );
+    let prompt_ids = llm.tokenizer.encode("<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n").unwrap();
+    let prompt = llm.model.embed(&prompt_ids).unwrap().unsqueeze(0).unwrap();
+    let t = prompt_ids.len();
+    let mut cache = llm.model.new_cache();
+    let logits = llm
+        .model
+        .forward(&prompt, &mut cache, &Positions::default(), &[t - 1])
+        .unwrap()
+        .unwrap();
+    let fast = decode::constrained(&llm, &cache, &logits.i((0, 0)).unwrap(), &cands).unwrap();
+    let plain = decode::constrained_plain(&llm, &prompt, &cands).unwrap();
+    let probs = fast.probs.unwrap();
+    for (a, b) in probs.iter().zip(&plain) {
+        assert!((a - b).abs() <= 1e-4, "{probs:?} vs {plain:?}");
+    }
+    assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn training_path_gives_the_same_logits_and_input_gradients() {
+    let llm = tiny();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 7 + 1) % 260).collect();
+    let emb = llm.model.embed(&ids).unwrap().unsqueeze(0).unwrap();
+    let at: Vec<usize> = (0..12).collect();
+    let fused = llm
+        .model
+        .forward(&emb, &mut llm.model.new_cache(), &Positions::default(), &at)
+        .unwrap()
+        .unwrap();
+    let var = Var::from_tensor(&emb).unwrap();
+    let slow = llm
+        .model
+        .forward(
+            var.as_tensor(),
+            &mut llm.model.new_cache(),
+            &Positions::default(),
+            &at,
+        )
+        .unwrap()
+        .unwrap();
+    assert!(max_abs_diff(&fused, &slow) <= 1e-5);
+    // Finite differences on one input coordinate of a scalar loss.
+    let w = Tensor::arange(0f32, (12 * 268) as f32, &Device::Cpu)
+        .unwrap()
+        .reshape((1, 12, 268))
+        .unwrap()
+        .affine(1e-3, -1.0)
+        .unwrap()
+        .sin()
+        .unwrap();
+    let loss = |x: &Tensor| -> f64 {
+        let l = llm
+            .model
+            .forward(x, &mut llm.model.new_cache(), &Positions::default(), &at)
+            .unwrap()
+            .unwrap();
+        (l * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    let l = llm
+        .model
+        .forward(
+            var.as_tensor(),
+            &mut llm.model.new_cache(),
+            &Positions::default(),
+            &at,
+        )
+        .unwrap()
+        .unwrap();
+    let grads = (l * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = grads
+        .get(&var)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let base = emb.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for &k in &[5usize, 64 * 3 + 17, 64 * 11 + 63] {
+        let h = 1e-2f32;
+        let mut p = base.clone();
+        p[k] += h;
+        let mut m = base.clone();
+        m[k] -= h;
+        let tp = Tensor::from_vec(p, emb.shape(), &Device::Cpu).unwrap();
+        let tm = Tensor::from_vec(m, emb.shape(), &Device::Cpu).unwrap();
+        let fd = (loss(&tp) - loss(&tm)) / (2.0 * h as f64);
+        let rel = (fd - g[k] as f64).abs() / fd.abs().max(1e-2);
+        assert!(
+            rel < 2e-2,
+            "coordinate {k}: finite difference {fd} vs gradient {}",
+            g[k]
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! The real default LLM (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers loading
+//! the same GGUF, and its tokenizer rebuilt from GGUF metadata.
+
+mod common;
+use candle_core::{DType, Device, IndexOp};
+use common::*;
+use farcer::model::llama::Positions;
+
+fn llm() -> Option<farcer::model::Llm> {
+    let p = default_llm()?;
+    Some(farcer::model::load_llm(p.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap())
+}
+
+/// transformers dequantizes the same Q4_1 blocks; f32 everywhere; tolerance 1e-3.
+#[test]
+fn logits_match_transformers_on_a_100_token_prompt() {
+    let Some(llm) = llm() else { return };
+    let f = load_safetensors("smollm2-logits.safetensors");
+    let ids = ids_of(&f["ids"]);
+    assert_eq!(ids.len(), 100);
+    let x = llm.model.embed(&ids).unwrap().unsqueeze(0).unwrap();
+    let at: Vec<usize> = (0..100).collect();
+    let logits = llm
+        .model
+        .forward(&x, &mut llm.model.new_cache(), &Positions::default(), &at)
+        .unwrap()
+        .unwrap()
+        .i(0)
+        .unwrap();
+    let top_ids = f["top_ids"]
+        .to_dtype(DType::I64)
+        .unwrap()
+        .to_vec2::<i64>()
+        .unwrap();
+    let top_vals = f["top_vals"].to_vec2::<f32>().unwrap();
+    let probe_ids = ids_of(&f["probe_ids"]);
+    let probe_vals = f["probe_vals"].to_vec2::<f32>().unwrap();
+    let mut worst = 0f32;
+    for pos in 0..100 {
+        let row = logits.i(pos).unwrap().to_vec1::<f32>().unwrap();
+        for (id, v) in top_ids[pos].iter().zip(&top_vals[pos]) {
+            worst = worst.max((row[*id as usize] - v).abs());
+        }
+        for (id, v) in probe_ids.iter().zip(&probe_vals[pos]) {
+            worst = worst.max((row[*id as usize] - v).abs());
+        }
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap());
+        let ours: Vec<i64> = order[..5].iter().map(|&i| i as i64).collect();
+        assert_eq!(
+            ours,
+            top_ids[pos][..5].to_vec(),
+            "top-5 tokens differ at position {pos}"
+        );
+    }
+    assert!(worst <= 1e-3, "max abs logit difference {worst}");
+}
+
+/// Expected ids for SmolLM2: digits one by one, byte-level, no prefix space. Checked by
+/// hand against the vocabulary (`Ġ` is a space, `Ċ` a newline, `ĉ` a tab).
+#[test]
+fn tokenizer_ids_follow_smollm_rules_and_round_trip() {
+    let Some(llm) = llm() else { return };
+    let t = &llm.tokenizer;
+    // "Hello" at the start has no prefix space; " world" carries its space.
+    assert_eq!(t.encode("Hello world").unwrap(), vec![19556, 905]);
+    let year = t.encode("In 2024").unwrap();
+    let toks: Vec<String> = year.iter().map(|&i| t.id_to_token(i).unwrap()).collect();
+    assert_eq!(toks, ["In", "Ġ", "2", "0", "2", "4"]);
+    assert_eq!(t.encode("<|im_start|>user\n").unwrap(), vec![1, 4093, 198]);
+    assert_eq!(t.encode("\t").unwrap(), vec![197]); // `ĉ`, byte 0x09
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2-tokens.json")).unwrap())
+            .unwrap();
+    assert!(cases.len() >= 8);
+    for c in &cases {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = t.encode(text).unwrap();
+        assert_eq!(got, want, "ids of {text:?}");
+        assert_eq!(
+            t.decode(&got, false).unwrap(),
+            text,
+            "round trip of {text:?}"
+        );
+    }
+    for s in [
+        "",
+        " ",
+        "  a  b  ",
+        "x\r\ny",
+        "née 1984 — ok?",
+        "日本語のテキスト",
+        "🎉🎉",
+    ] {
+        assert_eq!(
+            t.decode(&t.encode(s).unwrap(), false).unwrap(),
+            s,
+            "round trip of {s:?}"
+        );
+    }
+    assert_eq!(llm.end_of_turn, 2, "<|im_end|> ends an assistant turn");
+}
