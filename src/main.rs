@@ -359,7 +359,11 @@ fn show_prompt(a: PromptArgs) -> Result<()> {
     let data = spec.load(&a.split, a.model.seed)?;
     let llm = load_llm(&a.model)?;
     let set = if a.shots > 0 {
-        let pool = spec.load(spec.pool_split().context("this data has no pool split for examples")?, a.model.seed)?;
+        let pool = spec.load(
+            spec.pool_split()
+                .context("this data has no pool split for examples")?,
+            a.model.seed,
+        )?;
         farcer::prompt::PromptSet::draw(&pool, a.shots, a.prompt_set)?
     } else {
         farcer::prompt::PromptSet::empty(a.prompt_set)
@@ -370,11 +374,16 @@ fn show_prompt(a: PromptArgs) -> Result<()> {
         images: a.images,
     };
     let max = llm.model.config.max_position_embeddings;
-    let p = farcer::prompt::Prompter::new(&llm.tokenizer, &llm.template, &data.labels, &cfg, set, max)?;
+    let p =
+        farcer::prompt::Prompter::new(&llm.tokenizer, &llm.template, &data.labels, &cfg, set, max)?;
     let samples = data.samples(a.scope);
-    let s = samples
-        .get(a.index)
-        .with_context(|| format!("--index {}: the split has {} samples", a.index, samples.len()))?;
+    let s = samples.get(a.index).with_context(|| {
+        format!(
+            "--index {}: the split has {} samples",
+            a.index,
+            samples.len()
+        )
+    })?;
     let ctx = data.context(s);
     let has_image = |_: usize| a.images;
     print!("{}", p.render(ctx, &has_image)?);
