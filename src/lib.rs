@@ -9,12 +9,15 @@ pub mod data;
 pub mod decode;
 pub mod error;
 pub mod eval;
+pub mod farcer;
 pub mod fetch;
 pub mod metrics;
 pub mod model;
 pub mod plot;
 pub mod prompt;
 pub mod report;
+pub mod train;
 pub mod util;
+pub mod vision;
 
 pub use error::{Error, Result};

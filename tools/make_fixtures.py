@@ -245,14 +245,52 @@ def metrics(args):
     print("metrics: wrote", len(cases), "cases")
 
 
+def vit(args):
+    """A tiny random ViT (ViTForImageClassification, with a classifier head farcer ignores),
+    a PNG, the processor's pixel values for it, and the hidden states."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                    image_size=32, patch_size=8, num_labels=7, layer_norm_eps=1e-12)
+    model = ViTForImageClassification(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1 if p.dim() > 1 else 0.05)
+    out = os.path.join(FIX, "tiny-vit")
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    proc = ViTImageProcessor(do_resize=True, size={"height": 32, "width": 32}, resample=2,
+                             image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
+    proc.save_pretrained(out)
+    # A smooth 80x60 picture (downscaling a smooth image keeps resize filters comparable).
+    yy, xx = np.mgrid[0:60, 0:80]
+    img = np.stack([(xx * 3) % 256, (yy * 4) % 256, ((xx + yy) * 2) % 256], -1).astype(np.uint8)
+    Image.fromarray(img).save(os.path.join(FIX, "tiny-vit-image.png"))
+    px = proc(Image.open(os.path.join(FIX, "tiny-vit-image.png")), return_tensors="pt")["pixel_values"]
+    gen = torch.Generator().manual_seed(1)
+    rand_px = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        o = model.vit(rand_px, output_hidden_states=True)
+    save_file({"image_pixels": px.contiguous(), "pixels": rand_px.contiguous(),
+               "hidden_before_norm": o.hidden_states[-1].contiguous(),
+               "last_hidden_state": o.last_hidden_state.contiguous()},
+              os.path.join(FIX, "tiny-vit-outputs.safetensors"))
+    print("tiny vit:", out)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["tiny-llama", "smollm2", "templates", "metrics", "all"])
+    ap.add_argument("what", choices=["tiny-llama", "smollm2", "templates", "metrics", "vit", "all"])
     ap.add_argument("--gguf", default=os.path.expanduser("~/.cache/farcer/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     args = ap.parse_args()
     os.makedirs(FIX, exist_ok=True)
     steps = {"tiny-llama": [tiny_llama], "smollm2": [smollm2_tokens, smollm2], "templates": [templates],
-             "metrics": [metrics]}
+             "metrics": [metrics], "vit": [vit]}
     todo = [f for k in (steps if args.what == "all" else [args.what]) for f in steps[k]]
     for f in todo:
         f(args)

@@ -3,6 +3,7 @@
 //! the units that are scored. No tensors here: this layer only reads and checks files.
 
 pub mod demo;
+pub mod frames;
 pub mod iemocap;
 pub mod jsonl;
 pub mod meld;

@@ -17,6 +17,10 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+/// Where PEFT puts the LLM's weights: FARCER wraps the LLM as `lm` (as the authors'
+/// `FarcerModel` does) and PEFT adds `base_model.model.`.
+pub const PEFT_PREFIX: &str = "base_model.model.lm.";
+
 /// `rope_scaling` as found in `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RopeScaling {
@@ -604,7 +608,7 @@ impl Llama {
                 } else {
                     "mlp"
                 };
-                let prefix = format!("base_model.model.model.layers.{i}.{group}.{name}");
+                let prefix = format!("{PEFT_PREFIX}model.layers.{i}.{group}.{name}");
                 let lora = LoraLinear::new(cfg, in_dim, out_dim, seed, &prefix, &self.device)?;
                 vars.push((format!("{prefix}.lora_A.weight"), lora.a.clone()));
                 vars.push((format!("{prefix}.lora_B.weight"), lora.b.clone()));
@@ -624,6 +628,52 @@ impl Llama {
         Ok(())
     }
 
+    /// Attaches an adapter to projection `name` of layer `layer`.
+    pub fn set_lora(&mut self, layer: usize, name: &str, lora: LoraLinear) -> Result<()> {
+        let l = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no layer {layer}")))?;
+        let (_, p) = l
+            .projections_mut()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no projection `{name}`")))?;
+        let (out_dim, in_dim) = p.weight.dims2()?;
+        if lora.a.dims() != [lora.a.dim(0)?, in_dim] || lora.b.dims() != [out_dim, lora.a.dim(0)?] {
+            candle_core::bail!(
+                "LoRA for layer {layer} {name}: shapes {:?} / {:?} do not fit {out_dim}x{in_dim}",
+                lora.a.dims(),
+                lora.b.dims()
+            );
+        }
+        p.lora = Some(lora);
+        Ok(())
+    }
+
+    /// The attached adapters' variables, named as PEFT names them.
+    pub fn lora_vars(&self) -> Vec<(String, candle_core::Var)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, group, p) in [
+                ("q_proj", "self_attn", &l.attn.q),
+                ("k_proj", "self_attn", &l.attn.k),
+                ("v_proj", "self_attn", &l.attn.v),
+                ("o_proj", "self_attn", &l.attn.o),
+                ("gate_proj", "mlp", &l.mlp.gate),
+                ("up_proj", "mlp", &l.mlp.up),
+                ("down_proj", "mlp", &l.mlp.down),
+            ] {
+                if let Some(lora) = &p.lora {
+                    let prefix = format!("{PEFT_PREFIX}model.layers.{i}.{group}.{name}");
+                    out.push((format!("{prefix}.lora_A.weight"), lora.a.clone()));
+                    out.push((format!("{prefix}.lora_B.weight"), lora.b.clone()));
+                }
+            }
+        }
+        out
+    }
+
     /// Whether any LoRA adapter is attached (then the prompt prefix depends on trained
     /// weights and must be recomputed during training).
     pub fn has_lora(&self) -> bool {
@@ -640,6 +690,29 @@ impl Llama {
             .iter()
             .any(|p| p.lora.is_some())
         })
+    }
+
+    /// Every frozen weight (for tests that check no gradient reaches them).
+    pub fn frozen_weights(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.embed, &self.norm];
+        if let Some(h) = &self.lm_head {
+            v.push(h);
+        }
+        for l in &self.layers {
+            v.extend([&l.input_norm, &l.post_norm]);
+            for p in [
+                &l.attn.q,
+                &l.attn.k,
+                &l.attn.v,
+                &l.attn.o,
+                &l.mlp.gate,
+                &l.mlp.up,
+                &l.mlp.down,
+            ] {
+                v.push(&p.weight);
+            }
+        }
+        v
     }
 
     /// Number of parameters of the frozen model.
@@ -784,7 +857,8 @@ pub fn mask_from_allowed(allowed: &[Vec<bool>], dev: &Device, dtype: DType) -> R
 /// Log-softmax over the vocabulary of logits `(.., vocab)`, in f32.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
     let l = logits.to_dtype(DType::F32)?;
-    let max = l.max_keepdim(D::Minus1)?;
+    // The shift only keeps exp() finite; it needs no gradient of its own.
+    let max = l.max_keepdim(D::Minus1)?.detach();
     let shifted = l.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     shifted.broadcast_sub(&lse)

@@ -5,7 +5,9 @@ pub mod frozen;
 pub mod gguf;
 pub mod llama;
 pub mod lora;
+pub mod projection;
 pub mod tokenizer;
+pub mod vit;
 
 use crate::error::{Error, IoContext, Result};
 use crate::prompt::template::{template_from_config, token_from_config, ChatTemplate};

@@ -77,3 +77,77 @@ pub fn ids_of(t: &Tensor) -> Vec<u32> {
         .map(|x| x as u32)
         .collect()
 }
+
+/// Writes a tiny random Llama (the tiny-llama fixture's tokenizer, template and shape,
+/// new weights) whose attention and head weights are large enough for one input position
+/// to steer the output: a frozen LLM a projection can actually drive, for learning tests.
+pub fn write_steerable_llama(dir: &std::path::Path, seed: u64) {
+    use candle_core::DType;
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("tiny-llama").join(f), dir.join(f)).unwrap();
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama/config.json")).unwrap())
+            .unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
+    let (v, h, inter, layers, heads, kv, hd) =
+        (268usize, 64usize, 160usize, 2usize, 4usize, 2usize, 16usize);
+    let mut rng = farcer::util::Rng::new(seed);
+    let mut t = std::collections::HashMap::new();
+    let mut normal = |shape: &[usize], std: f64| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    };
+    t.insert(
+        "model.embed_tokens.weight".to_string(),
+        normal(&[v, h], 1.0),
+    );
+    t.insert("lm_head.weight".to_string(), normal(&[v, h], 0.3));
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        t.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            normal(&[heads * hd, h], 0.3),
+        );
+        t.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            normal(&[kv * hd, h], 0.3),
+        );
+        t.insert(
+            format!("{p}.self_attn.v_proj.weight"),
+            normal(&[kv * hd, h], 0.3),
+        );
+        t.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            normal(&[h, heads * hd], 0.3),
+        );
+        t.insert(
+            format!("{p}.mlp.gate_proj.weight"),
+            normal(&[inter, h], 0.1),
+        );
+        t.insert(format!("{p}.mlp.up_proj.weight"), normal(&[inter, h], 0.1));
+        t.insert(
+            format!("{p}.mlp.down_proj.weight"),
+            normal(&[h, inter], 0.1),
+        );
+        t.insert(
+            format!("{p}.input_layernorm.weight"),
+            Tensor::ones(h, DType::F32, &Device::Cpu).unwrap(),
+        );
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            Tensor::ones(h, DType::F32, &Device::Cpu).unwrap(),
+        );
+    }
+    t.insert(
+        "model.norm.weight".to_string(),
+        Tensor::ones(h, DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+}

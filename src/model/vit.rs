@@ -1,0 +1,259 @@
+//! Vision Transformer (Dosovitskiy et al. 2021) as in Hugging Face `transformers`'
+//! `modeling_vit.py`: patch embedding, a CLS token and learned positions, pre-norm
+//! encoder blocks (exact-erf GELU MLP), a final LayerNorm. Loads `ViTModel` and
+//! `ViTForImageClassification` checkpoints (weights under `vit.` or at the root; the
+//! classifier, if any, is not used).
+//!
+//! FARCER's image vector is the CLS token of the last hidden state *before* the final
+//! LayerNorm (`hidden_states[-1][:, 0]` in the authors' code); `after_norm` gives the
+//! CLS of `last_hidden_state` instead. The encoder is frozen, so only the inference path
+//! exists here.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ViTConfig {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_image")]
+    pub image_size: usize,
+    #[serde(default = "default_patch")]
+    pub patch_size: usize,
+    #[serde(default = "default_channels")]
+    pub num_channels: usize,
+    #[serde(default = "default_true")]
+    pub qkv_bias: bool,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_image() -> usize {
+    224
+}
+fn default_patch() -> usize {
+    16
+}
+fn default_channels() -> usize {
+    3
+}
+fn default_true() -> bool {
+    true
+}
+
+struct Lin {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Lin {
+    fn load(vb: &VarBuilder, i: usize, o: usize, bias: bool) -> Result<Self> {
+        Ok(Lin {
+            w: vb.get((o, i), "weight")?,
+            b: if bias { Some(vb.get(o, "bias")?) } else { None },
+        })
+    }
+    /// `x`: `(n, in)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.w.t()?)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    fn load(vb: &VarBuilder, d: usize, eps: f64) -> Result<Self> {
+        Ok(Norm {
+            w: vb.get(d, "weight")?,
+            b: vb.get(d, "bias")?,
+            eps,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.w, &self.b, self.eps as f32)
+    }
+}
+
+struct Layer {
+    ln1: Norm,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
+    ln2: Norm,
+    fc1: Lin,
+    fc2: Lin,
+}
+
+/// A ViT image encoder.
+pub struct ViT {
+    patch_w: Tensor,
+    patch_b: Tensor,
+    cls: Tensor,
+    pos: Tensor,
+    layers: Vec<Layer>,
+    final_norm: Norm,
+    pub config: ViTConfig,
+}
+
+impl ViT {
+    pub fn load(vb: VarBuilder, c: &ViTConfig) -> Result<Self> {
+        if let Some(t) = &c.model_type {
+            if t != "vit" {
+                candle_core::bail!("model_type `{t}` is not a ViT");
+            }
+        }
+        if c.hidden_act != "gelu" {
+            candle_core::bail!(
+                "hidden_act `{}` is not supported (ViT uses gelu)",
+                c.hidden_act
+            );
+        }
+        let root = if vb.contains_tensor("vit.embeddings.cls_token") {
+            vb.pp("vit")
+        } else {
+            vb.clone()
+        };
+        let d = c.hidden_size;
+        let n = (c.image_size / c.patch_size).pow(2);
+        let e = root.pp("embeddings");
+        let proj = e.pp("patch_embeddings").pp("projection");
+        let patch_w = proj.get((d, c.num_channels, c.patch_size, c.patch_size), "weight")?;
+        let patch_b = proj.get(d, "bias")?;
+        let mut layers = Vec::new();
+        for i in 0..c.num_hidden_layers {
+            let l = root.pp("encoder").pp("layer").pp(i);
+            let a = l.pp("attention");
+            layers.push(Layer {
+                ln1: Norm::load(&l.pp("layernorm_before"), d, c.layer_norm_eps)?,
+                q: Lin::load(&a.pp("attention").pp("query"), d, d, c.qkv_bias)?,
+                k: Lin::load(&a.pp("attention").pp("key"), d, d, c.qkv_bias)?,
+                v: Lin::load(&a.pp("attention").pp("value"), d, d, c.qkv_bias)?,
+                o: Lin::load(&a.pp("output").pp("dense"), d, d, true)?,
+                ln2: Norm::load(&l.pp("layernorm_after"), d, c.layer_norm_eps)?,
+                fc1: Lin::load(
+                    &l.pp("intermediate").pp("dense"),
+                    d,
+                    c.intermediate_size,
+                    true,
+                )?,
+                fc2: Lin::load(&l.pp("output").pp("dense"), c.intermediate_size, d, true)?,
+            });
+        }
+        Ok(ViT {
+            patch_w: patch_w.reshape((d, c.num_channels * c.patch_size * c.patch_size))?,
+            patch_b,
+            cls: e.get((1, 1, d), "cls_token")?,
+            pos: e.get((1, n + 1, d), "position_embeddings")?,
+            layers,
+            final_norm: Norm::load(&root.pp("layernorm"), d, c.layer_norm_eps)?,
+            config: c.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.cls.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.cls.dtype()
+    }
+
+    /// Hidden states `(b, 1 + patches, hidden)` of the last encoder layer, before the
+    /// final LayerNorm. `pixels`: `(b, channels, size, size)`, already normalised.
+    pub fn last_hidden_before_norm(&self, pixels: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, ch, h, w) = pixels.dims4()?;
+        let p = c.patch_size;
+        if ch != c.num_channels || h != c.image_size || w != c.image_size {
+            candle_core::bail!(
+                "ViT expects ({}, {}, {}) pixels, got ({ch}, {h}, {w})",
+                c.num_channels,
+                c.image_size,
+                c.image_size
+            );
+        }
+        let (gh, gw) = (h / p, w / p);
+        // Patches as rows (channel, y, x order, like the conv kernel), then one matmul.
+        let patches = pixels
+            .reshape((b, ch, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * gh * gw, ch * p * p))?;
+        let emb = patches
+            .matmul(&self.patch_w.t()?)?
+            .broadcast_add(&self.patch_b)?
+            .reshape((b, gh * gw, c.hidden_size))?;
+        let cls = self.cls.broadcast_as((b, 1, c.hidden_size))?;
+        let mut x = Tensor::cat(&[&cls, &emb], 1)?.broadcast_add(&self.pos)?;
+        for l in &self.layers {
+            x = l.forward(&x, c.num_attention_heads)?;
+        }
+        Ok(x)
+    }
+
+    /// `last_hidden_state`: after the final LayerNorm.
+    pub fn last_hidden_state(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.final_norm
+            .forward(&self.last_hidden_before_norm(pixels)?)
+    }
+
+    /// The CLS vector of each image `(b, hidden)`, before (the authors') or after the
+    /// final LayerNorm.
+    pub fn cls(&self, pixels: &Tensor, after_norm: bool) -> Result<Tensor> {
+        let h = self.last_hidden_before_norm(pixels)?;
+        let cls = h.narrow(1, 0, 1)?;
+        let cls = if after_norm {
+            self.final_norm.forward(&cls)?
+        } else {
+            cls
+        };
+        cls.squeeze(1)
+    }
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let hd = d / heads;
+        let n = self.ln1.forward(x)?.reshape((b * t, d))?;
+        let split = |y: Tensor| -> Result<Tensor> {
+            y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(self.q.forward(&n)?)?;
+        let k = split(self.k.forward(&n)?)?;
+        let v = split(self.v.forward(&n)?)?;
+        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let o = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * t, d))?;
+        let x = (x + self.o.forward(&o)?.reshape((b, t, d))?)?;
+        let n = self.ln2.forward(&x)?.reshape((b * t, d))?;
+        let m = self.fc2.forward(&self.fc1.forward(&n)?.gelu_erf()?)?;
+        x + m.reshape((b, t, d))?
+    }
+}
