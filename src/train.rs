@@ -450,8 +450,7 @@ pub fn sample_loss(
         .squeeze(0)?;
     let lp = log_softmax(&logits)?;
     let dev = llm.model.device();
-    let ids =
-        Tensor::new(target.as_slice(), dev)?.unsqueeze(1)?;
+    let ids = Tensor::new(target.as_slice(), dev)?.unsqueeze(1)?;
     let picked = lp.gather(&ids, 1)?.squeeze(1)?;
     let w: Vec<f32> = target.iter().map(|&i| weights.get(i) as f32).collect();
     let wsum: f32 = w.iter().sum();
@@ -500,6 +499,10 @@ pub trait Observer {
     fn step(&self, _epoch: usize, _done: usize, _loss: f64) {}
     fn validation(&self, _epoch: usize, _done: usize, _total: usize) {}
     fn epoch_end(&self, _line: &LogLine) {}
+    /// Asked after each epoch's checkpoint: true stops the run there (resumable).
+    fn should_stop(&self) -> bool {
+        false
+    }
 }
 
 /// A silent observer.
@@ -660,6 +663,10 @@ pub fn train(
                 });
             }
             let ps = prepared[set_i].as_ref().expect("prepared");
+            // Dropout masks depend on (seed, step) only, so a resumed run repeats them.
+            let step_seed = cfg.seed ^ (st.sample_step as u64).wrapping_mul(0x9E3779B97F4A7C15);
+            f.projection.reseed(step_seed);
+            f.llm.model.reseed_lora(step_seed);
             let smp = &samples[si];
             let ctx = data.train.context(smp);
             let loss = sample_loss(
@@ -759,6 +766,9 @@ pub fn train(
         obs.epoch_end(&line);
         if stop {
             stopped_early = epoch + 1 < cfg.optim.epochs;
+            break;
+        }
+        if obs.should_stop() {
             break;
         }
     }

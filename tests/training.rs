@@ -335,3 +335,206 @@ fn projection_learns_labels_only_the_images_show() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+fn manifest_for(
+    f: &Farcer,
+    cfg: &farcer::train::TrainConfig,
+    labels: &[String],
+) -> farcer::farcer::Manifest {
+    farcer::farcer::Manifest {
+        farcer_version: "test".into(),
+        kind: f.kind,
+        llm: f.llm.name.clone(),
+        llm_sha256: None,
+        vision: "fake".into(),
+        vision_key: "fake".into(),
+        after_norm: false,
+        projection: f.projection.config.clone(),
+        lora: cfg.lora.clone(),
+        prompt: cfg.prompt_config(),
+        labels: labels.to_vec(),
+        data: "synthetic".into(),
+        epoch: 0,
+        step: 0,
+        val_weighted_f1: None,
+    }
+}
+
+struct StopAfter(std::cell::Cell<usize>);
+impl farcer::train::Observer for StopAfter {
+    fn should_stop(&self) -> bool {
+        let n = self.0.get();
+        self.0.set(n.saturating_sub(1));
+        n <= 1
+    }
+}
+
+/// A run stopped after its first epoch and resumed ends with the same weights, log and
+/// checkpoints as one that ran straight through; partial-epoch log lines are dropped.
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let dir = tmpdir("resume");
+    let llm_dir = dir.join("llm");
+    write_steerable_llama(&llm_dir, 3);
+    let load =
+        || farcer::model::load_llm(llm_dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let train = synthetic(&dir.join("train"), "train", 3, 1);
+    let val = synthetic(&dir.join("val"), "val", 1, 2);
+    let cfg = farcer::train::TrainConfig::from_toml(
+        "kind = \"three-layer\"\ndata = \"demo\"\n[prompt]\nshots = 0\nsets = 1\n[projection]\ndropout = 0.3\n[optim]\nepochs = 3\nlr = 0.01\ngrad_accum = 2\nwarmup_steps = 2\n",
+        "test",
+    )
+    .unwrap();
+    let make = || {
+        let mut f = farcer_with(load(), 6, 3, 9);
+        f.kind = Kind::ThreeLayer;
+        f.projection = Projection::new(
+            ProjectionConfig {
+                layers: 3,
+                dropout: 0.3,
+                in_dim: 6,
+                out_dim: 64,
+            },
+            9,
+            &Device::Cpu,
+        )
+        .unwrap();
+        with_fake_vectors(&mut f, &train, 6);
+        with_fake_vectors(&mut f, &val, 6);
+        f
+    };
+    let data = farcer::train::RunData {
+        train: train.clone(),
+        val: val.clone(),
+        pool: None,
+    };
+    let mut a = make();
+    let m = manifest_for(&a, &cfg, &train.labels);
+    farcer::train::train(
+        &mut a,
+        &cfg,
+        &data,
+        &m,
+        &dir.join("a"),
+        false,
+        &farcer::train::Quiet,
+    )
+    .unwrap();
+
+    let mut b = make();
+    let s = farcer::train::train(
+        &mut b,
+        &cfg,
+        &data,
+        &m,
+        &dir.join("b"),
+        false,
+        &StopAfter(std::cell::Cell::new(1)),
+    )
+    .unwrap();
+    assert_eq!(s.epochs_run, 1);
+    for f in [
+        "manifest.json",
+        "projection.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ] {
+        assert!(dir.join("b/last").join(f).is_file(), "{f}");
+    }
+    // A crash in the middle of epoch 2 leaves step lines the resumed run must not keep.
+    use std::io::Write;
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join("b/metrics.jsonl"))
+        .unwrap();
+    writeln!(
+        log,
+        "{{\"event\":\"step\",\"epoch\":1,\"step\":99,\"loss\":1.0,\"lr\":0.1,\"seconds\":0.1}}"
+    )
+    .unwrap();
+    let mut c = make();
+    farcer::train::train(
+        &mut c,
+        &cfg,
+        &data,
+        &m,
+        &dir.join("b"),
+        true,
+        &farcer::train::Quiet,
+    )
+    .unwrap();
+    for ((name, va), (_, vc)) in a.projection.vars().iter().zip(c.projection.vars().iter()) {
+        let d = max_abs_diff(va.as_tensor(), vc.as_tensor());
+        assert!(d <= 1e-6, "{name} differs by {d} after resume");
+    }
+    let la = std::fs::read_to_string(dir.join("a/metrics.jsonl")).unwrap();
+    let lb = std::fs::read_to_string(dir.join("b/metrics.jsonl")).unwrap();
+    let strip = |s: &str| {
+        s.lines()
+            .map(|l| l.split(",\"seconds\"").next().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&la), strip(&lb));
+    let leftovers: Vec<_> = std::fs::read_dir(dir.join("b"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.') || n.to_string_lossy().contains("staging"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn nan_loss_stops_with_a_clear_message_and_bad_configs_are_named() {
+    let dir = tmpdir("nan");
+    let train = synthetic(&dir.join("train"), "train", 1, 1);
+    let mut f = farcer_with(tiny_llm(), 6, 1, 1);
+    with_fake_vectors(&mut f, &train, 6);
+    for v in f.vectors.values_mut() {
+        v[0] = f32::NAN;
+    }
+    let cfg = farcer::train::TrainConfig::from_toml(
+        "kind = \"base\"\ndata = \"demo\"\n[prompt]\nshots = 0\nsets = 1\n",
+        "t",
+    )
+    .unwrap();
+    let m = manifest_for(&f, &cfg, &train.labels);
+    let data = farcer::train::RunData {
+        train: train.clone(),
+        val: train.clone(),
+        pool: None,
+    };
+    let e = farcer::train::train(
+        &mut f,
+        &cfg,
+        &data,
+        &m,
+        &dir.join("run"),
+        false,
+        &farcer::train::Quiet,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("loss is NaN"), "{e}");
+    assert!(
+        !dir.join("run/last").exists(),
+        "no checkpoint from a diverged run"
+    );
+
+    let e = farcer::train::TrainConfig::from_toml(
+        "kind = \"base\"\ndata = \"demo\"\n[optim]\nlearning_rate = 1\n",
+        "cfg.toml",
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("cfg.toml") && e.to_string().contains("learning_rate"),
+        "{e}"
+    );
+    let e = farcer::train::TrainConfig::from_toml(
+        "kind = \"finetuned\"\ndata = \"demo\"\n",
+        "cfg.toml",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("[lora]"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -173,6 +173,153 @@ pub fn load(split: &str) -> Dataset {
     }
 }
 
+/// Draws the demo's face images: one PNG per utterance showing its label's expression
+/// (mouth, eyes, brows) on a background tinted by the label, with seeded jitter so no
+/// two are the same. Writes `dir/{dialogue}_{utt}.png` once and sets each utterance's
+/// `image`.
+pub fn attach_images(ds: &mut Dataset, dir: &std::path::Path) -> crate::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+    for d in &mut ds.dialogues {
+        for u in &mut d.utterances {
+            let path = dir.join(format!("{}_{}.png", d.id, u.id));
+            if !path.is_file() {
+                let label = u.label.as_deref().unwrap_or("neutral");
+                let li = MELD_LABELS.iter().position(|l| *l == label).unwrap_or(0);
+                let mut rng = Rng::derive(0, &format!("face:{}:{}", d.id, u.id));
+                let img = draw_face(li, &mut rng);
+                let tmp = crate::util::tmp_sibling(&path).with_extension("png");
+                img.save(&tmp)
+                    .map_err(|e| crate::Error::msg(format!("{}: {e}", tmp.display())))?;
+                std::fs::rename(&tmp, &path).map_err(|e| crate::Error::io(&path, e))?;
+            }
+            u.image = Some(path);
+        }
+    }
+    Ok(())
+}
+
+/// A 96x96 face for label index `li` (MELD order).
+pub fn draw_face(li: usize, rng: &mut Rng) -> image::RgbImage {
+    const BG: [[f64; 3]; 7] = [
+        [150.0, 150.0, 150.0], // neutral: grey
+        [245.0, 215.0, 80.0],  // joy: warm yellow
+        [120.0, 200.0, 235.0], // surprise: light blue
+        [205.0, 60.0, 50.0],   // anger: red
+        [60.0, 80.0, 150.0],   // sadness: dark blue
+        [120.0, 160.0, 70.0],  // disgust: olive green
+        [130.0, 80.0, 160.0],  // fear: purple
+    ];
+    let n = 96i32;
+    let j = |rng: &mut Rng, a: f64| (rng.uniform() * 2.0 - 1.0) * a;
+    let bg: Vec<u8> = BG[li]
+        .iter()
+        .map(|c| (c + j(rng, 18.0)).clamp(0.0, 255.0) as u8)
+        .collect();
+    let mut img =
+        image::RgbImage::from_pixel(n as u32, n as u32, image::Rgb([bg[0], bg[1], bg[2]]));
+    let cx = 48.0 + j(rng, 5.0);
+    let cy = 50.0 + j(rng, 5.0);
+    let r = 32.0 + j(rng, 3.0);
+    let skin = image::Rgb([
+        (232.0 + j(rng, 15.0)) as u8,
+        (190.0 + j(rng, 15.0)) as u8,
+        (160.0 + j(rng, 15.0)) as u8,
+    ]);
+    let dark = image::Rgb([30, 25, 25]);
+    let dot = |img: &mut image::RgbImage, x: f64, y: f64, rad: f64, c: image::Rgb<u8>| {
+        for yy in (y - rad).floor() as i32..=(y + rad).ceil() as i32 {
+            for xx in (x - rad).floor() as i32..=(x + rad).ceil() as i32 {
+                if (0..n).contains(&xx)
+                    && (0..n).contains(&yy)
+                    && ((xx as f64 - x).powi(2) + (yy as f64 - y).powi(2)) <= rad * rad
+                {
+                    img.put_pixel(xx as u32, yy as u32, c);
+                }
+            }
+        }
+    };
+    dot(&mut img, cx, cy, r, skin);
+    // Eyes: wide for surprise and fear, narrow for disgust.
+    let (eye_r, eye_y) = match li {
+        2 | 6 => (4.5, cy - 9.0),
+        5 => (2.0, cy - 8.0),
+        _ => (3.0, cy - 8.0),
+    };
+    for side in [-1.0, 1.0] {
+        let ex = cx + side * 11.0;
+        if li == 2 || li == 6 {
+            dot(&mut img, ex, eye_y, eye_r, image::Rgb([250, 250, 250]));
+            dot(&mut img, ex, eye_y, eye_r * 0.5, dark);
+        } else {
+            dot(&mut img, ex, eye_y, eye_r, dark);
+        }
+        // Brows: slanted down to the middle in anger, up in sadness and fear, high in surprise.
+        let (inner, outer) = match li {
+            3 => (-8.0, -14.0),
+            4 | 6 => (-17.0, -12.0),
+            2 => (-19.0, -19.0),
+            5 => (-12.0, -15.0),
+            _ => (-15.0, -15.0),
+        };
+        for k in 0..=10 {
+            let t = k as f64 / 10.0;
+            let bx = ex - side * 5.0 + side * 10.0 * t;
+            let by = cy + inner + (outer - inner) * t;
+            dot(&mut img, bx, by, 1.3, dark);
+        }
+    }
+    // Mouth.
+    let my = cy + 14.0;
+    match li {
+        1 | 4 => {
+            // Smile (joy) or frown (sadness): a parabola.
+            let s = if li == 1 { 1.0 } else { -1.0 };
+            for k in -12..=12 {
+                let x = k as f64;
+                dot(
+                    &mut img,
+                    cx + x,
+                    my + s * (6.0 - x * x / 24.0) * 0.9 - s * 3.0,
+                    1.6,
+                    dark,
+                );
+            }
+        }
+        2 => dot(&mut img, cx, my + 2.0, 6.0, dark),
+        6 => dot(&mut img, cx, my + 2.0, 3.5, dark),
+        3 => {
+            for k in -10..=10 {
+                dot(&mut img, cx + k as f64, my + 3.0, 2.2, dark);
+            }
+        }
+        5 => {
+            for k in -10..=10 {
+                let x = k as f64;
+                dot(
+                    &mut img,
+                    cx + x,
+                    my + 2.0 + (x * 0.6).sin() * 2.5 + x * 0.2,
+                    1.5,
+                    dark,
+                );
+            }
+        }
+        _ => {
+            for k in -9..=9 {
+                dot(&mut img, cx + k as f64, my + 2.0, 1.3, dark);
+            }
+        }
+    }
+    // Sensor noise.
+    for p in img.pixels_mut() {
+        let e = (rng.uniform() * 16.0 - 8.0) as i32;
+        for c in 0..3 {
+            p.0[c] = (p.0[c] as i32 + e).clamp(0, 255) as u8;
+        }
+    }
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -674,6 +674,28 @@ impl Llama {
         out
     }
 
+    /// Restarts every adapter's dropout stream from `seed`.
+    pub fn reseed_lora(&self, seed: u64) {
+        for (i, l) in self.layers.iter().enumerate() {
+            for (k, p) in [
+                &l.attn.q,
+                &l.attn.k,
+                &l.attn.v,
+                &l.attn.o,
+                &l.mlp.gate,
+                &l.mlp.up,
+                &l.mlp.down,
+            ]
+            .iter()
+            .enumerate()
+            {
+                if let Some(lora) = &p.lora {
+                    lora.reseed(seed, &format!("{i}.{k}"));
+                }
+            }
+        }
+    }
+
     /// Whether any LoRA adapter is attached (then the prompt prefix depends on trained
     /// weights and must be recomputed during training).
     pub fn has_lora(&self) -> bool {

@@ -105,6 +105,11 @@ impl LoraLinear {
         })
     }
 
+    /// Restarts this adapter's dropout stream.
+    pub fn reseed(&self, seed: u64, name: &str) {
+        *self.rng.lock().expect("lora rng") = Rng::derive(seed, &format!("lora-dropout:{name}"));
+    }
+
     /// `scale * dropout(x) A^T B^T` for `x` of shape `(n, in)`.
     pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = if train && self.dropout > 0.0 {

@@ -62,6 +62,12 @@ impl Projection {
         })
     }
 
+    /// Restarts the dropout stream (training reseeds it each step, so a resumed run
+    /// draws the same masks as an uninterrupted one).
+    pub fn reseed(&self, seed: u64) {
+        *self.rng.lock().expect("dropout rng") = Rng::derive(seed, "projection-dropout");
+    }
+
     /// `x`: `(n, p)` image vectors; returns `(n, q)`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.to_dtype(DType::F32)?;

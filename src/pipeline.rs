@@ -1,0 +1,443 @@
+//! The steps a user runs, as library calls: prepare a corpus (frames and image vectors),
+//! build a training run from its config, load a checkpoint with everything it names.
+//! The CLI only parses arguments and prints.
+
+use crate::data::{frames, iemocap, meld, spec::DataSpec, Dataset};
+use crate::error::{Error, IoContext, Result};
+use crate::farcer::{Farcer, Kind, Manifest};
+use crate::model::projection::Projection;
+use crate::model::{self, Llm};
+use crate::train::{RunData, TrainConfig};
+use crate::vision::VisionEncoder;
+use candle_core::{DType, Device};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// `default` (or nothing) means the pinned default LLM, fetched on first use.
+pub fn resolve_llm(spec: Option<&str>, log: &dyn Fn(&str)) -> Result<String> {
+    match spec {
+        None | Some("default") => Ok(crate::fetch::ensure_default_llm(None, log)?
+            .display()
+            .to_string()),
+        Some(s) => Ok(s.to_string()),
+    }
+}
+
+pub fn load_llm(spec: Option<&str>, device: &Device, log: &dyn Fn(&str)) -> Result<Llm> {
+    let s = resolve_llm(spec, log)?;
+    log(&format!("loading LLM {s}"));
+    model::load_llm(&s, device, DType::F32)
+}
+
+/// Where image vectors of a dataset are cached: a prepared MELD / IEMOCAP folder keeps
+/// its own (`<dir>/vectors/`), everything else shares `$FARCER_HOME/vectors/`.
+pub fn vector_dir(spec: &DataSpec) -> PathBuf {
+    match spec {
+        DataSpec::Meld(d) | DataSpec::Iemocap(d) if d.join("frames").is_dir() => d.join("vectors"),
+        _ => crate::util::farcer_home().join("vectors"),
+    }
+}
+
+/// Images of a run: frames taken from clips where only a clip is named, then every
+/// image's vector (cached). Returns the images that could not be used.
+pub fn attach_images(
+    f: &mut Farcer,
+    enc: &VisionEncoder,
+    spec: &DataSpec,
+    datasets: &mut [&mut Dataset],
+    progress: &dyn Fn(usize, usize),
+) -> Result<Vec<(PathBuf, String)>> {
+    let cache = crate::util::farcer_home().join("frames");
+    let mut failed = Vec::new();
+    let needs_frames = datasets.iter().any(|d| {
+        d.dialogues
+            .iter()
+            .flat_map(|x| &x.utterances)
+            .any(|u| u.image.is_none() && u.clip.is_some())
+    });
+    if needs_frames && !matches!(spec, DataSpec::Iemocap(_) | DataSpec::Meld(_)) {
+        frames::check_ffmpeg()?;
+        for d in datasets.iter_mut() {
+            failed.extend(frames::resolve_clip_frames(d, &cache));
+        }
+    }
+    let refs: Vec<&Dataset> = datasets.iter().map(|d| &**d).collect();
+    failed.extend(f.load_vectors(enc, &vector_dir(spec), &refs, progress)?);
+    Ok(failed)
+}
+
+/// What `prepare` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrepareReport {
+    pub corpus: String,
+    pub splits: Vec<String>,
+    pub frames: frames::FrameReport,
+    pub face_crop: bool,
+    pub faces_found: usize,
+    /// Image vectors computed now or found cached, with the encoder that made them.
+    pub vectors: usize,
+    pub vision: Option<String>,
+    pub seconds: f64,
+}
+
+/// `farcer prepare meld`: the CSVs copied into `out`, one frame per utterance under
+/// `out/frames/{split}/`, and (when an encoder is given) image vectors under `out/vectors/`.
+#[allow(clippy::too_many_arguments)]
+pub fn prepare_meld(
+    csv_dir: &Path,
+    video_dir: &Path,
+    out: &Path,
+    splits: &[String],
+    vision: Option<&VisionEncoder>,
+    face_crop: bool,
+    threads: usize,
+    progress: &(dyn Fn(&str, usize, usize) + Sync),
+) -> Result<PrepareReport> {
+    let start = std::time::Instant::now();
+    frames::check_ffmpeg()?;
+    std::fs::create_dir_all(out).at(out)?;
+    let mut jobs = Vec::new();
+    let mut datasets = Vec::new();
+    for split in splits {
+        let src = meld::csv_path(csv_dir, split);
+        let dst = meld::csv_path(out, split);
+        if src != dst {
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+        }
+        let ds = meld::load(out, split)?;
+        jobs.extend(frames::meld_jobs(&ds, video_dir, out));
+        datasets.push(ds);
+    }
+    let report = frames::run_jobs(jobs, threads, &|d, t| progress("frames", d, t));
+    let faces_found = if face_crop {
+        crop_faces(out, &|d, t| progress("faces", d, t))?
+    } else {
+        0
+    };
+    let mut vectors = 0;
+    if let Some(enc) = vision {
+        let datasets: Vec<Dataset> = splits
+            .iter()
+            .map(|s| meld::load(out, s))
+            .collect::<Result<_>>()?;
+        let paths: Vec<PathBuf> = datasets
+            .iter()
+            .flat_map(|d| d.dialogues.iter().flat_map(|x| x.utterances.iter()))
+            .filter_map(|u| u.image.clone())
+            .collect();
+        let mut store = crate::vision::VectorStore::open(&out.join("vectors"), &enc.key)?;
+        let (v, _) =
+            crate::vision::vectors_for(enc, &mut store, &paths, &|d, t| progress("vectors", d, t))?;
+        vectors = v.len();
+    }
+    let rep = PrepareReport {
+        corpus: "meld".into(),
+        splits: splits.to_vec(),
+        frames: report,
+        face_crop,
+        faces_found,
+        vectors,
+        vision: vision.map(|v| v.name.clone()),
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    crate::util::write_json_atomic(&out.join("prepare-report.json"), &rep)?;
+    Ok(rep)
+}
+
+/// `farcer prepare iemocap`: frames of every turn (speaker's half, top and bottom fifth
+/// cut) under `out/frames/`, `out/source.txt` naming the corpus root, vectors if an
+/// encoder is given.
+pub fn prepare_iemocap(
+    root: &Path,
+    out: &Path,
+    vision: Option<&VisionEncoder>,
+    face_crop: bool,
+    threads: usize,
+    seed: u64,
+    progress: &(dyn Fn(&str, usize, usize) + Sync),
+) -> Result<PrepareReport> {
+    let start = std::time::Instant::now();
+    frames::check_ffmpeg()?;
+    std::fs::create_dir_all(out).at(out)?;
+    let sessions = iemocap::read_sessions(root, seed)?;
+    let root_abs = std::fs::canonicalize(root).at(root)?;
+    crate::util::write_atomic(
+        &out.join("source.txt"),
+        format!("{}\n", root_abs.display()).as_bytes(),
+    )?;
+    let report = frames::run_jobs(frames::iemocap_jobs(&sessions, out), threads, &|d, t| {
+        progress("frames", d, t)
+    });
+    let faces_found = if face_crop {
+        crop_faces(out, &|d, t| progress("faces", d, t))?
+    } else {
+        0
+    };
+    let mut vectors = 0;
+    if let Some(enc) = vision {
+        let spec = DataSpec::Iemocap(out.to_path_buf());
+        let mut paths = Vec::new();
+        for split in ["train", "dev", "test"] {
+            let d = spec.load(split, seed)?;
+            paths.extend(
+                d.dialogues
+                    .iter()
+                    .flat_map(|x| x.utterances.iter())
+                    .filter_map(|u| u.image.clone()),
+            );
+        }
+        let mut store = crate::vision::VectorStore::open(&out.join("vectors"), &enc.key)?;
+        let (v, _) =
+            crate::vision::vectors_for(enc, &mut store, &paths, &|d, t| progress("vectors", d, t))?;
+        vectors = v.len();
+    }
+    let rep = PrepareReport {
+        corpus: "iemocap".into(),
+        splits: vec!["train".into(), "dev".into(), "test".into()],
+        frames: report,
+        face_crop,
+        faces_found,
+        vectors,
+        vision: vision.map(|v| v.name.clone()),
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    crate::util::write_json_atomic(&out.join("prepare-report.json"), &rep)?;
+    Ok(rep)
+}
+
+/// Replaces every frame under `out/frames` by the largest face found in it (frames
+/// without a face stay whole). Returns the number of faces found.
+fn crop_faces(out: &Path, progress: &dyn Fn(usize, usize)) -> Result<usize> {
+    let mut files = Vec::new();
+    collect_pngs(&out.join("frames"), &mut files)?;
+    let done_marker = out.join("frames").join(".face-cropped");
+    let already: std::collections::HashSet<String> = std::fs::read_to_string(&done_marker)
+        .map(|s| s.lines().map(String::from).collect())
+        .unwrap_or_default();
+    let mut found = 0;
+    let mut log = String::new();
+    for (i, f) in files.iter().enumerate() {
+        let key = f.display().to_string();
+        if already.contains(&key) {
+            found += 1;
+            log.push_str(&key);
+            log.push('\n');
+            progress(i + 1, files.len());
+            continue;
+        }
+        let img = image::open(f).map_err(|e| Error::input(key.clone(), e.to_string()))?;
+        if let Some(face) = crate::face::crop_largest_face(&img) {
+            let tmp = crate::util::tmp_sibling(f).with_extension("png");
+            face.save(&tmp)
+                .map_err(|e| Error::msg(format!("{}: {e}", tmp.display())))?;
+            std::fs::rename(&tmp, f).at(f)?;
+            found += 1;
+            log.push_str(&key);
+            log.push('\n');
+        }
+        progress(i + 1, files.len());
+    }
+    crate::util::write_atomic(&done_marker, log.as_bytes())?;
+    Ok(found)
+}
+
+fn collect_pngs(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .at(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            collect_pngs(&p, out)?;
+        } else if p.extension().is_some_and(|e| e == "png") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// A training run put together from its config: the model (with a fresh or `init`
+/// projection and, for the fine-tuned kind, LoRA adapters), the data with image vectors,
+/// and the manifest its checkpoints will carry.
+pub struct Run {
+    pub farcer: Farcer,
+    pub vision: VisionEncoder,
+    pub data: RunData,
+    pub manifest: Manifest,
+    /// Images that could not be read (no slot for them).
+    pub failed_images: Vec<(PathBuf, String)>,
+}
+
+pub fn build_run(
+    cfg: &TrainConfig,
+    log: &dyn Fn(&str),
+    progress: &dyn Fn(usize, usize),
+) -> Result<Run> {
+    let device = model::device(&cfg.device)?;
+    let llm_path = resolve_llm(Some(&cfg.llm), log)?;
+    let mut llm = load_llm(Some(&llm_path), &device, log)?;
+    log(&format!("loading vision encoder {}", cfg.vision));
+    let vision = VisionEncoder::load(&cfg.vision, &device, cfg.after_norm)?;
+    let spec: DataSpec = cfg.data.parse()?;
+    let mut train = spec.load(&cfg.train_split, cfg.seed)?;
+    let mut val = spec.load(&cfg.val_split, cfg.seed)?;
+    let pool = match (cfg.prompt.shots, spec.pool_split()) {
+        (0, _) => None,
+        (_, Some(p)) => Some(spec.load(p, cfg.seed)?),
+        (_, None) => {
+            return Err(Error::msg(format!(
+                "{spec} has no split to draw few-shot examples from"
+            )))
+        }
+    };
+    let mut lora = None;
+    if let Some(l) = &cfg.lora {
+        llm.model.add_lora(l, cfg.seed)?;
+        lora = Some(l.clone());
+    }
+    let pcfg = Farcer::projection_config(
+        cfg.kind,
+        cfg.projection_layers(),
+        cfg.projection.dropout,
+        vision.dim(),
+        &llm,
+    );
+    let projection = Projection::new(pcfg.clone(), cfg.seed, &device)?;
+    let mut f = Farcer::new(llm, projection, cfg.kind);
+    if let Some(init) = &cfg.init {
+        init_from(&mut f, init)?;
+        log(&format!("initialised from {}", init.display()));
+    }
+    let failed = attach_images(
+        &mut f,
+        &vision,
+        &spec,
+        &mut [&mut train, &mut val],
+        progress,
+    )?;
+    let manifest = Manifest {
+        farcer_version: env!("CARGO_PKG_VERSION").into(),
+        kind: cfg.kind,
+        llm: if cfg.llm == "default" {
+            "default".into()
+        } else {
+            cfg.llm.clone()
+        },
+        llm_sha256: single_file_sha(&llm_path)?,
+        vision: cfg.vision.clone(),
+        vision_key: vision.key.clone(),
+        after_norm: cfg.after_norm,
+        projection: pcfg,
+        lora,
+        prompt: cfg.prompt_config(),
+        labels: train.labels.clone(),
+        data: cfg.data.clone(),
+        epoch: 0,
+        step: 0,
+        val_weighted_f1: None,
+    };
+    Ok(Run {
+        farcer: f,
+        vision,
+        data: RunData { train, val, pool },
+        manifest,
+        failed_images: failed,
+    })
+}
+
+fn single_file_sha(path: &str) -> Result<Option<String>> {
+    let p = Path::new(path);
+    if p.is_file() {
+        if p == crate::fetch::default_llm_path() {
+            return Ok(Some(crate::fetch::GGUF_SHA256.into()));
+        }
+        return Ok(Some(crate::util::sha256_file(p)?));
+    }
+    Ok(None)
+}
+
+/// Starts from another checkpoint's weights: the projection (when shapes agree) and
+/// LoRA adapters (when both have them).
+fn init_from(f: &mut Farcer, dir: &Path) -> Result<()> {
+    let (d, m) = crate::farcer::read_manifest(dir)?;
+    if m.projection.in_dim != f.projection.config.in_dim
+        || m.projection.out_dim != f.projection.config.out_dim
+        || m.projection.layers != f.projection.config.layers
+    {
+        return Err(Error::msg(format!(
+            "--init {}: its projection ({} layers, {} -> {}) does not fit this run's ({} layers, {} -> {})",
+            dir.display(),
+            m.projection.layers,
+            m.projection.in_dim,
+            m.projection.out_dim,
+            f.projection.config.layers,
+            f.projection.config.in_dim,
+            f.projection.config.out_dim
+        )));
+    }
+    let p = d.join("projection.safetensors");
+    let t = candle_core::safetensors::load(&p, f.llm.model.device())
+        .map_err(|e| Error::input(p.display().to_string(), e.to_string()))?;
+    f.projection.load_tensors(&t)?;
+    let vars = f.llm.model.lora_vars();
+    if m.lora.is_some() && !vars.is_empty() {
+        let ap = d.join("adapter_model.safetensors");
+        let t = candle_core::safetensors::load(&ap, f.llm.model.device())
+            .map_err(|e| Error::input(ap.display().to_string(), e.to_string()))?;
+        for (k, v) in vars {
+            if let Some(s) = t.get(&k) {
+                v.set(s)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A checkpoint with everything its manifest names: the LLM, the vision encoder, the
+/// trained weights. `llm`/`vision` override what the manifest says (e.g. a local copy).
+pub fn load_checkpoint(
+    dir: &Path,
+    device: &Device,
+    llm: Option<&str>,
+    vision: Option<&str>,
+    log: &dyn Fn(&str),
+) -> Result<(Farcer, VisionEncoder, Manifest)> {
+    let (_, m) = crate::farcer::read_manifest(dir)?;
+    let llm_spec = llm.unwrap_or(&m.llm);
+    let llm_path = resolve_llm(Some(llm_spec), log)?;
+    if let (Some(want), true) = (&m.llm_sha256, llm.is_none()) {
+        if let Some(got) = single_file_sha(&llm_path)? {
+            if &got != want {
+                return Err(Error::msg(format!(
+                    "{}: the checkpoint was trained on an LLM with sha256 {want}, but {llm_path} has {got}; pass --llm to use it anyway",
+                    dir.display()
+                )));
+            }
+        }
+    }
+    let llm = load_llm(Some(&llm_path), device, log)?;
+    let vspec = vision.unwrap_or(&m.vision);
+    log(&format!("loading vision encoder {vspec}"));
+    let enc = VisionEncoder::load(vspec, device, m.after_norm)?;
+    if enc.key != m.vision_key {
+        log(&format!(
+            "note: the vision encoder differs from the one used in training ({} vs {}); vectors will not match what the projection learned",
+            enc.key, m.vision_key
+        ));
+    }
+    let (f, m) = crate::farcer::load_checkpoint(dir, llm, device)?;
+    Ok((f, enc, m))
+}
+
+/// The row name of a checkpoint in tables, e.g. `Base FARCER - 7 shot`.
+pub fn row_name(kind: Kind, shots: usize, past_labels: bool) -> String {
+    format!(
+        "{} - {shots} shot{}",
+        kind.label(),
+        if past_labels { " PL" } else { "" }
+    )
+}
