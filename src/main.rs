@@ -45,6 +45,36 @@ enum Cmd {
     Predict(PredictArgs),
     /// Print the prompt of one sample exactly as the LLM sees it, with token counts.
     Prompt(PromptArgs),
+    /// Time fixed cases (kernels and method) and their peak memory; see BENCHMARKS.md.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// LLM (default: the pinned SmolLM2).
+    #[arg(long)]
+    llm: Option<String>,
+    /// Cases to run (default: all).
+    #[arg(long, value_delimiter = ',')]
+    cases: Vec<String>,
+    /// Timed repetitions per case (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// MELD CSV folder for the method cases.
+    #[arg(long, default_value = "../shared/data/meld")]
+    meld: PathBuf,
+    /// The shared ViT-S folder for the vit-s14 case.
+    #[arg(long, default_value = "../shared/models/vit-small-dinov2")]
+    vit_s: PathBuf,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the exact inputs of every case (for tools/bench_reference.py) and exit.
+    #[arg(long)]
+    dump_inputs: Option<PathBuf>,
+    /// Run one case in this process and print its JSON (used by the parent).
+    #[arg(long, hide = true)]
+    case: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -234,6 +264,7 @@ struct PromptArgs {
 }
 
 fn main() {
+    farcer::util::tune_allocator();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Fetch { wheel } => fetch(wheel),
@@ -243,6 +274,7 @@ fn main() {
         Cmd::Eval(a) => run_eval(a),
         Cmd::Predict(a) => predict(a),
         Cmd::Prompt(a) => show_prompt(a),
+        Cmd::Bench(a) => bench(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -914,5 +946,91 @@ fn demo(a: DemoArgs) -> Result<()> {
         t0.elapsed().as_secs_f64(),
         out.display()
     );
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    let llm = pipeline::resolve_llm(a.llm.as_deref(), &log)?;
+    let meld = a
+        .meld
+        .join("dev_sent_emo.csv")
+        .is_file()
+        .then_some(a.meld.as_path());
+    let vit_s = a
+        .vit_s
+        .join("config.json")
+        .is_file()
+        .then_some(a.vit_s.as_path());
+    if let Some(p) = &a.dump_inputs {
+        let l = model::load_llm(&llm, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+        let inputs = farcer::bench::shared_inputs(&l, meld)?;
+        farcer::util::write_json_atomic(p, &inputs)?;
+        println!("wrote {}", p.display());
+        return Ok(());
+    }
+    if let Some(c) = &a.case {
+        let r = farcer::bench::run_case(c, &llm, meld, vit_s, a.reps)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let cases: Vec<String> = if a.cases.is_empty() {
+        farcer::bench::CASES.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.cases.clone()
+    };
+    let exe = std::env::current_exe()?;
+    let mut results = Vec::new();
+    println!(
+        "{:<28} {:>10} {:>14} {:>10}  what",
+        "case", "seconds", "per second", "peak MiB"
+    );
+    for c in &cases {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "bench",
+                "--case",
+                c,
+                "--reps",
+                &a.reps.to_string(),
+                "--llm",
+                &llm,
+            ])
+            .arg("--meld")
+            .arg(&a.meld)
+            .arg("--vit-s")
+            .arg(&a.vit_s)
+            .output()?;
+        if !out.status.success() {
+            println!(
+                "{c:<28} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .trim()
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            );
+            continue;
+        }
+        let r: farcer::bench::CaseResult = serde_json::from_slice(
+            out.stdout
+                .split(|b| *b == b'\n')
+                .rfind(|l| !l.is_empty())
+                .unwrap_or(&[]),
+        )?;
+        println!(
+            "{:<28} {:>10.3} {:>10.1} {:<3} {:>10.0}  {}",
+            r.case,
+            r.seconds,
+            r.per_second,
+            &r.unit[..3.min(r.unit.len())],
+            r.peak_mib,
+            r.what
+        );
+        results.push(r);
+    }
+    if let Some(p) = &a.json {
+        farcer::util::write_json_atomic(p, &results)?;
+        println!("wrote {}", p.display());
+    }
     Ok(())
 }

@@ -146,6 +146,29 @@ pub fn farcer_home() -> PathBuf {
     home.join(".cache").join("farcer")
 }
 
+/// Makes glibc's malloc keep freed tensor buffers for reuse instead of returning each
+/// one to the kernel (which then zero-fills fresh pages on the next allocation): about a
+/// third of a training step otherwise. Call once at start-up; a no-op off glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_TOP_PAD: i32 = -2;
+        const M_MMAP_THRESHOLD: i32 = -3;
+        const M_ARENA_MAX: i32 = -8;
+        // SAFETY: mallopt only changes allocator parameters; called before threads start.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_TRIM_THRESHOLD, i32::MAX);
+            mallopt(M_TOP_PAD, 256 << 20);
+            mallopt(M_ARENA_MAX, 1);
+        }
+    }
+}
+
 /// Mean and (sample) standard deviation.
 pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     if xs.is_empty() {

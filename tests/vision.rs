@@ -84,15 +84,36 @@ fn real_pretrained_vit_matches_its_reference_outputs() {
 #[test]
 fn demo_images_are_separable_through_the_demo_vit() {
     let dir = std::env::temp_dir().join(format!("farcer-demo-vit-{}", std::process::id()));
-    farcer::vision::VisionEncoder::write_random(&dir.join("vit"), 0, &farcer::vision::demo_vit_config(), &farcer::vision::demo_preprocess()).unwrap();
+    farcer::vision::VisionEncoder::write_random(
+        &dir.join("vit"),
+        0,
+        &farcer::vision::demo_vit_config(),
+        &farcer::vision::demo_preprocess(),
+    )
+    .unwrap();
     let enc = VisionEncoder::load(dir.join("vit").to_str().unwrap(), &Device::Cpu, false).unwrap();
     let vectors = |split: &str| -> Vec<(usize, Vec<f32>)> {
         let mut d = farcer::data::demo::load(split);
         farcer::data::demo::attach_images(&mut d, &dir.join(split)).unwrap();
-        let utts: Vec<_> = d.dialogues.iter().flat_map(|x| x.utterances.iter()).collect();
-        let imgs: Vec<_> = utts.iter().map(|u| image::open(u.image.as_ref().unwrap()).unwrap()).collect();
+        let utts: Vec<_> = d
+            .dialogues
+            .iter()
+            .flat_map(|x| x.utterances.iter())
+            .collect();
+        let imgs: Vec<_> = utts
+            .iter()
+            .map(|u| image::open(u.image.as_ref().unwrap()).unwrap())
+            .collect();
         let v = enc.encode(&imgs).unwrap();
-        utts.iter().map(|u| farcer::data::MELD_LABELS.iter().position(|l| Some(*l) == u.label.as_deref()).unwrap()).zip(v).collect()
+        utts.iter()
+            .map(|u| {
+                farcer::data::MELD_LABELS
+                    .iter()
+                    .position(|l| Some(*l) == u.label.as_deref())
+                    .unwrap()
+            })
+            .zip(v)
+            .collect()
     };
     let train = vectors("train");
     let dim = train[0].1.len();
@@ -111,14 +132,34 @@ fn demo_images_are_separable_through_the_demo_vit() {
     let correct = test
         .iter()
         .filter(|(l, v)| {
-            let d = |c: &Vec<f64>| c.iter().zip(v.iter()).map(|(a, b)| (a - *b as f64).powi(2)).sum::<f64>();
-            (0..7).min_by(|&a, &b| d(&cent[a]).partial_cmp(&d(&cent[b])).unwrap()).unwrap() == *l
+            let d = |c: &Vec<f64>| {
+                c.iter()
+                    .zip(v.iter())
+                    .map(|(a, b)| (a - *b as f64).powi(2))
+                    .sum::<f64>()
+            };
+            (0..7)
+                .min_by(|&a, &b| d(&cent[a]).partial_cmp(&d(&cent[b])).unwrap())
+                .unwrap()
+                == *l
         })
         .count();
     let acc = correct as f64 / test.len() as f64;
     // How large the image-dependent part is against the vector's constant part.
-    let mean: Vec<f64> = (0..dim).map(|j| test.iter().map(|(_, v)| v[j] as f64).sum::<f64>() / test.len() as f64).collect();
-    let spread = (test.iter().map(|(_, v)| v.iter().zip(&mean).map(|(a, m)| (*a as f64 - m).powi(2)).sum::<f64>()).sum::<f64>() / test.len() as f64).sqrt();
+    let mean: Vec<f64> = (0..dim)
+        .map(|j| test.iter().map(|(_, v)| v[j] as f64).sum::<f64>() / test.len() as f64)
+        .collect();
+    let spread = (test
+        .iter()
+        .map(|(_, v)| {
+            v.iter()
+                .zip(&mean)
+                .map(|(a, m)| (*a as f64 - m).powi(2))
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / test.len() as f64)
+        .sqrt();
     let norm = mean.iter().map(|m| m * m).sum::<f64>().sqrt();
     eprintln!("nearest-centroid accuracy {acc:.3}; spread {spread:.3} vs mean norm {norm:.3}");
     assert!(acc >= 0.9, "nearest-centroid accuracy {acc}");

@@ -1,46 +1,61 @@
-//! Matmul against a frozen weight that records only the input's gradient.
+//! Differentiable ops for the frozen LLM that cost what inference costs.
 //!
-//! candle's `matmul` backward always computes both operands' gradients, so a frozen
-//! `x @ W^T` would still pay for `dW = x^T dy` (as large as the forward) and keep it in
-//! memory. This op computes the product without a graph, then attaches a backward that
-//! returns `dx = dy W` only. The product is moved out of the op on the forward call, so the
-//! graph does not keep a second copy of it.
+//! candle's fused kernels (RMSNorm, RoPE, softmax) record no backward, and its composite
+//! differentiable forms allocate many intermediate tensors; a plain `matmul` against a
+//! frozen weight also computes the weight's gradient. Each op here computes its forward
+//! with the fused (inference) kernel on detached inputs, then attaches a closed-form
+//! backward that returns only the input's gradient. The forward values are therefore
+//! bit-identical to inference, and nothing is computed or kept for frozen weights.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, D,
+};
 use std::sync::Mutex;
 
-struct FrozenMatmul {
-    /// `(out, in)`: the frozen weight, for the backward pass.
-    w: Tensor,
-    /// The product, computed without a graph; taken by the forward call.
-    y: Mutex<Option<Tensor>>,
+type Backward = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// An op whose value was computed beforehand (without a graph) and whose backward is a
+/// closure `(res, grad_res) -> grad_arg`.
+struct Precomputed {
+    name: &'static str,
+    /// Taken by the forward call, so the graph does not keep a second copy.
+    value: Mutex<Option<Tensor>>,
+    backward: Backward,
 }
 
-impl FrozenMatmul {
+impl Precomputed {
     fn take(&self) -> Result<Tensor> {
-        self.y
+        self.value
             .lock()
-            .map_err(|_| candle_core::Error::Msg("frozen-matmul lock poisoned".into()))?
+            .map_err(|_| candle_core::Error::Msg(format!("{}: lock poisoned", self.name)))?
             .take()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul forward ran twice".into()))
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))
     }
 }
 
-impl CustomOp1 for FrozenMatmul {
+macro_rules! storage_fwd {
+    ($self:ident, $variant:ident) => {{
+        let y = $self.take()?;
+        let y = if y.is_contiguous() && y.layout().start_offset() == 0 {
+            y
+        } else {
+            y.copy()?
+        };
+        let (s, l) = y.storage_and_layout();
+        match &*s {
+            Storage::$variant(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => candle_core::bail!("{}: the value lives on another device", $self.name),
+        }
+    }};
+}
+
+impl CustomOp1 for Precomputed {
     fn name(&self) -> &'static str {
-        "frozen-matmul"
+        self.name
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.take()?;
-        let (s, l) = y.storage_and_layout();
-        match &*s {
-            Storage::Cpu(c) if l.is_contiguous() && l.start_offset() == 0 => {
-                use candle_core::backend::BackendStorage;
-                Ok((c.try_clone(l)?, l.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-matmul: unexpected storage for the product"),
-        }
+        storage_fwd!(self, Cpu)
     }
 
     fn cuda_fwd(
@@ -48,15 +63,7 @@ impl CustomOp1 for FrozenMatmul {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let y = self.take()?;
-        let (s, l) = y.storage_and_layout();
-        match &*s {
-            Storage::Cuda(c) if l.is_contiguous() && l.start_offset() == 0 => {
-                use candle_core::backend::BackendStorage;
-                Ok((c.try_clone(l)?, l.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-matmul: unexpected storage for the product"),
-        }
+        storage_fwd!(self, Cuda)
     }
 
     fn metal_fwd(
@@ -64,33 +71,100 @@ impl CustomOp1 for FrozenMatmul {
         _: &candle_core::MetalStorage,
         _: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        let y = self.take()?;
-        let (s, l) = y.storage_and_layout();
-        match &*s {
-            Storage::Metal(c) if l.is_contiguous() && l.start_offset() == 0 => {
-                use candle_core::backend::BackendStorage;
-                Ok((c.try_clone(l)?, l.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-matmul: unexpected storage for the product"),
-        }
+        storage_fwd!(self, Metal)
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.backward)(res, grad)?))
     }
 }
 
-/// `x @ w^T` for a 2-D `x` of shape `(n, in)` and a frozen `w` of shape `(out, in)`.
-/// With no graph to record (inference), this is a plain matmul.
+/// Attaches `value` (computed from `x.detach()`) to the graph of `x` with `backward`.
+fn attach(name: &'static str, x: &Tensor, value: Tensor, backward: Backward) -> Result<Tensor> {
+    x.apply_op1(Precomputed {
+        name,
+        value: Mutex::new(Some(value)),
+        backward,
+    })
+}
+
+/// `x @ w^T` for a 2-D `x` `(n, in)` and a frozen `w` `(out, in)`; the backward returns
+/// `dx = dy w` only.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return x.matmul(&w.t()?);
     }
-    let y = x.detach().matmul(&w.t()?)?.contiguous()?;
-    x.apply_op1(FrozenMatmul {
-        w: w.clone(),
-        y: Mutex::new(Some(y)),
-    })
+    let y = x.detach().matmul(&w.t()?)?;
+    let w = w.clone();
+    attach("frozen-matmul", x, y, Box::new(move |_, g| g.matmul(&w)))
+}
+
+/// RMSNorm with a frozen weight: `x / rms(x) * w`. Backward (input only), with
+/// `r = 1 / rms(x)` and `g = dy * w`: `dx = r g - x r^3 mean(g x)`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let xc = x.contiguous()?;
+    let y = candle_nn::ops::rms_norm(&xc.detach(), w, eps as f32)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let (w, xd) = (w.clone(), xc.detach());
+    let d = x.dim(D::Minus1)? as f64;
+    attach(
+        "frozen-rms-norm",
+        &xc,
+        y,
+        Box::new(move |_, dy| {
+            let r = ((xd.sqr()?.sum_keepdim(D::Minus1)? / d)? + eps)?
+                .sqrt()?
+                .recip()?;
+            let g = dy.broadcast_mul(&w)?;
+            let gx = ((&g * &xd)?.sum_keepdim(D::Minus1)? / d)?;
+            let t1 = g.broadcast_mul(&r)?;
+            let t2 = xd.broadcast_mul(&(r.powf(3.0)? * gx)?)?;
+            t1 - t2
+        }),
+    )
+}
+
+/// Rotary embedding in the half-split convention; `x` `(b, h, t, d)`, `cos`/`sin`
+/// `(t, d/2)`. A rotation's inverse is its transpose, so the backward rotates the
+/// gradient by the opposite angle.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let xc = x.contiguous()?;
+    let y = candle_nn::rotary_emb::rope(&xc.detach(), cos, sin)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let (cos, neg_sin) = (cos.clone(), sin.neg()?);
+    attach(
+        "frozen-rope",
+        &xc,
+        y,
+        Box::new(move |_, dy| candle_nn::rotary_emb::rope(&dy.contiguous()?, &cos, &neg_sin)),
+    )
+}
+
+/// `softmax(scores + mask)` over the last dimension, the mask folded in; backward
+/// `dx = y (dy - sum(dy y))`.
+pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let s = scores.detach();
+    let s = match mask {
+        Some(m) => s.broadcast_add(m)?,
+        None => s,
+    };
+    let y = candle_nn::ops::softmax_last_dim(&s.contiguous()?)?;
+    if !scores.track_op() {
+        return Ok(y);
+    }
+    attach(
+        "frozen-softmax",
+        scores,
+        y,
+        Box::new(|y, dy| {
+            let dot = (dy * y)?.sum_keepdim(D::Minus1)?;
+            y * dy.broadcast_sub(&dot)?
+        }),
+    )
 }
 
 #[cfg(test)]
@@ -98,41 +172,77 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= tol, "max difference {d}");
+    }
+
+    fn seq(n: usize, k: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * k).sin()).collect()
+    }
+
+    /// Each op against candle's composite differentiable form: same value, same input
+    /// gradient, no gradient for the frozen operand.
     #[test]
-    fn same_value_and_input_gradient_as_plain_matmul_and_no_weight_gradient() -> Result<()> {
+    fn fast_ops_match_composite_forms() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Var::from_vec(
-            (0..12).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(),
-            (3, 4),
-            &dev,
+        let x = Var::from_vec(seq(2 * 3 * 5 * 8, 0.37), (2, 3, 5, 8), &dev)?;
+        let c = Tensor::from_vec(seq(2 * 3 * 5 * 8, 0.11), (2, 3, 5, 8), &dev)?;
+        let check = |fast: Tensor, slow: Tensor| -> Result<()> {
+            close(&fast, &slow, 1e-5);
+            let gf = (fast * &c)?.sum_all()?.backward()?;
+            let gs = (slow * &c)?.sum_all()?.backward()?;
+            close(gf.get(&x).unwrap(), gs.get(&x).unwrap(), 1e-4);
+            Ok(())
+        };
+        // RMSNorm.
+        let w = Tensor::from_vec(seq(8, 0.7), 8, &dev)?.affine(0.5, 1.0)?;
+        check(
+            rms_norm(x.as_tensor(), &w, 1e-5)?,
+            candle_nn::ops::rms_norm_slow(x.as_tensor(), &w, 1e-5)?,
         )?;
-        let w = Tensor::from_vec(
-            (0..20).map(|i| (i as f32 * 0.11).cos()).collect::<Vec<_>>(),
-            (5, 4),
-            &dev,
+        // RoPE.
+        let cos = Tensor::from_vec(seq(5 * 4, 0.3), (5, 4), &dev)?.cos()?;
+        let sin = Tensor::from_vec(seq(5 * 4, 0.3), (5, 4), &dev)?.sin()?;
+        check(
+            rope(x.as_tensor(), &cos, &sin)?,
+            candle_nn::rotary_emb::rope_slow(x.as_tensor(), &cos, &sin)?,
         )?;
-        let wv = Var::from_tensor(&w)?;
-        let fast = matmul_t(x.as_tensor(), &w)?;
-        let plain = x.as_tensor().matmul(&wv.as_tensor().t()?)?;
-        let d = (&fast - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(d < 1e-6, "{d}");
-        // A loss that weights outputs differently so the gradient is not trivial.
-        let c = Tensor::from_vec(
-            (0..15).map(|i| i as f32 - 7.0).collect::<Vec<_>>(),
-            (3, 5),
-            &dev,
+        // Masked softmax.
+        let m: Vec<f32> = (0..40)
+            .map(|i| {
+                if i % 8 > i / 8 + 2 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let m = Tensor::from_vec(m, (5, 8), &dev)?;
+        check(
+            masked_softmax(x.as_tensor(), Some(&m))?,
+            candle_nn::ops::softmax(&x.as_tensor().broadcast_add(&m)?, D::Minus1)?,
         )?;
-        let g_fast = (fast * &c)?.sum_all()?.backward()?;
-        let g_plain = (plain * &c)?.sum_all()?.backward()?;
-        let a = g_fast.get(&x).unwrap();
-        let b = g_plain.get(&x).unwrap();
-        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(d < 1e-5, "{d}");
-        assert!(
-            g_plain.get(&wv).is_some(),
-            "plain matmul computes a weight gradient"
-        );
-        assert!(g_fast.get(&w).is_none(), "frozen matmul must not");
+        // Frozen matmul: no weight gradient.
+        let a = Var::from_vec(seq(12, 0.37), (3, 4), &dev)?;
+        let wm = Tensor::from_vec(seq(20, 0.9), (5, 4), &dev)?;
+        let wv = Var::from_tensor(&wm)?;
+        let fast = matmul_t(a.as_tensor(), &wm)?;
+        let plain = a.as_tensor().matmul(&wv.as_tensor().t()?)?;
+        close(&fast, &plain, 1e-6);
+        let g = fast.sum_all()?.backward()?;
+        let gp = plain.sum_all()?.backward()?;
+        close(g.get(&a).unwrap(), gp.get(&a).unwrap(), 1e-5);
+        assert!(g.get(&wm).is_none() && gp.get(&wv).is_some());
         Ok(())
     }
 }

@@ -290,39 +290,7 @@ pub struct Positions<'a> {
     pub mask: Option<&'a Tensor>,
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.track_op() {
-        candle_nn::ops::rms_norm_slow(x, w, eps as f32)
-    } else {
-        candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
-    }
-}
-
-fn softmax(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
-        candle_nn::ops::softmax(x, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
-    }
-}
-
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
-        let cos = Tensor::cat(&[cos, cos], D::Minus1)?
-            .unsqueeze(0)?
-            .unsqueeze(0)?;
-        let sin = Tensor::cat(&[sin, sin], D::Minus1)?
-            .unsqueeze(0)?
-            .unsqueeze(0)?;
-        let d = x.dim(D::Minus1)?;
-        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?
-    } else {
-        candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)
-    }
-}
+use frozen::{masked_softmax, rms_norm, rope};
 
 /// A projection `x W^T (+ b)` whose weight is frozen, with an optional LoRA adapter.
 #[derive(Debug, Clone)]
@@ -796,8 +764,9 @@ impl Attention {
             .reshape((b, t, hk, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = rope(&q.contiguous()?, cos, sin)?;
-        let k = rope(&k.contiguous()?, cos, sin)?;
+        // The attention scale goes on q (t x d) rather than on the scores (t x s).
+        let q = (rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = rope(&k, cos, sin)?;
         let (k, v) = match kv.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
@@ -808,16 +777,8 @@ impl Attention {
         // Grouped-query attention without copying keys: the `rep` query heads that share
         // a key head are stacked along the time axis.
         let q = q.reshape((b, hk, rep * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match mask {
-            Some(m) => scores
-                .reshape((b, hk, rep, t, s))?
-                .broadcast_add(m)?
-                .reshape((b, hk, rep * t, s))?,
-            None => scores,
-        };
-        let p = softmax(&scores)?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, hk, rep, t, s))?;
+        let p = masked_softmax(&scores, mask)?.reshape((b, hk, rep * t, s))?;
         let out = p.matmul(&v)?; // (b, hk, rep*t, hd)
         let out = out
             .reshape((b, h, t, hd))?

@@ -1,0 +1,461 @@
+//! `farcer bench`: fixed cases that time the raw kernels (prefill, a projection-training
+//! step, a LoRA step) and the method (a full FARCER training step with the 7-shot prompt,
+//! constrained-decoding evaluation, ViT image vectors). Each case runs in its own process
+//! so its peak memory is its own. The inputs (token ids, positions of image slots) are
+//! written to JSON so `tools/bench_reference.py` runs exactly the same work in PyTorch.
+
+use crate::data::{spec::DataSpec, Scope};
+use crate::decode::{Decode, LabelTokens};
+use crate::error::{Error, Result};
+use crate::eval::{self, EvalOptions};
+use crate::farcer::{Farcer, Kind};
+use crate::model::llama::Positions;
+use crate::model::lora::LoraConfig;
+use crate::model::projection::{Projection, ProjectionConfig};
+use crate::model::Llm;
+use crate::prompt::{PromptConfig, PromptSet};
+use crate::train::{sample_loss, target_tokens, TokenWeights};
+use crate::util::Rng;
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// The case names, in report order.
+pub const CASES: [&str; 9] = [
+    "prefill-512",
+    "proj-step-128",
+    "proj-step-512",
+    "lora-step-512",
+    "farcer-step-7shot",
+    "farcer-step-7shot-nocache",
+    "eval-constrained-7shot",
+    "vit-b16",
+    "vit-s14",
+];
+
+/// The result of one case.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaseResult {
+    pub case: String,
+    /// What one repetition does.
+    pub what: String,
+    /// Median seconds of one repetition.
+    pub seconds: f64,
+    pub repetitions: usize,
+    /// Tokens (or images, samples) per repetition, and the unit.
+    pub units: f64,
+    pub unit: String,
+    pub per_second: f64,
+    /// Peak resident memory of the process running the case, MiB.
+    pub peak_mib: f64,
+    pub threads: usize,
+}
+
+/// Peak resident set size of this process (Linux), MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Token ids used by the synthetic cases: a fixed pseudo-random sequence (no special
+/// tokens), the same on every machine.
+pub fn synthetic_ids(n: usize, vocab: usize) -> Vec<u32> {
+    let mut r = Rng::new(1234);
+    (0..n).map(|_| 100 + r.below(vocab - 200) as u32).collect()
+}
+
+/// Inputs shared with the PyTorch reference.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SharedInputs {
+    pub ids_512: Vec<u32>,
+    /// Image slot position in the projection-step cases.
+    pub image_pos: usize,
+    /// Target token ids scored by the step cases.
+    pub targets: Vec<u32>,
+    /// Full 7-shot FARCER training samples: prefix ids, suffix pieces (-1 = image slot),
+    /// target ids.
+    pub farcer_prefix: Vec<u32>,
+    pub farcer_samples: Vec<(Vec<i64>, Vec<u32>)>,
+    /// Evaluation samples: suffix pieces, and each label's tokens plus end-of-turn.
+    pub eval_samples: Vec<Vec<i64>>,
+    pub label_seqs: Vec<Vec<u32>>,
+    pub end_of_turn: u32,
+    pub vision_dim: usize,
+}
+
+fn step_with_image(
+    llm: &Llm,
+    proj: &Projection,
+    ids: &[u32],
+    image_pos: usize,
+    targets: &[u32],
+) -> Result<()> {
+    let dev = llm.model.device();
+    let img = Tensor::ones((1, proj.config.in_dim), candle_core::DType::F32, dev)?;
+    let v = proj.forward(&img, true)?;
+    let before = llm.model.embed(&ids[..image_pos])?;
+    let after = llm.model.embed(&ids[image_pos + 1..])?;
+    let x = Tensor::cat(&[&before, &v, &after], 0)?.unsqueeze(0)?;
+    let t = ids.len();
+    let at: Vec<usize> = (t - targets.len()..t).collect();
+    let mut cache = llm.model.new_cache();
+    let logits = llm
+        .model
+        .forward(&x, &mut cache, &Positions::default(), &at)?
+        .expect("logits")
+        .squeeze(0)?;
+    let lp = crate::model::llama::log_softmax(&logits)?;
+    let idx = Tensor::new(targets, dev)?.unsqueeze(1)?;
+    let loss = lp.gather(&idx, 1)?.mean_all()?.neg()?;
+    loss.backward()?;
+    Ok(())
+}
+
+/// Runs one case in this process.
+pub fn run_case(
+    case: &str,
+    llm_path: &str,
+    meld: Option<&std::path::Path>,
+    vit_s: Option<&std::path::Path>,
+    reps: usize,
+) -> Result<CaseResult> {
+    let dev = Device::Cpu;
+    let threads = candle_core::utils::get_num_threads();
+    let timed = |what: &str,
+                 units: f64,
+                 unit: &str,
+                 f: &mut dyn FnMut() -> Result<()>|
+     -> Result<CaseResult> {
+        f()?; // warm-up
+        let mut times = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            f()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let s = median(times);
+        Ok(CaseResult {
+            case: case.to_string(),
+            what: what.to_string(),
+            seconds: s,
+            repetitions: reps,
+            units,
+            unit: unit.to_string(),
+            per_second: units / s,
+            peak_mib: peak_rss_mib(),
+            threads,
+        })
+    };
+    if case.starts_with("vit") {
+        let enc = if case == "vit-b16" {
+            let dir = crate::util::farcer_home()
+                .join("models")
+                .join("bench-vit-b16");
+            if !dir.join("model.safetensors").is_file() {
+                let mut c = crate::vision::demo_vit_config();
+                (
+                    c.hidden_size,
+                    c.num_hidden_layers,
+                    c.num_attention_heads,
+                    c.intermediate_size,
+                    c.image_size,
+                    c.patch_size,
+                ) = (768, 12, 12, 3072, 224, 16);
+                let mut p = crate::vision::demo_preprocess();
+                p.size = crate::vision::Size::Exact {
+                    height: 224,
+                    width: 224,
+                };
+                crate::vision::VisionEncoder::write_random(&dir, 0, &c, &p)?;
+            }
+            crate::vision::VisionEncoder::load(dir.to_str().unwrap(), &dev, false)?
+        } else {
+            let p = vit_s
+                .ok_or_else(|| Error::msg("vit-s14 needs the shared ViT-S folder (--vit-s)"))?;
+            crate::vision::VisionEncoder::load(p.to_str().unwrap(), &dev, false)?
+        };
+        let n = 8;
+        let s = enc.vit.config.image_size;
+        let px = Tensor::randn(0f32, 1.0, (n, 3, s, s), &dev)?;
+        return timed(
+            &format!("CLS vectors of {n} images ({s}x{s})"),
+            n as f64,
+            "images",
+            &mut || {
+                enc.vit.cls(&px, false)?;
+                Ok(())
+            },
+        );
+    }
+    let llm = crate::model::load_llm(llm_path, &dev, candle_core::DType::F32)?;
+    let inputs = shared_inputs(&llm, meld)?;
+    match case {
+        "prefill-512" => {
+            let x = llm.model.embed(&inputs.ids_512)?.unsqueeze(0)?;
+            timed(
+                "forward over 512 tokens, logits at the last",
+                512.0,
+                "tokens",
+                &mut || {
+                    let mut c = llm.model.new_cache();
+                    llm.model
+                        .forward(&x, &mut c, &Positions::default(), &[511])?;
+                    Ok(())
+                },
+            )
+        }
+        "proj-step-128" | "proj-step-512" => {
+            let t = if case.ends_with("128") { 128 } else { 512 };
+            let proj = Projection::new(
+                ProjectionConfig {
+                    layers: 1,
+                    dropout: 0.0,
+                    in_dim: inputs.vision_dim,
+                    out_dim: llm.model.hidden_size(),
+                },
+                0,
+                &dev,
+            )?;
+            let ids = &inputs.ids_512[..t];
+            let pos = inputs.image_pos.min(t / 2);
+            timed(
+                &format!(
+                    "forward + backward through the frozen LLM, {t} positions, one projected image"
+                ),
+                t as f64,
+                "tokens",
+                &mut || step_with_image(&llm, &proj, ids, pos, &inputs.targets),
+            )
+        }
+        "lora-step-512" => {
+            let mut llm = llm;
+            llm.model.add_lora(&LoraConfig::default(), 0)?;
+            llm.model.set_train(true);
+            // B starts at zero; give it values so every path carries gradient.
+            for (_, v) in llm.model.lora_vars() {
+                v.set(&(v.as_tensor().ones_like()? * 0.01)?)?;
+            }
+            let proj = Projection::new(
+                ProjectionConfig {
+                    layers: 1,
+                    dropout: 0.0,
+                    in_dim: inputs.vision_dim,
+                    out_dim: llm.model.hidden_size(),
+                },
+                0,
+                &dev,
+            )?;
+            timed(
+                "LoRA (r 8, q k v) + projection step, 512 positions",
+                512.0,
+                "tokens",
+                &mut || {
+                    step_with_image(
+                        &llm,
+                        &proj,
+                        &inputs.ids_512,
+                        inputs.image_pos,
+                        &inputs.targets,
+                    )
+                },
+            )
+        }
+        "farcer-step-7shot" | "farcer-step-7shot-nocache" => {
+            let use_cache = case == "farcer-step-7shot";
+            let (f, data, pool) = meld_farcer(llm, meld, inputs.vision_dim)?;
+            let cfg = PromptConfig {
+                shots: 7,
+                past_labels: false,
+                images: true,
+            };
+            let set = PromptSet::draw(&pool, 7, 0)?;
+            let ps = eval::prepare_set(&f.llm, &data.labels, &cfg, set, None)?;
+            let samples = data.samples(Scope::Last);
+            let targets: Vec<Vec<u32>> = samples
+                .iter()
+                .map(|s| target_tokens(&f, data.gold(s)))
+                .collect::<Result<_>>()?;
+            let w = TokenWeights::balanced(&targets, f.llm.end_of_turn);
+            let n = inputs.farcer_samples.len();
+            timed(
+                &format!(
+                    "{n} base-FARCER training steps, 7-shot prompt ({} prefix tokens{})",
+                    ps.prompter.prefix.len(),
+                    if use_cache {
+                        ", cached"
+                    } else {
+                        ", recomputed"
+                    }
+                ),
+                n as f64,
+                "samples",
+                &mut || {
+                    for s in samples.iter().take(n) {
+                        let loss = sample_loss(
+                            &f,
+                            &ps,
+                            data.context(s),
+                            None,
+                            data.gold(s),
+                            &w,
+                            use_cache,
+                            true,
+                        )?;
+                        loss.backward()?;
+                    }
+                    Ok(())
+                },
+            )
+        }
+        "eval-constrained-7shot" => {
+            let (f, data, pool) = meld_farcer(llm, meld, inputs.vision_dim)?;
+            let n = inputs.eval_samples.len();
+            let opts = EvalOptions {
+                scope: Scope::Last,
+                prompt: PromptConfig {
+                    shots: 7,
+                    past_labels: false,
+                    images: true,
+                },
+                prompt_sets: vec![0],
+                decode: Decode::Constrained,
+                limit: Some(n),
+                max_tokens: None,
+            };
+            timed(
+                &format!(
+                    "{n} MELD test samples, 7-shot, constrained decoding (prefix pass included)"
+                ),
+                n as f64,
+                "samples",
+                &mut || {
+                    eval::evaluate(&f, &data, Some(&pool), &opts, &|_, _| {})?;
+                    Ok(())
+                },
+            )
+        }
+        other => Err(Error::msg(format!(
+            "unknown bench case `{other}`; cases: {}",
+            CASES.join(", ")
+        ))),
+    }
+}
+
+/// FARCER on MELD with a fixed made-up image vector per utterance (the ViT is timed on its
+/// own): the model, the first training dialogues (train split), and the dev pool.
+fn meld_farcer(
+    llm: Llm,
+    meld: Option<&std::path::Path>,
+    dim: usize,
+) -> Result<(Farcer, crate::data::Dataset, crate::data::Dataset)> {
+    let dir = meld.ok_or_else(|| Error::msg("this case needs MELD's CSVs (--meld <dir>)"))?;
+    let spec = DataSpec::Meld(dir.to_path_buf());
+    let mut data = spec.load("test", 0)?;
+    data.dialogues.truncate(BENCH_SAMPLES);
+    let pool = spec.load("dev", 0)?;
+    let proj = Projection::new(
+        ProjectionConfig {
+            layers: 1,
+            dropout: 0.0,
+            in_dim: dim,
+            out_dim: llm.model.hidden_size(),
+        },
+        0,
+        llm.model.device(),
+    )?;
+    let mut f = Farcer::new(llm, proj, Kind::Base);
+    let mut r = Rng::new(7);
+    for d in data.dialogues.iter_mut() {
+        for u in d.utterances.iter_mut() {
+            let p = std::path::PathBuf::from(format!("bench://{}/{}", d.id, u.id));
+            f.vectors
+                .insert(p.clone(), (0..dim).map(|_| r.normal() as f32).collect());
+            u.image = Some(p);
+        }
+    }
+    Ok((f, data, pool))
+}
+
+/// Samples in the method cases.
+pub const BENCH_SAMPLES: usize = 5;
+
+/// The exact inputs of every case, for the PyTorch reference.
+pub fn shared_inputs(llm: &Llm, meld: Option<&std::path::Path>) -> Result<SharedInputs> {
+    let ids_512 = synthetic_ids(512, llm.model.config.vocab_size);
+    let targets = llm
+        .tokenizer
+        .encode("neutral")?
+        .into_iter()
+        .chain([llm.end_of_turn])
+        .collect::<Vec<_>>();
+    let mut out = SharedInputs {
+        ids_512,
+        image_pos: 40,
+        targets,
+        farcer_prefix: vec![],
+        farcer_samples: vec![],
+        eval_samples: vec![],
+        label_seqs: vec![],
+        end_of_turn: llm.end_of_turn,
+        vision_dim: 768,
+    };
+    if let Some(dir) = meld {
+        let spec = DataSpec::Meld(dir.to_path_buf());
+        let mut data = spec.load("test", 0)?;
+        data.dialogues.truncate(BENCH_SAMPLES);
+        for d in data.dialogues.iter_mut() {
+            for u in d.utterances.iter_mut() {
+                u.image = Some(format!("bench://{}/{}", d.id, u.id).into());
+            }
+        }
+        let pool = spec.load("dev", 0)?;
+        let cfg = PromptConfig {
+            shots: 7,
+            past_labels: false,
+            images: true,
+        };
+        let p = crate::prompt::Prompter::new(
+            &llm.tokenizer,
+            &llm.template,
+            &data.labels,
+            &cfg,
+            PromptSet::draw(&pool, 7, 0)?,
+            llm.model.config.max_position_embeddings,
+        )?;
+        out.farcer_prefix = p.prefix.clone();
+        let flat = |e: &crate::prompt::Encoded| -> Vec<i64> {
+            e.pieces
+                .iter()
+                .flat_map(|x| match x {
+                    crate::prompt::Piece::Tokens(t) => {
+                        t.iter().map(|&i| i as i64).collect::<Vec<_>>()
+                    }
+                    crate::prompt::Piece::Image(_) => vec![-1],
+                })
+                .collect()
+        };
+        for s in data.samples(Scope::Last) {
+            let e = p.encode(data.context(&s), &|_| true, None)?;
+            let mut t = llm.tokenizer.encode(data.gold(&s))?;
+            t.push(llm.end_of_turn);
+            out.farcer_samples.push((flat(&e), t));
+            out.eval_samples.push(flat(&e));
+        }
+        out.label_seqs = LabelTokens::new(llm, &data.labels)?.seqs;
+    }
+    Ok(out)
+}
