@@ -327,6 +327,18 @@ impl Proj {
         Ok(y)
     }
 
+    /// Adds this projection's bias and adapter to its part `y` of a fused product.
+    fn finish(&self, y: Tensor, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = y;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            y = (y + l.delta(x, train)?)?;
+        }
+        Ok(y)
+    }
+
     /// Folds the adapter into the weight (for inference).
     pub fn merge_lora(&mut self) -> Result<()> {
         if let Some(l) = self.lora.take() {
@@ -337,6 +349,9 @@ impl Proj {
 }
 
 struct Attention {
+    /// q, k and v weights stacked: one GEMM instead of three (k and v alone are narrow
+    /// and use the CPU poorly). `q`, `k`, `v` hold row views of it.
+    qkv: Tensor,
     q: Proj,
     k: Proj,
     v: Proj,
@@ -347,6 +362,8 @@ struct Attention {
 }
 
 struct Mlp {
+    /// gate and up weights stacked (one GEMM); `gate`, `up` hold row views of it.
+    gate_up: Tensor,
     gate: Proj,
     up: Proj,
     down: Proj,
@@ -387,19 +404,28 @@ impl Llama {
             let l = m.pp("layers").pp(i);
             let a = l.pp("self_attn");
             let (h, hd) = (c.hidden_size, c.head_dim);
+            let mut q = Proj::load(&a.pp("q_proj"), h, c.num_heads * hd, c.attention_bias)?;
+            let mut k = Proj::load(&a.pp("k_proj"), h, c.num_kv_heads * hd, c.attention_bias)?;
+            let mut v = Proj::load(&a.pp("v_proj"), h, c.num_kv_heads * hd, c.attention_bias)?;
+            let qkv = stack(&mut [&mut q, &mut k, &mut v])?;
             let attn = Attention {
-                q: Proj::load(&a.pp("q_proj"), h, c.num_heads * hd, c.attention_bias)?,
-                k: Proj::load(&a.pp("k_proj"), h, c.num_kv_heads * hd, c.attention_bias)?,
-                v: Proj::load(&a.pp("v_proj"), h, c.num_kv_heads * hd, c.attention_bias)?,
+                qkv,
+                q,
+                k,
+                v,
                 o: Proj::load(&a.pp("o_proj"), c.num_heads * hd, h, c.attention_bias)?,
                 num_heads: c.num_heads,
                 num_kv_heads: c.num_kv_heads,
                 head_dim: hd,
             };
             let p = l.pp("mlp");
+            let mut gate = Proj::load(&p.pp("gate_proj"), h, c.intermediate_size, c.mlp_bias)?;
+            let mut up = Proj::load(&p.pp("up_proj"), h, c.intermediate_size, c.mlp_bias)?;
+            let gate_up = stack(&mut [&mut gate, &mut up])?;
             let mlp = Mlp {
-                gate: Proj::load(&p.pp("gate_proj"), h, c.intermediate_size, c.mlp_bias)?,
-                up: Proj::load(&p.pp("up_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                gate_up,
+                gate,
+                up,
                 down: Proj::load(&p.pp("down_proj"), c.intermediate_size, h, c.mlp_bias)?,
             };
             layers.push(Block {
@@ -592,6 +618,10 @@ impl Llama {
             for (_, p) in l.projections_mut() {
                 p.merge_lora()?;
             }
+            let a = &mut l.attn;
+            a.qkv = stack(&mut [&mut a.q, &mut a.k, &mut a.v])?;
+            let m = &mut l.mlp;
+            m.gate_up = stack(&mut [&mut m.gate, &mut m.up])?;
         }
         Ok(())
     }
@@ -689,7 +719,7 @@ impl Llama {
             v.push(h);
         }
         for l in &self.layers {
-            v.extend([&l.input_norm, &l.post_norm]);
+            v.extend([&l.input_norm, &l.post_norm, &l.attn.qkv, &l.mlp.gate_up]);
             for p in [
                 &l.attn.q,
                 &l.attn.k,
@@ -748,22 +778,14 @@ impl Attention {
         let (b, t, d) = x.dims3()?;
         let (h, hk, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let flat = x.reshape((b * t, d))?;
-        let q = self
-            .q
-            .forward(&flat, train)?
-            .reshape((b, t, h, hd))?
-            .transpose(1, 2)?;
-        let k = self
-            .k
-            .forward(&flat, train)?
-            .reshape((b, t, hk, hd))?
-            .transpose(1, 2)?;
-        let v = self
-            .v
-            .forward(&flat, train)?
-            .reshape((b, t, hk, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let qkv = frozen::matmul_t(&flat, &self.qkv)?;
+        let (nq, nk) = (h * hd, hk * hd);
+        let q = self.q.finish(qkv.narrow(1, 0, nq)?, &flat, train)?;
+        let k = self.k.finish(qkv.narrow(1, nq, nk)?, &flat, train)?;
+        let v = self.v.finish(qkv.narrow(1, nq + nk, nk)?, &flat, train)?;
+        let q = q.reshape((b, t, h, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, hk, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, hk, hd))?.transpose(1, 2)?.contiguous()?;
         // The attention scale goes on q (t x d) rather than on the scores (t x s).
         let q = (rope(&q, cos, sin)? * (1.0 / (hd as f64).sqrt()))?;
         let k = rope(&k, cos, sin)?;
@@ -793,10 +815,26 @@ impl Mlp {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let flat = x.reshape((b * t, d))?;
-        let g = candle_nn::ops::silu(&self.gate.forward(&flat, train)?)?;
-        let u = self.up.forward(&flat, train)?;
+        let gu = frozen::matmul_t(&flat, &self.gate_up)?;
+        let i = gu.dim(1)? / 2;
+        let g = candle_nn::ops::silu(&self.gate.finish(gu.narrow(1, 0, i)?, &flat, train)?)?;
+        let u = self.up.finish(gu.narrow(1, i, i)?, &flat, train)?;
         self.down.forward(&(g * u)?, train)?.reshape((b, t, d))
     }
+}
+
+/// Stacks the projections' weights into one `(sum of outs, in)` tensor and points each
+/// projection's weight at its rows (a zero-copy view).
+fn stack(parts: &mut [&mut Proj]) -> Result<Tensor> {
+    let ws: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+    let fused = Tensor::cat(&ws, 0)?;
+    let mut off = 0;
+    for p in parts.iter_mut() {
+        let n = p.weight.dim(0)?;
+        p.weight = fused.narrow(0, off, n)?;
+        off += n;
+    }
+    Ok(fused)
 }
 
 /// Cosine and sine tables `(max_positions, head_dim / 2)`.

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""The same cases as `farcer bench`, in PyTorch / transformers / PEFT, on the same machine:
+the same GGUF loaded in f32 (transformers dequantizes it), 2 threads, frozen weights with
+requires_grad=False, and the exact token ids farcer used (`farcer bench --dump-inputs`).
+
+Two ways where the method matters:
+- "authors": as the authors' code does it: the full prompt every training step, one
+  forward pass per label token feeding back its own argmax (no teacher forcing), greedy
+  decoding without a KV cache;
+- "plain": the best plain PyTorch way: teacher forcing in one pass, logits only where
+  needed (`logits_to_keep`), no gradient for frozen weights.
+
+Raw-kernel cases compare against "plain"; method cases against "authors".
+
+    farcer bench --dump-inputs /tmp/bench-inputs.json
+    /tmp/ref/bin/python tools/bench_reference.py --inputs /tmp/bench-inputs.json --json /tmp/torch.json
+
+Each case runs in its own process so the peak memory (ru_maxrss) is its own.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = ["prefill-512", "proj-step-128", "proj-step-512", "lora-step-512", "farcer-step-7shot",
+         "farcer-step-7shot-plain", "eval-greedy-authors", "vit-b16", "vit-s14"]
+
+
+def load_llm(gguf):
+    import torch
+    from transformers import AutoModelForCausalLM
+    d, f = os.path.split(os.path.abspath(gguf))
+    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def timed(fn, reps):
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def run_case(case, a, inputs):
+    import torch
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    if case.startswith("vit"):
+        from transformers import ViTConfig, ViTForImageClassification, ViTModel
+        if case == "vit-b16":
+            vm = ViTForImageClassification(ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                                     intermediate_size=3072, image_size=224, patch_size=16)).eval()
+            body = vm.vit
+        else:
+            body = ViTModel.from_pretrained(a.vit_s).eval()
+        px = torch.randn(8, 3, 224, 224)
+        with torch.no_grad():
+            s = timed(lambda: body(px, output_hidden_states=True).hidden_states[-1][:, 0], a.reps)
+        return dict(what="CLS vectors of 8 images (224x224)", seconds=s, units=8, unit="images")
+
+    m = load_llm(a.gguf)
+    emb = m.get_input_embeddings()
+    ids = torch.tensor(inputs["ids_512"])
+    targets = torch.tensor(inputs["targets"])
+    proj = torch.nn.Linear(inputs["vision_dim"], m.config.hidden_size)
+
+    def embeds_with_image(tok, pos):
+        e = emb(tok)
+        img = proj(torch.ones(1, inputs["vision_dim"]))
+        return torch.cat([e[:pos], img, e[pos + 1:]], 0).unsqueeze(0)
+
+    def step(n, model):
+        x = embeds_with_image(ids[:n], min(inputs["image_pos"], n // 2))
+        k = len(targets)
+        logits = model(inputs_embeds=x, logits_to_keep=k).logits[0]
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        loss.backward()
+
+    if case == "prefill-512":
+        with torch.no_grad():
+            x = emb(ids).unsqueeze(0)
+            s = timed(lambda: m(inputs_embeds=x, logits_to_keep=1), a.reps)
+        return dict(what="forward over 512 tokens, logits at the last", seconds=s, units=512, unit="tokens")
+    if case in ("proj-step-128", "proj-step-512"):
+        n = 128 if case.endswith("128") else 512
+        s = timed(lambda: step(n, m), a.reps)
+        return dict(what=f"forward + backward, {n} positions, one projected image", seconds=s, units=n, unit="tokens")
+    if case == "lora-step-512":
+        from peft import LoraConfig, get_peft_model
+        pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj"]))
+        for n_, p in pm.named_parameters():
+            if "lora_B" in n_:
+                torch.nn.init.constant_(p, 0.01)
+        pm.train()
+        s = timed(lambda: step(512, pm), a.reps)
+        return dict(what="LoRA (r 8, q k v) + projection step, 512 positions", seconds=s, units=512, unit="tokens")
+
+    prefix = torch.tensor(inputs["farcer_prefix"])
+
+    def sample_embeds(pieces):
+        parts = [emb(prefix)]
+        for t in pieces:
+            if t == -1:
+                parts.append(proj(torch.randn(1, inputs["vision_dim"])))
+            else:
+                parts.append(emb(torch.tensor([t])))
+        return torch.cat(parts, 0).unsqueeze(0)
+
+    if case == "farcer-step-7shot":
+        # The authors' way: the whole prompt every step, one full forward per label token,
+        # feeding back the argmax token.
+        def authors():
+            for pieces, tgt in inputs["farcer_samples"]:
+                x = sample_embeds(pieces)
+                for t in tgt:
+                    logits = m(inputs_embeds=x, logits_to_keep=1).logits[0, -1]
+                    loss = torch.nn.functional.cross_entropy(logits.unsqueeze(0), torch.tensor([t]))
+                    loss.backward()
+                    nxt = logits.argmax().detach()
+                    x = torch.cat([x.detach(), emb(nxt).view(1, 1, -1)], 1)
+        s = timed(authors, a.reps)
+        n = len(inputs["farcer_samples"])
+        return dict(what=f"{n} base-FARCER training steps, 7-shot, the authors' way", seconds=s, units=n, unit="samples")
+    if case == "farcer-step-7shot-plain":
+        def plain():
+            for pieces, tgt in inputs["farcer_samples"]:
+                x = torch.cat([sample_embeds(pieces), emb(torch.tensor(tgt[:-1])).unsqueeze(0)], 1)
+                logits = m(inputs_embeds=x, logits_to_keep=len(tgt)).logits[0]
+                torch.nn.functional.cross_entropy(logits, torch.tensor(tgt)).backward()
+        s = timed(plain, a.reps)
+        n = len(inputs["farcer_samples"])
+        return dict(what=f"{n} base-FARCER training steps, 7-shot, teacher forcing, full prompt", seconds=s, units=n, unit="samples")
+    if case == "eval-greedy-authors":
+        eot = inputs["end_of_turn"]
+
+        def authors():
+            with torch.no_grad():
+                for pieces in inputs["eval_samples"]:
+                    x = sample_embeds(pieces)
+                    for _ in range(5):
+                        nxt = m(inputs_embeds=x, logits_to_keep=1).logits[0, -1].argmax()
+                        if int(nxt) == eot:
+                            break
+                        x = torch.cat([x, emb(nxt).view(1, 1, -1)], 1)
+        s = timed(authors, a.reps)
+        n = len(inputs["eval_samples"])
+        return dict(what=f"{n} samples, 7-shot, greedy decoding without a KV cache (authors)", seconds=s, units=n, unit="samples")
+    raise SystemExit(f"unknown case {case}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--inputs", required=True)
+    ap.add_argument("--gguf", default=os.path.expanduser("~/.cache/farcer/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--vit-s", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "vit-small-dinov2"))
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    inputs = json.load(open(a.inputs))
+    if a.case:
+        r = run_case(a.case, a, inputs)
+        r.update(case=a.case, repetitions=a.reps, per_second=r["units"] / r["seconds"], threads=a.threads,
+                 peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(json.dumps(r))
+        return
+    results = []
+    print(f"{'case':<28} {'seconds':>10} {'per second':>14} {'peak MiB':>10}  what")
+    for c in a.cases.split(","):
+        p = subprocess.run([sys.executable, __file__, "--case", c] + sys.argv[1:], capture_output=True, text=True)
+        if p.returncode != 0:
+            print(f"{c:<28} failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+            continue
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"{c:<28} {r['seconds']:>10.3f} {r['per_second']:>10.1f} {r['unit'][:3]:<3} {r['peak_mib']:>10.0f}  {r['what']}")
+        results.append(r)
+    if a.json:
+        json.dump(results, open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
