@@ -258,3 +258,25 @@ fn hub_ids_fail_offline_with_a_clear_message() {
     .unwrap();
     assert!(e.to_string().contains("no such file or folder"), "{e}");
 }
+
+#[test]
+fn shipped_configs_parse() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml")
+            && !p
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("table4")
+        {
+            let c = farcer::train::TrainConfig::read(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(c.optim.epochs > 0);
+            n += 1;
+        }
+    }
+    assert!(n >= 4);
+}

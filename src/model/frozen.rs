@@ -167,6 +167,177 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> 
     )
 }
 
+/// Query rows per block of the memory-efficient attention.
+const ATTN_BLOCK: usize = 256;
+
+/// Attention `softmax(q k^T + mask) v` for grouped queries: `q` `(b, hk, rep, t, d)`
+/// (already scaled), `k`, `v` `(b, hk, s, d)`, `mask` `(t, s)` additive. Returns
+/// `(b, hk, rep, t, d)`.
+///
+/// When a gradient is needed it runs in blocks of query rows and keeps only the output
+/// and each row's log-sum-exp; the backward recomputes a block's probabilities
+/// (as FlashAttention does), so memory no longer grows with `t * s` per layer.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, hk, rep, t, d) = q.dims5()?;
+    let s = k.dim(2)?;
+    let tracked = q.track_op() || k.track_op() || v.track_op();
+    if !tracked {
+        let scores = q
+            .reshape((b, hk, rep * t, d))?
+            .matmul(&k.t()?)?
+            .reshape((b, hk, rep, t, s))?;
+        let p = masked_softmax(&scores, mask)?.reshape((b, hk, rep * t, s))?;
+        return p.matmul(v)?.reshape((b, hk, rep, t, d));
+    }
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let mut outs = Vec::new();
+    let mut lses = Vec::new();
+    for t0 in (0..t).step_by(ATTN_BLOCK) {
+        let tb = ATTN_BLOCK.min(t - t0);
+        let (scores, _) = block_scores(&qd, &kd, mask, t0, tb)?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let o = e
+            .reshape((b, hk, rep * tb, s))?
+            .matmul(&vd)?
+            .reshape((b, hk, rep, tb, d))?
+            .broadcast_div(&sum)?;
+        outs.push(o);
+        lses.push((max + sum.log()?)?);
+    }
+    let out = Tensor::cat(&outs, 3)?;
+    let lse = Tensor::cat(&lses, 3)?; // (b, hk, rep, t, 1)
+    let mask = mask.cloned();
+    q.apply_op3(
+        k,
+        v,
+        Attention {
+            name: "memory-efficient-attention",
+            value: Mutex::new(Some(out)),
+            lse,
+            mask,
+        },
+    )
+}
+
+/// Scores of query rows `t0..t0+tb`: `(b, hk, rep, tb, s)`, mask added.
+fn block_scores(
+    q: &Tensor,
+    k: &Tensor,
+    mask: Option<&Tensor>,
+    t0: usize,
+    tb: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, hk, rep, _, d) = q.dims5()?;
+    let s = k.dim(2)?;
+    let qb = q
+        .narrow(3, t0, tb)?
+        .contiguous()?
+        .reshape((b, hk, rep * tb, d))?;
+    let scores = qb.matmul(&k.t()?)?.reshape((b, hk, rep, tb, s))?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&m.narrow(0, t0, tb)?)?,
+        None => scores,
+    };
+    Ok((scores, qb))
+}
+
+struct Attention {
+    name: &'static str,
+    value: Mutex<Option<Tensor>>,
+    lse: Tensor,
+    mask: Option<Tensor>,
+}
+
+impl Attention {
+    fn take(&self) -> Result<Tensor> {
+        self.value
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("attention: forward ran twice".into()))
+    }
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "memory-efficient-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        storage_fwd!(self, Cpu)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        storage_fwd!(self, Cuda)
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        storage_fwd!(self, Metal)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, hk, rep, t, d) = q.dims5()?;
+        let s = k.dim(2)?;
+        let (q, k, v, out) = (q.detach(), k.detach(), v.detach(), out.detach());
+        let dout = dout.contiguous()?;
+        // D = rowsum(dO * O): (b, hk, rep, t, 1).
+        let dsum = (&dout * &out)?.sum_keepdim(D::Minus1)?;
+        let mut dq = Vec::new();
+        let mut dk = k.zeros_like()?;
+        let mut dv = v.zeros_like()?;
+        for t0 in (0..t).step_by(ATTN_BLOCK) {
+            let tb = ATTN_BLOCK.min(t - t0);
+            let (scores, qb) = block_scores(&q, &k, self.mask.as_ref(), t0, tb)?;
+            let p = scores.broadcast_sub(&self.lse.narrow(3, t0, tb)?)?.exp()?; // (b,hk,rep,tb,s)
+            let p2 = p.reshape((b, hk, rep * tb, s))?;
+            let dob = dout
+                .narrow(3, t0, tb)?
+                .contiguous()?
+                .reshape((b, hk, rep * tb, d))?;
+            dv = (dv + p2.t()?.matmul(&dob)?)?;
+            let dp = dob.matmul(&v.t()?)?.reshape((b, hk, rep, tb, s))?;
+            let ds =
+                (p * dp.broadcast_sub(&dsum.narrow(3, t0, tb)?)?)?.reshape((b, hk, rep * tb, s))?;
+            dq.push(ds.matmul(&k)?.reshape((b, hk, rep, tb, d))?);
+            dk = (dk + ds.t()?.matmul(&qb)?)?;
+        }
+        Ok((Some(Tensor::cat(&dq, 3)?), Some(dk), Some(dv)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +403,31 @@ mod tests {
             masked_softmax(x.as_tensor(), Some(&m))?,
             candle_nn::ops::softmax(&x.as_tensor().broadcast_add(&m)?, D::Minus1)?,
         )?;
+        // Memory-efficient attention against the plain form, values and all three
+        // gradients, with a causal mask over a cached past and more rows than one block.
+        let (hk, rep, t, past, dh) = (2, 2, 300, 20, 4);
+        let qv = Var::from_vec(seq(hk * rep * t * dh, 0.13), (1, hk, rep, t, dh), &dev)?;
+        let kv = Var::from_vec(seq(hk * (past + t) * dh, 0.29), (1, hk, past + t, dh), &dev)?;
+        let vv = Var::from_vec(seq(hk * (past + t) * dh, 0.41), (1, hk, past + t, dh), &dev)?;
+        let mask = crate::model::llama::causal_mask(t, past, &dev, candle_core::DType::F32)?;
+        let fast = attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), Some(&mask))?;
+        let sc = qv
+            .as_tensor()
+            .reshape((1, hk, rep * t, dh))?
+            .matmul(&kv.as_tensor().t()?)?
+            .reshape((1, hk, rep, t, past + t))?;
+        let p = candle_nn::ops::softmax(&sc.broadcast_add(&mask)?, D::Minus1)?;
+        let slow = p
+            .reshape((1, hk, rep * t, past + t))?
+            .matmul(vv.as_tensor())?
+            .reshape((1, hk, rep, t, dh))?;
+        close(&fast, &slow, 1e-5);
+        let w = Tensor::from_vec(seq(hk * rep * t * dh, 0.07), (1, hk, rep, t, dh), &dev)?;
+        let gf = (fast * &w)?.sum_all()?.backward()?;
+        let gs = (slow * &w)?.sum_all()?.backward()?;
+        for var in [&qv, &kv, &vv] {
+            close(gf.get(var).unwrap(), gs.get(var).unwrap(), 1e-4);
+        }
         // Frozen matmul: no weight gradient.
         let a = Var::from_vec(seq(12, 0.37), (3, 4), &dev)?;
         let wm = Tensor::from_vec(seq(20, 0.9), (5, 4), &dev)?;

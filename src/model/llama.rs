@@ -290,7 +290,7 @@ pub struct Positions<'a> {
     pub mask: Option<&'a Tensor>,
 }
 
-use frozen::{masked_softmax, rms_norm, rope};
+use frozen::{rms_norm, rope};
 
 /// A projection `x W^T (+ b)` whose weight is frozen, with an optional LoRA adapter.
 #[derive(Debug, Clone)]
@@ -794,14 +794,11 @@ impl Attention {
             None => (k, v),
         };
         *kv = Some((k.clone(), v.clone()));
-        let s = k.dim(2)?;
         let rep = h / hk;
         // Grouped-query attention without copying keys: the `rep` query heads that share
         // a key head are stacked along the time axis.
-        let q = q.reshape((b, hk, rep * t, hd))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, hk, rep, t, s))?;
-        let p = masked_softmax(&scores, mask)?.reshape((b, hk, rep * t, s))?;
-        let out = p.matmul(&v)?; // (b, hk, rep*t, hd)
+        let q = q.reshape((b, hk, rep, t, hd))?;
+        let out = frozen::attention(&q, &k, &v, mask)?; // (b, hk, rep, t, hd)
         let out = out
             .reshape((b, h, t, hd))?
             .transpose(1, 2)?
