@@ -335,6 +335,7 @@ pub fn run_case(
                 decode: Decode::Constrained,
                 limit: Some(n),
                 max_tokens: None,
+                past_source: Default::default(),
             };
             timed(
                 &format!(

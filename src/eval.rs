@@ -75,6 +75,17 @@ impl PromptSets {
     }
 }
 
+/// Where the past labels of a past-labels ("PL") prompt come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PastSource {
+    /// The gold labels (the paper's ablation).
+    #[default]
+    Gold,
+    /// The model's own earlier predictions in the dialogue (what a deployed system has).
+    Predicted,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalOptions {
     pub scope: Scope,
@@ -85,6 +96,9 @@ pub struct EvalOptions {
     pub limit: Option<usize>,
     /// Longest prompt in tokens (default: the model's context).
     pub max_tokens: Option<usize>,
+    /// With past labels: gold, or the model's own earlier predictions.
+    #[serde(default)]
+    pub past_source: PastSource,
 }
 
 /// One prediction, as written to `predictions.jsonl`.
@@ -259,9 +273,39 @@ pub fn evaluate(
             .collect();
         let mut gold = Vec::new();
         let mut pred = Vec::new();
+        // Predicted past labels: every earlier utterance of the dialogue is predicted first
+        // (in order, each on its own prefix with the predictions before it), memoised.
+        let mut predicted: std::collections::HashMap<(usize, usize), String> = Default::default();
+        let use_predicted = opts.prompt.past_labels && opts.past_source == PastSource::Predicted;
         for smp in &chosen {
             let ctx = data.context(smp);
-            let (p, enc) = predict_one(b, &ps, ctx, None, opts.decode, &cands)?;
+            let past = if use_predicted {
+                for j in 0..smp.target {
+                    if !predicted.contains_key(&(smp.dialogue, j)) {
+                        let start = match data.max_context {
+                            Some(m) if j + 1 > m => j + 1 - m,
+                            _ => 0,
+                        };
+                        let c = &data.dialogues[smp.dialogue].utterances[start..=j];
+                        let past: Vec<Option<String>> = (start..j)
+                            .map(|i| predicted.get(&(smp.dialogue, i)).cloned())
+                            .collect();
+                        let (p, _) = predict_one(b, &ps, c, Some(&past), opts.decode, &cands)?;
+                        predicted.insert((smp.dialogue, j), p.label);
+                    }
+                }
+                Some(
+                    (smp.start..smp.target)
+                        .map(|i| predicted.get(&(smp.dialogue, i)).cloned())
+                        .collect::<Vec<_>>(),
+                )
+            } else {
+                None
+            };
+            let (p, enc) = predict_one(b, &ps, ctx, past.as_deref(), opts.decode, &cands)?;
+            if use_predicted {
+                predicted.insert((smp.dialogue, smp.target), p.label.clone());
+            }
             if enc.dropped > 0 {
                 truncated += 1;
             }

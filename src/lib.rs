@@ -13,6 +13,7 @@ pub mod eval;
 pub mod face;
 pub mod farcer;
 pub mod fetch;
+pub mod grid;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

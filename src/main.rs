@@ -47,6 +47,45 @@ enum Cmd {
     Prompt(PromptArgs),
     /// Time fixed cases (kernels and method) and their peak memory; see BENCHMARKS.md.
     Bench(BenchArgs),
+    /// Run every cell of an experiment grid (Table IV): train, evaluate, skip what is done.
+    Grid {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Gather every report.json under a folder into a Table IV-style report.md.
+    Report { dir: PathBuf },
+    /// LoRA adapters in PEFT's layout.
+    #[command(subcommand)]
+    Adapter(AdapterCmd),
+}
+
+#[derive(Subcommand)]
+enum AdapterCmd {
+    /// Copy a fine-tuned checkpoint's adapter (adapter_config.json, adapter_model.safetensors) to a PEFT folder.
+    Export {
+        checkpoint: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make a farcer checkpoint from a PEFT adapter folder (e.g. trained in Python).
+    Import {
+        adapter: PathBuf,
+        #[arg(long, default_value = "default")]
+        llm: String,
+        #[arg(long, default_value = farcer::vision::DEFAULT_VISION)]
+        vision: String,
+        /// Labels, comma-separated (default: MELD's seven).
+        #[arg(long)]
+        labels: Option<String>,
+        #[arg(long, default_value_t = 7)]
+        shots: usize,
+        #[arg(long)]
+        past_labels: bool,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -99,8 +138,11 @@ struct DemoArgs {
     vision: Option<String>,
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 3)]
     epochs: usize,
+    /// Learning rate of the demo's short run (the paper's 1e-4 needs many more steps).
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
     #[arg(long, default_value_t = 3)]
     shots: usize,
 }
@@ -203,9 +245,16 @@ struct EvalArgs {
     /// One of the ten seeded few-shot draws (0-9), or `all` for mean and standard deviation.
     #[arg(long, default_value = "0")]
     prompt_set: String,
-    /// Past labels: earlier utterances carry their gold label.
+    /// Past labels: earlier utterances carry their label.
     #[arg(long)]
     past_labels: bool,
+    /// Where past labels come from: the gold ones (the paper) or the model's own
+    /// earlier predictions (what a deployed system has).
+    #[arg(long, value_enum, default_value_t = eval::PastSource::Gold)]
+    past_labels_from: eval::PastSource,
+    /// Fold LoRA adapters into the weights before evaluating (same results, faster).
+    #[arg(long)]
+    merge_lora: bool,
     /// Evaluate the first N samples only.
     #[arg(long)]
     limit: Option<usize>,
@@ -275,6 +324,9 @@ fn main() {
         Cmd::Predict(a) => predict(a),
         Cmd::Prompt(a) => show_prompt(a),
         Cmd::Bench(a) => bench(a),
+        Cmd::Grid { config, out } => grid(&config, &out),
+        Cmd::Report { dir } => report_cmd(&dir),
+        Cmd::Adapter(a) => adapter(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -312,15 +364,8 @@ fn ticker(b: &indicatif::ProgressBar) -> impl Fn(usize, usize) + '_ {
     }
 }
 
-/// Loads the pool split for few-shot examples, if shots are asked for.
 fn pool_for(spec: &DataSpec, shots: usize, seed: u64) -> Result<Option<Dataset>> {
-    if shots == 0 {
-        return Ok(None);
-    }
-    match spec.pool_split() {
-        Some(p) => Ok(Some(spec.load(p, seed)?)),
-        None => bail!("{spec} has no split to draw few-shot examples from; use --shots 0 or a folder with dev.jsonl / train.jsonl"),
-    }
+    Ok(pipeline::pool_for(spec, shots, seed)?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -335,32 +380,13 @@ fn evaluate_and_write(
     out: &Path,
 ) -> Result<report::Report> {
     let pb = bar(&format!("{} {}", spec.corpus(), data.split));
-    let result = eval::evaluate(b, data, pool, opts, &ticker(&pb))?;
+    let rep = pipeline::evaluate_to(b, name, spec, data, pool, opts, extra, out, &ticker(&pb))?;
     pb.finish_and_clear();
-    let llm = b.llm();
-    let info = report::RunInfo {
-        name,
-        model: serde_json::json!({"llm": llm.name, "source": llm.source, "kind": b.kind(), "extra": extra}),
-        data: spec.to_string(),
-        split: &data.split,
-        scope: opts.scope.to_string(),
-        decode: opts.decode.to_string(),
-        shots: opts.prompt.shots,
-        past_labels: opts.prompt.past_labels,
-        images: opts.prompt.images,
-        labels: &data.labels,
-        extra: serde_json::json!({"limit": opts.limit, "max_tokens": opts.max_tokens}),
-    };
-    let rep = report::build(info, &result);
-    report::write_all(out, &rep, &result.predictions)?;
     Ok(rep)
 }
 
 fn llm_short_name(name: &str) -> String {
-    Path::new(name)
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| name.to_string())
+    pipeline::llm_short_name(name)
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
@@ -383,6 +409,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 decode: a.decode,
                 limit: a.limit,
                 max_tokens: a.max_tokens,
+                past_source: a.past_labels_from,
             };
             let pool = pool_for(&spec, shots, a.model.seed)?;
             let name = format!(
@@ -410,6 +437,9 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 a.vision.as_deref(),
                 &log,
             )?;
+            if a.merge_lora {
+                f.llm.model.merge_lora()?;
+            }
             if m.labels != data.labels {
                 bail!(
                     "{}: trained for labels {:?}, the data has {:?}",
@@ -436,6 +466,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 decode: a.decode,
                 limit: a.limit,
                 max_tokens: a.max_tokens,
+                past_source: a.past_labels_from,
             };
             let pool = pool_for(&spec, shots, a.model.seed)?;
             let name = pipeline::row_name(m.kind, shots, prompt.past_labels);
@@ -856,6 +887,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         decode: Decode::Constrained,
         limit: None,
         max_tokens: None,
+        past_source: Default::default(),
     };
     let name = format!("Text-only {} - {} shot", llm_short_name(&llm_path), a.shots);
     let text = evaluate_and_write(
@@ -879,7 +911,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     let cfg = TrainConfig::from_toml(
         &format!(
             "kind = \"base\"\nllm = {llm:?}\nvision = {vision:?}\ndata = {data:?}\ndevice = {dev:?}\nseed = {seed}\n\
-             [prompt]\nshots = {shots}\nsets = 10\n[optim]\nepochs = {epochs}\nlr = 1e-3\nwarmup_steps = 20\npatience = {epochs}\n",
+             [prompt]\nshots = {shots}\nsets = 10\n[optim]\nepochs = {epochs}\nlr = {lr:e}\nwarmup_steps = 20\npatience = {epochs}\n",
             llm = llm_path,
             vision = vision,
             data = spec.to_string(),
@@ -887,6 +919,7 @@ fn demo(a: DemoArgs) -> Result<()> {
             seed = a.model.seed,
             shots = a.shots,
             epochs = a.epochs,
+            lr = a.lr,
         ),
         "demo config",
     )?;
@@ -1031,6 +1064,105 @@ fn bench(a: BenchArgs) -> Result<()> {
     if let Some(p) = &a.json {
         farcer::util::write_json_atomic(p, &results)?;
         println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+struct CliProgress {
+    bars: std::sync::Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
+    train: TrainBars,
+}
+
+impl pipeline::Progress for CliProgress {
+    fn message(&self, m: &str) {
+        self.train.bar.println(m);
+    }
+    fn progress(&self, stage: &str, d: usize, t: usize) {
+        let mut m = self.bars.lock().unwrap();
+        let b = m.entry(stage.to_string()).or_insert_with(|| bar(stage));
+        b.set_length(t as u64);
+        b.set_position(d as u64);
+        if d >= t {
+            b.finish_and_clear();
+            m.remove(stage);
+        }
+    }
+    fn train(&self) -> &dyn Observer {
+        &self.train
+    }
+}
+
+fn grid(config: &Path, out: &Path) -> Result<()> {
+    let g = farcer::grid::GridConfig::read(config)?;
+    std::fs::create_dir_all(out)?;
+    std::fs::copy(config, out.join("grid.toml"))?;
+    let t0 = std::time::Instant::now();
+    let p = CliProgress {
+        bars: Default::default(),
+        train: TrainBars {
+            bar: bar("training"),
+        },
+    };
+    let n = pipeline::run_grid(&g, out, &p)?;
+    p.train.bar.finish_and_clear();
+    let (md, reports) = farcer::grid::write_report(out)?;
+    println!("{md}");
+    println!(
+        "{n} grid cells, {reports} reports, {:.0} s; wrote {}",
+        t0.elapsed().as_secs_f64(),
+        out.join("report.md").display()
+    );
+    Ok(())
+}
+
+fn report_cmd(dir: &Path) -> Result<()> {
+    let (md, n) = farcer::grid::write_report(dir)?;
+    println!("{md}");
+    println!("{n} reports; wrote {}", dir.join("report.md").display());
+    Ok(())
+}
+
+fn adapter(a: AdapterCmd) -> Result<()> {
+    match a {
+        AdapterCmd::Export { checkpoint, out } => {
+            let (d, m) = farcer::farcer::read_manifest(&checkpoint)?;
+            if m.lora.is_none() {
+                bail!("{} is a {} checkpoint without LoRA adapters; its projection is in projection.safetensors", checkpoint.display(), m.kind.label());
+            }
+            std::fs::create_dir_all(&out)?;
+            for f in ["adapter_config.json", "adapter_model.safetensors"] {
+                std::fs::copy(d.join(f), out.join(f)).with_context(|| format!("copying {f}"))?;
+            }
+            println!("wrote {} (PEFT layout: load with PeftModel.from_pretrained on a model with `lm` and `mp`, as the authors' FarcerModel)", out.display());
+        }
+        AdapterCmd::Import {
+            adapter,
+            llm,
+            vision,
+            labels,
+            shots,
+            past_labels,
+            out,
+        } => {
+            let labels: Vec<String> = match labels {
+                Some(l) => l
+                    .split(',')
+                    .map(|s| s.trim().to_lowercase())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+                None => farcer::data::MELD_LABELS
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            };
+            let prompt = PromptConfig {
+                shots,
+                past_labels,
+                images: true,
+            };
+            pipeline::import_peft(&adapter, &llm, &vision, labels, prompt, &out, &log)?;
+            println!("wrote checkpoint {}", out.display());
+        }
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! build a training run from its config, load a checkpoint with everything it names.
 //! The CLI only parses arguments and prints.
 
-use crate::data::{frames, iemocap, meld, spec::DataSpec, Dataset};
+use crate::data::{frames, iemocap, meld, spec::DataSpec, Dataset, Scope};
 use crate::error::{Error, IoContext, Result};
 use crate::farcer::{Farcer, Kind, Manifest};
 use crate::model::projection::Projection;
@@ -440,4 +440,248 @@ pub fn row_name(kind: Kind, shots: usize, past_labels: bool) -> String {
         kind.label(),
         if past_labels { " PL" } else { "" }
     )
+}
+
+/// Evaluates `b` on `data` and writes `report.json`, `report.md`, `predictions.jsonl`
+/// and `confusion.png` into `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_to(
+    b: &dyn crate::eval::InputBuilder,
+    name: String,
+    spec: &DataSpec,
+    data: &Dataset,
+    pool: Option<&Dataset>,
+    opts: &crate::eval::EvalOptions,
+    extra: serde_json::Value,
+    out: &Path,
+    progress: &dyn Fn(usize, usize),
+) -> Result<crate::report::Report> {
+    let result = crate::eval::evaluate(b, data, pool, opts, progress)?;
+    let llm = b.llm();
+    let info = crate::report::RunInfo {
+        name,
+        model: serde_json::json!({"llm": llm.name, "source": llm.source, "kind": b.kind(), "extra": extra}),
+        data: spec.to_string(),
+        split: &data.split,
+        scope: opts.scope.to_string(),
+        decode: opts.decode.to_string(),
+        shots: opts.prompt.shots,
+        past_labels: opts.prompt.past_labels,
+        images: opts.prompt.images,
+        labels: &data.labels,
+        extra: serde_json::json!({"limit": opts.limit, "max_tokens": opts.max_tokens, "past_source": opts.past_source}),
+    };
+    let rep = crate::report::build(info, &result);
+    crate::report::write_all(out, &rep, &result.predictions)?;
+    Ok(rep)
+}
+
+/// The few-shot pool of a data spec (None for 0 shots).
+pub fn pool_for(spec: &DataSpec, shots: usize, seed: u64) -> Result<Option<Dataset>> {
+    if shots == 0 {
+        return Ok(None);
+    }
+    match spec.pool_split() {
+        Some(p) => Ok(Some(spec.load(p, seed)?)),
+        None => Err(Error::msg(format!(
+            "{spec} has no split to draw few-shot examples from; use 0 shots or a folder with dev.jsonl / train.jsonl"
+        ))),
+    }
+}
+
+/// A short name for an LLM path (`SmolLM2-135M-Instruct.Q4_1`).
+pub fn llm_short_name(name: &str) -> String {
+    Path::new(name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| name.to_string())
+}
+
+/// Progress and messages from long library calls.
+pub trait Progress {
+    fn message(&self, _m: &str) {}
+    fn progress(&self, _stage: &str, _done: usize, _total: usize) {}
+    fn train(&self) -> &dyn crate::train::Observer;
+}
+
+/// Runs every cell of a grid: trains what is not trained (resuming a partial run),
+/// evaluates what has no report yet. Returns the cells that ran or were found done.
+pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Result<usize> {
+    use crate::eval::EvalOptions;
+    use crate::prompt::PromptConfig;
+    std::fs::create_dir_all(out).at(out)?;
+    let spec: DataSpec = g.data.parse()?;
+    let device = model::device(&g.device)?;
+    let runs = crate::grid::expand(g, out);
+    let log = |m: &str| p.message(m);
+    for (i, r) in runs.iter().enumerate() {
+        let todo: Vec<Scope> = g
+            .scopes
+            .iter()
+            .copied()
+            .filter(|s| !r.eval_dir(&g.split, *s).join("report.json").is_file())
+            .collect();
+        if todo.is_empty() {
+            p.message(&format!("[{}/{}] {}: done", i + 1, runs.len(), r.name()));
+            continue;
+        }
+        p.message(&format!("[{}/{}] {}", i + 1, runs.len(), r.name()));
+        let mut data = spec.load(&g.split, r.seed)?;
+        let pool = pool_for(&spec, r.shots, r.seed)?;
+        let opts = |scope: Scope, images: bool| EvalOptions {
+            scope,
+            prompt: PromptConfig {
+                shots: r.shots,
+                past_labels: r.past_labels,
+                images,
+            },
+            prompt_sets: vec![0],
+            decode: g.decode,
+            limit: (g.limit > 0).then_some(g.limit),
+            max_tokens: None,
+            past_source: Default::default(),
+        };
+        match r.train_config(g) {
+            None => {
+                let llm = load_llm(Some(&g.llm), &device, &log)?;
+                let name = format!(
+                    "Text-only {} - {} shot{}",
+                    llm_short_name(&llm.name),
+                    r.shots,
+                    if r.past_labels { " PL" } else { "" }
+                );
+                for s in todo {
+                    evaluate_to(
+                        &llm,
+                        name.clone(),
+                        &spec,
+                        &data,
+                        pool.as_ref(),
+                        &opts(s, false),
+                        serde_json::json!({"seed": r.seed}),
+                        &r.eval_dir(&g.split, s),
+                        &|d, t| p.progress("eval", d, t),
+                    )?;
+                }
+            }
+            Some(cfg) => {
+                let summary = r.dir.join("summary.json");
+                if !summary.is_file() {
+                    let resume = r.dir.join("last").exists();
+                    std::fs::create_dir_all(&r.dir).at(&r.dir)?;
+                    crate::util::write_atomic(
+                        &r.dir.join("config.toml"),
+                        cfg.to_toml().as_bytes(),
+                    )?;
+                    let mut run = build_run(&cfg, &log, &|d, t| p.progress("vectors", d, t))?;
+                    let s = match crate::train::train(
+                        &mut run.farcer,
+                        &cfg,
+                        &run.data,
+                        &run.manifest,
+                        &r.dir,
+                        resume,
+                        p.train(),
+                    ) {
+                        Err(Error::Msg(m)) if m.contains("already finished") => None,
+                        other => Some(other?),
+                    };
+                    if let Some(s) = s {
+                        crate::util::write_json_atomic(&summary, &s)?;
+                    }
+                }
+                let (mut f, enc, m) =
+                    load_checkpoint(&r.dir.join("best"), &device, None, None, &log)?;
+                attach_images(&mut f, &enc, &spec, &mut [&mut data], &|d, t| {
+                    p.progress("vectors", d, t)
+                })?;
+                let name = row_name(m.kind, r.shots, r.past_labels);
+                for s in todo {
+                    let extra = serde_json::json!({"checkpoint": r.dir.join("best"), "seed": r.seed, "epoch": m.epoch});
+                    evaluate_to(
+                        &f,
+                        name.clone(),
+                        &spec,
+                        &data,
+                        pool.as_ref(),
+                        &opts(s, true),
+                        extra,
+                        &r.eval_dir(&g.split, s),
+                        &|d, t| p.progress("eval", d, t),
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(runs.len())
+}
+
+/// Makes a farcer checkpoint from a PEFT adapter folder (e.g. one trained in Python):
+/// its LoRA weights, and the projection saved as a module (`mp.K`).
+pub fn import_peft(
+    peft_dir: &Path,
+    llm_spec: &str,
+    vision: &str,
+    labels: Vec<String>,
+    prompt: crate::prompt::PromptConfig,
+    out: &Path,
+    log: &dyn Fn(&str),
+) -> Result<()> {
+    let device = Device::Cpu;
+    let llm_path = resolve_llm(Some(llm_spec), log)?;
+    let mut llm = load_llm(Some(&llm_path), &device, log)?;
+    let (lora, saved) = crate::model::lora::load_peft(peft_dir, &mut llm.model)?;
+    let enc = VisionEncoder::load(vision, &device, false)?;
+    let layers = (0..)
+        .take_while(|i| saved.contains_key(&format!("mp.{}.weight", 3 * i)))
+        .count();
+    if layers == 0 {
+        return Err(Error::input(
+            peft_dir.display().to_string(),
+            "the adapter saves no projection (modules_to_save `mp.0`)",
+        ));
+    }
+    let first = &saved["mp.0.weight"];
+    let last = &saved[&format!("mp.{}.weight", 3 * (layers - 1))];
+    let pcfg = crate::model::projection::ProjectionConfig {
+        layers,
+        dropout: 0.05,
+        in_dim: first.dim(1)?,
+        out_dim: last.dim(0)?,
+    };
+    if pcfg.in_dim != enc.dim() || pcfg.out_dim != llm.model.hidden_size() {
+        return Err(Error::msg(format!(
+            "the adapter's projection maps {} -> {}, but the encoder gives {} and the LLM takes {}",
+            pcfg.in_dim,
+            pcfg.out_dim,
+            enc.dim(),
+            llm.model.hidden_size()
+        )));
+    }
+    let projection = Projection::new(pcfg.clone(), 0, &device)?;
+    projection.load_tensors(&saved)?;
+    let kind = if layers > 1 {
+        Kind::ThreeLayer
+    } else {
+        Kind::Finetuned
+    };
+    let f = Farcer::new(llm, projection, kind);
+    let manifest = Manifest {
+        farcer_version: env!("CARGO_PKG_VERSION").into(),
+        kind,
+        llm: llm_spec.to_string(),
+        llm_sha256: single_file_sha(&llm_path)?,
+        vision: vision.to_string(),
+        vision_key: enc.key.clone(),
+        after_norm: false,
+        projection: pcfg,
+        lora: Some(lora),
+        prompt,
+        labels,
+        data: format!("imported from {}", peft_dir.display()),
+        epoch: 0,
+        step: 0,
+        val_weighted_f1: None,
+    };
+    f.save(out, &manifest, &f.llm.model.lora_vars())
 }

@@ -283,14 +283,85 @@ def vit(args):
     print("tiny vit:", out)
 
 
+
+def farcer_like(lm, in_dim, layers=1):
+    import torch
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm
+            mods = []
+            for i in range(layers):
+                last = i == layers - 1
+                mods.append(torch.nn.Linear(in_dim, lm.config.hidden_size if last else in_dim))
+                if not last:
+                    mods += [torch.nn.GELU(), torch.nn.Dropout(0.05)]
+            self.mp = torch.nn.Sequential(*mods)
+    return Wrapper()
+
+
+PEFT_IDS = [(5 * i + 11) % 260 for i in range(24)]
+PEFT_VEC = [((i * 7) % 13) / 13.0 - 0.5 for i in range(16)]
+
+
+def peft(args):
+    """PEFT -> farcer: a LoRA adapter (q, k, v; r 4) with the projection as a module to
+    save, made by PEFT on the tiny Llama, and the logits / projection output it gives.
+    farcer -> PEFT: if tests/fixtures/peft-from-farcer/ exists (written by
+    `cargo test --release --test lora -- --ignored write_farcer_adapter`), load it in PEFT
+    and record PEFT's logits for it."""
+    import torch
+    from transformers import LlamaForCausalLM
+    from peft import LoraConfig, get_peft_model, PeftModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    lm = LlamaForCausalLM.from_pretrained(os.path.join(FIX, "tiny-llama"), dtype=torch.float32).eval()
+    model = farcer_like(lm, 16)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj"],
+                     modules_to_save=["mp.0"], bias="none")
+    pm = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_(0.0, 0.2)
+            if "modules_to_save" in n:
+                p.normal_(0.0, 0.3)
+    pm.eval()
+    out = os.path.join(FIX, "peft-from-python")
+    pm.save_pretrained(out)
+    if os.path.exists(os.path.join(out, "README.md")):
+        os.remove(os.path.join(out, "README.md"))  # a generated model card, not a fixture
+    ids = torch.tensor([PEFT_IDS])
+    vec = torch.tensor([PEFT_VEC])
+    with torch.no_grad():
+        logits = pm.base_model.model.lm(ids).logits[0]
+        proj = pm.base_model.model.mp(vec)
+    save_file({"ids": ids[0].contiguous(), "logits": logits.contiguous(), "vec": vec.contiguous(), "proj": proj.contiguous()},
+              os.path.join(FIX, "peft-from-python-outputs.safetensors"))
+    print("peft: wrote", out)
+
+    theirs = os.path.join(FIX, "peft-from-farcer")
+    if os.path.isdir(theirs):
+        lm2 = LlamaForCausalLM.from_pretrained(os.path.join(FIX, "tiny-llama"), dtype=torch.float32).eval()
+        base = farcer_like(lm2, 16)
+        loaded = PeftModel.from_pretrained(base, theirs).eval()
+        with torch.no_grad():
+            logits = loaded.base_model.model.lm(ids).logits[0]
+            proj = loaded.base_model.model.mp(vec)
+        save_file({"logits": logits.contiguous(), "proj": proj.contiguous()},
+                  os.path.join(FIX, "peft-from-farcer-peft-outputs.safetensors"))
+        print("peft: loaded farcer's adapter and recorded its outputs")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["tiny-llama", "smollm2", "templates", "metrics", "vit", "all"])
+    ap.add_argument("what", choices=["tiny-llama", "smollm2", "templates", "metrics", "vit", "peft", "all"])
     ap.add_argument("--gguf", default=os.path.expanduser("~/.cache/farcer/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     args = ap.parse_args()
     os.makedirs(FIX, exist_ok=True)
     steps = {"tiny-llama": [tiny_llama], "smollm2": [smollm2_tokens, smollm2], "templates": [templates],
-             "metrics": [metrics], "vit": [vit]}
+             "metrics": [metrics], "vit": [vit], "peft": [peft]}
     todo = [f for k in (steps if args.what == "all" else [args.what]) for f in steps[k]]
     for f in todo:
         f(args)

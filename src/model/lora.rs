@@ -119,8 +119,14 @@ impl LoraLinear {
             x.clone()
         };
         let x = x.to_dtype(self.a.dtype())?;
-        let h = x.matmul(&self.a.as_tensor().t()?)?;
-        (h.matmul(&self.b.as_tensor().t()?)? * self.scale)?.to_dtype(x.dtype())
+        // Outside training the weights are read detached, so inference records no graph.
+        let (a, b) = if train {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        };
+        let h = x.matmul(&a.t()?)?;
+        (h.matmul(&b.t()?)? * self.scale)?.to_dtype(x.dtype())
     }
 
     /// `scale * B A`, the change to the weight.

@@ -68,13 +68,18 @@ impl Projection {
         *self.rng.lock().expect("dropout rng") = Rng::derive(seed, "projection-dropout");
     }
 
-    /// `x`: `(n, p)` image vectors; returns `(n, q)`.
+    /// `x`: `(n, p)` image vectors; returns `(n, q)`. With `train`, dropout is on and the
+    /// result carries the graph back to the weights; without, neither.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut h = x.to_dtype(DType::F32)?;
         for (i, (w, b)) in self.layers.iter().enumerate() {
-            h = h
-                .matmul(&w.as_tensor().t()?)?
-                .broadcast_add(b.as_tensor())?;
+            // Outside training the weights are read detached: inference records no graph.
+            let (w, b) = if train {
+                (w.as_tensor().clone(), b.as_tensor().clone())
+            } else {
+                (w.as_tensor().detach(), b.as_tensor().detach())
+            };
+            h = h.matmul(&w.t()?)?.broadcast_add(&b)?;
             if i + 1 < self.layers.len() {
                 h = h.gelu_erf()?;
                 if train && self.config.dropout > 0.0 {

@@ -1,0 +1,191 @@
+//! LoRA: a fresh adapter changes nothing, merging changes nothing, and adapters cross
+//! between farcer and Python's PEFT in both directions (fixtures by tools/make_fixtures.py).
+
+mod common;
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::*;
+use farcer::model::llama::Positions;
+use farcer::model::lora::{load_peft, save_peft, LoraConfig};
+use farcer::model::projection::{Projection, ProjectionConfig};
+
+const PEFT_IDS: fn() -> Vec<u32> = || (0..24).map(|i| (5 * i + 11) % 260).collect();
+
+fn tiny() -> farcer::model::Llm {
+    farcer::model::load_llm(
+        fixture("tiny-llama").to_str().unwrap(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
+}
+
+fn logits(llm: &farcer::model::Llm, ids: &[u32]) -> Tensor {
+    let x = llm.model.embed(ids).unwrap().unsqueeze(0).unwrap();
+    let at: Vec<usize> = (0..ids.len()).collect();
+    llm.model
+        .forward(&x, &mut llm.model.new_cache(), &Positions::default(), &at)
+        .unwrap()
+        .unwrap()
+        .i(0)
+        .unwrap()
+}
+
+fn randomise_b(llm: &farcer::model::Llm, seed: u64) {
+    let mut r = farcer::util::Rng::new(seed);
+    for (name, v) in llm.model.lora_vars() {
+        if name.contains("lora_B") {
+            let n = v.elem_count();
+            let data: Vec<f32> = (0..n).map(|_| (r.normal() * 0.2) as f32).collect();
+            v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn fresh_adapters_change_nothing_and_merging_changes_nothing() {
+    let base = tiny();
+    let ids = PEFT_IDS();
+    let want = logits(&base, &ids);
+    let mut llm = tiny();
+    let cfg = LoraConfig {
+        target_modules: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        ..Default::default()
+    };
+    let vars = llm.model.add_lora(&cfg, 0).unwrap();
+    assert_eq!(vars.len(), 2 * 7 * 2);
+    assert_eq!(
+        max_abs_diff(&logits(&llm, &ids), &want),
+        0.0,
+        "B = 0: the model is unchanged"
+    );
+    randomise_b(&llm, 1);
+    let adapted = logits(&llm, &ids);
+    assert!(
+        max_abs_diff(&adapted, &want) > 1e-2,
+        "the adapters do something"
+    );
+    llm.model.merge_lora().unwrap();
+    assert!(!llm.model.has_lora());
+    let d = max_abs_diff(&logits(&llm, &ids), &adapted);
+    assert!(d <= 1e-5, "merged vs adapters: {d}");
+}
+
+/// PEFT -> farcer: an adapter PEFT saved (on the authors' `lm` + `mp` wrapper) gives
+/// PEFT's logits and projection output here (f32, tolerance 1e-4).
+#[test]
+fn loads_an_adapter_made_by_peft() {
+    let mut llm = tiny();
+    let (cfg, saved) = load_peft(&fixture("peft-from-python"), &mut llm.model).unwrap();
+    assert_eq!((cfg.r, cfg.alpha), (4, 8.0));
+    let f = load_safetensors("peft-from-python-outputs.safetensors");
+    let ids = ids_of(&f["ids"]);
+    let d = max_abs_diff(&logits(&llm, &ids), &f["logits"]);
+    assert!(d <= 1e-4, "logits differ from PEFT's by {d}");
+    let proj = Projection::new(
+        ProjectionConfig {
+            layers: 1,
+            dropout: 0.0,
+            in_dim: 16,
+            out_dim: 64,
+        },
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    proj.load_tensors(&saved).unwrap();
+    let d = max_abs_diff(&proj.forward(&f["vec"], false).unwrap(), &f["proj"]);
+    assert!(d <= 1e-5, "projection differs by {d}");
+}
+
+fn farcer_adapter() -> (farcer::model::Llm, Projection, LoraConfig) {
+    let mut llm = tiny();
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        ..Default::default()
+    };
+    llm.model.add_lora(&cfg, 5).unwrap();
+    randomise_b(&llm, 6);
+    let proj = Projection::new(
+        ProjectionConfig {
+            layers: 1,
+            dropout: 0.0,
+            in_dim: 16,
+            out_dim: 64,
+        },
+        7,
+        &Device::Cpu,
+    )
+    .unwrap();
+    (llm, proj, cfg)
+}
+
+/// Writes the farcer -> PEFT fixture (run once, then `tools/make_fixtures.py peft`).
+#[test]
+#[ignore]
+fn write_farcer_adapter() {
+    let (llm, proj, cfg) = farcer_adapter();
+    let dir = fixture("peft-from-farcer");
+    std::fs::create_dir_all(&dir).unwrap();
+    save_peft(
+        &dir,
+        &cfg,
+        &llm.model.lora_vars(),
+        &proj,
+        "tests/fixtures/tiny-llama",
+    )
+    .unwrap();
+}
+
+/// farcer -> PEFT: PEFT loaded the adapter farcer writes (recorded by the tools script);
+/// its logits and projection output equal farcer's, and farcer still writes that adapter.
+#[test]
+fn peft_loads_the_adapter_farcer_writes() {
+    let (llm, proj, cfg) = farcer_adapter();
+    let tmp = std::env::temp_dir().join(format!("farcer-peft-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    save_peft(
+        &tmp,
+        &cfg,
+        &llm.model.lora_vars(),
+        &proj,
+        "tests/fixtures/tiny-llama",
+    )
+    .unwrap();
+    let ours = candle_core::safetensors::load(tmp.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let committed = candle_core::safetensors::load(
+        fixture("peft-from-farcer/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(ours.len(), committed.len());
+    for (k, v) in &ours {
+        assert_eq!(max_abs_diff(v, &committed[k]), 0.0, "{k}");
+    }
+    let peft = load_safetensors("peft-from-farcer-peft-outputs.safetensors");
+    let d = max_abs_diff(&logits(&llm, &PEFT_IDS()), &peft["logits"]);
+    assert!(
+        d <= 1e-4,
+        "PEFT's logits for farcer's adapter differ by {d}"
+    );
+    let vec: Vec<f32> = (0..16)
+        .map(|i| ((i * 7) % 13) as f32 / 13.0 - 0.5)
+        .collect();
+    let vec = Tensor::from_vec(vec, (1, 16), &Device::Cpu).unwrap();
+    assert!(max_abs_diff(&proj.forward(&vec, false).unwrap(), &peft["proj"]) <= 1e-5);
+    std::fs::remove_dir_all(tmp).unwrap();
+}
