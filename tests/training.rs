@@ -574,7 +574,7 @@ fn lora_training_reaches_at_least_the_base_score() {
         max_tokens: None,
         past_source: Default::default(),
     };
-    let mut score = |kind: &str, lora: &str| -> f64 {
+    let score = |kind: &str, lora: &str| -> f64 {
         let cfg = farcer::train::TrainConfig::from_toml(
             &format!("kind = \"{kind}\"\ndata = \"demo\"\n[prompt]\nshots = 0\nsets = 1\n[optim]\nepochs = 8\nlr = 0.01\npatience = 8\n{lora}"),
             "test",
