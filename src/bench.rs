@@ -95,6 +95,114 @@ pub struct SharedInputs {
     pub label_seqs: Vec<Vec<u32>>,
     pub end_of_turn: u32,
     pub vision_dim: usize,
+    /// Dialogue-length sweep: (utterances, suffix pieces, target ids).
+    #[serde(default)]
+    pub sweep: Vec<(usize, Vec<i64>, Vec<u32>)>,
+}
+
+/// Dialogue lengths of the sweep.
+pub const SWEEP_LENGTHS: [usize; 6] = [1, 2, 5, 10, 20, 40];
+
+/// One point of the sweep.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepPoint {
+    pub utterances: usize,
+    pub tokens: usize,
+    pub train_seconds: f64,
+    pub predict_seconds: f64,
+}
+
+/// A dialogue of `n` utterances made of MELD test utterances in order (images on all).
+fn sweep_dialogue(meld: &crate::data::Dataset, n: usize) -> Vec<crate::data::Utterance> {
+    let mut out = Vec::new();
+    for d in &meld.dialogues {
+        for u in &d.utterances {
+            if out.len() == n {
+                return out;
+            }
+            let mut u = u.clone();
+            u.image = Some(format!("bench://{}/{}", d.id, u.id).into());
+            out.push(u);
+        }
+    }
+    out
+}
+
+/// Time per training step (cached 7-shot prefix) and per constrained prediction, by
+/// dialogue length.
+pub fn sweep(llm_path: &str, meld: &std::path::Path, reps: usize) -> Result<Vec<SweepPoint>> {
+    let dev = Device::Cpu;
+    let llm = crate::model::load_llm(llm_path, &dev, candle_core::DType::F32)?;
+    let spec = DataSpec::Meld(meld.to_path_buf());
+    let test = spec.load("test", 0)?;
+    let pool = spec.load("dev", 0)?;
+    let dim = 768;
+    let proj = Projection::new(
+        ProjectionConfig {
+            layers: 1,
+            dropout: 0.0,
+            in_dim: dim,
+            out_dim: llm.model.hidden_size(),
+        },
+        0,
+        &dev,
+    )?;
+    let mut f = Farcer::new(llm, proj, Kind::Base);
+    let cfg = PromptConfig {
+        shots: 7,
+        past_labels: false,
+        images: true,
+    };
+    let ps = eval::prepare_set(
+        &f.llm,
+        &test.labels,
+        &cfg,
+        PromptSet::draw(&pool, 7, 0)?,
+        None,
+    )?;
+    let cands = LabelTokens::new(&f.llm, &test.labels)?;
+    let mut r = Rng::new(3);
+    let mut out = Vec::new();
+    for &n in &SWEEP_LENGTHS {
+        let ctx = sweep_dialogue(&test, n);
+        for u in &ctx {
+            f.vectors.insert(
+                u.image.clone().unwrap(),
+                (0..dim).map(|_| r.normal() as f32).collect(),
+            );
+        }
+        let gold = ctx
+            .last()
+            .and_then(|u| u.label.clone())
+            .unwrap_or_else(|| "neutral".into());
+        let w = TokenWeights::balanced(&[target_tokens(&f, &gold)?], f.llm.end_of_turn);
+        let time = |g: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+            g()?;
+            let mut ts = Vec::new();
+            for _ in 0..reps {
+                let t = Instant::now();
+                g()?;
+                ts.push(t.elapsed().as_secs_f64());
+            }
+            Ok(median(ts))
+        };
+        let train_seconds = time(&mut || {
+            sample_loss(&f, &ps, &ctx, None, &gold, &w, true, true)?.backward()?;
+            Ok(())
+        })?;
+        let predict_seconds = time(&mut || {
+            eval::predict_one(&f, &ps, &ctx, None, Decode::Constrained, &cands)?;
+            Ok(())
+        })?;
+        let tokens = ps.prompter.encode(&ctx, &|_| true, None)?.len();
+        out.push(SweepPoint {
+            utterances: n,
+            tokens,
+            train_seconds,
+            predict_seconds,
+        });
+    }
+    Ok(out)
 }
 
 fn step_with_image(
@@ -413,6 +521,7 @@ pub fn shared_inputs(llm: &Llm, meld: Option<&std::path::Path>) -> Result<Shared
         label_seqs: vec![],
         end_of_turn: llm.end_of_turn,
         vision_dim: 768,
+        sweep: vec![],
     };
     if let Some(dir) = meld {
         let spec = DataSpec::Meld(dir.to_path_buf());
@@ -457,6 +566,18 @@ pub fn shared_inputs(llm: &Llm, meld: Option<&std::path::Path>) -> Result<Shared
             out.eval_samples.push(flat(&e));
         }
         out.label_seqs = LabelTokens::new(llm, &data.labels)?.seqs;
+        let test = spec.load("test", 0)?;
+        for &n in &SWEEP_LENGTHS {
+            let ctx = sweep_dialogue(&test, n);
+            let e = p.encode(&ctx, &|_| true, None)?;
+            let gold = ctx
+                .last()
+                .and_then(|u| u.label.clone())
+                .unwrap_or_else(|| "neutral".into());
+            let mut t = llm.tokenizer.encode(&gold)?;
+            t.push(llm.end_of_turn);
+            out.sweep.push((n, flat(&e), t));
+        }
     }
     Ok(out)
 }

@@ -56,6 +56,18 @@ enum Cmd {
     },
     /// Gather every report.json under a folder into a Table IV-style report.md.
     Report { dir: PathBuf },
+    /// The majority-class baseline (the training split's most frequent label), scored
+    /// and written like an evaluation.
+    Baseline {
+        #[arg(long)]
+        data: String,
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long, value_enum, default_value_t = Scope::Last)]
+        scope: Scope,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// LoRA adapters in PEFT's layout.
     #[command(subcommand)]
     Adapter(AdapterCmd),
@@ -114,6 +126,14 @@ struct BenchArgs {
     /// Run one case in this process and print its JSON (used by the parent).
     #[arg(long, hide = true)]
     case: Option<String>,
+    /// Time a training step and a prediction for dialogues of 1 to 40 utterances (JSON to --json).
+    #[arg(long)]
+    sweep: bool,
+    /// Plot sweeps: farcer's JSON then PyTorch's, to --plot-out (two PNGs).
+    #[arg(long, num_args = 2)]
+    plot: Vec<PathBuf>,
+    #[arg(long, default_value = "runs/bench/sweep")]
+    plot_out: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -326,6 +346,12 @@ fn main() {
         Cmd::Bench(a) => bench(a),
         Cmd::Grid { config, out } => grid(&config, &out),
         Cmd::Report { dir } => report_cmd(&dir),
+        Cmd::Baseline {
+            data,
+            split,
+            scope,
+            out,
+        } => baseline(&data, &split, scope, &out),
         Cmd::Adapter(a) => adapter(a),
     };
     if let Err(e) = r {
@@ -1001,6 +1027,71 @@ fn bench(a: BenchArgs) -> Result<()> {
         println!("wrote {}", p.display());
         return Ok(());
     }
+    if a.plot.len() == 2 {
+        let load = |p: &Path| -> Result<Vec<farcer::bench::SweepPoint>> {
+            Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
+        };
+        let (f, t) = (load(&a.plot[0])?, load(&a.plot[1])?);
+        for (what, get) in [
+            (
+                "train",
+                (|p: &farcer::bench::SweepPoint| p.train_seconds)
+                    as fn(&farcer::bench::SweepPoint) -> f64,
+            ),
+            ("predict", |p| p.predict_seconds),
+        ] {
+            let series = vec![
+                (
+                    "farcer".to_string(),
+                    image::Rgb([200, 40, 40]),
+                    f.iter().map(|p| (p.utterances as f64, get(p))).collect(),
+                ),
+                (
+                    "PyTorch, the authors' way".to_string(),
+                    image::Rgb([40, 80, 200]),
+                    t.iter().map(|p| (p.utterances as f64, get(p))).collect(),
+                ),
+            ];
+            let path = a.plot_out.with_file_name(format!(
+                "{}-{what}.png",
+                a.plot_out.file_name().unwrap().to_string_lossy()
+            ));
+            if let Some(d) = path.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            let title = if what == "train" {
+                "seconds per training sample (7-shot)"
+            } else {
+                "seconds per prediction (7-shot)"
+            };
+            farcer::plot::line_chart(
+                &path,
+                title,
+                "utterances in the dialogue",
+                "seconds",
+                &series,
+            )?;
+            println!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
+    if a.sweep {
+        let pts = farcer::bench::sweep(&llm, &a.meld, a.reps)?;
+        println!(
+            "{:>10} {:>8} {:>14} {:>14}",
+            "utterances", "tokens", "train s", "predict s"
+        );
+        for p in &pts {
+            println!(
+                "{:>10} {:>8} {:>14.3} {:>14.3}",
+                p.utterances, p.tokens, p.train_seconds, p.predict_seconds
+            );
+        }
+        if let Some(j) = &a.json {
+            farcer::util::write_json_atomic(j, &pts)?;
+        }
+        return Ok(());
+    }
     if let Some(c) = &a.case {
         let r = farcer::bench::run_case(c, &llm, meld, vit_s, a.reps)?;
         println!("{}", serde_json::to_string(&r)?);
@@ -1164,5 +1255,13 @@ fn adapter(a: AdapterCmd) -> Result<()> {
             println!("wrote checkpoint {}", out.display());
         }
     }
+    Ok(())
+}
+
+fn baseline(data: &str, split: &str, scope: Scope, out: &Path) -> Result<()> {
+    let spec: DataSpec = data.parse()?;
+    let rep = pipeline::majority_baseline(&spec, split, scope, 0, out)?;
+    println!("{}", report::terminal_table(&rep));
+    println!("wrote {}", out.display());
     Ok(())
 }

@@ -685,3 +685,68 @@ pub fn import_peft(
     };
     f.save(out, &manifest, &f.llm.model.lora_vars())
 }
+
+/// The majority-class baseline: every sample gets the label most frequent in the
+/// training split (MELD: `neutral`), scored and written like any evaluation.
+pub fn majority_baseline(
+    spec: &DataSpec,
+    split: &str,
+    scope: Scope,
+    seed: u64,
+    out: &Path,
+) -> Result<crate::report::Report> {
+    let data = spec.load(split, seed)?;
+    let train = spec.load("train", seed).unwrap_or_else(|_| data.clone());
+    let counts = train.label_counts(Scope::All);
+    let (mi, _) = counts
+        .iter()
+        .enumerate()
+        .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
+        .ok_or_else(|| Error::msg("no labels"))?;
+    let label = data.labels[mi].clone();
+    let samples = data.samples(scope);
+    let gold: Vec<String> = samples.iter().map(|s| data.gold(s).to_string()).collect();
+    let pred = vec![label.clone(); gold.len()];
+    let scores = crate::metrics::score(&data.labels, &gold, &pred);
+    let predictions = samples
+        .iter()
+        .map(|s| crate::eval::PredictionRecord {
+            dialogue_id: data.dialogues[s.dialogue].id.clone(),
+            utterance_id: data.dialogues[s.dialogue].utterances[s.target].id.clone(),
+            prompt_set: 0,
+            gold: data.gold(s).to_string(),
+            pred: label.clone(),
+            text: None,
+            probs: None,
+            dropped: 0,
+        })
+        .collect();
+    let result = crate::eval::EvalResult {
+        sets: vec![crate::eval::SetResult {
+            prompt_set: 0,
+            scores,
+            prefix_tokens: 0,
+            excluded_dialogues: 0,
+        }],
+        predictions,
+        truncated: 0,
+        seconds: 0.0,
+        samples: gold.len(),
+    };
+    let info = crate::report::RunInfo {
+        name: format!("Majority class ({label})"),
+        model: serde_json::json!({"kind": "majority", "label": label}),
+        data: spec.to_string(),
+        split,
+        scope: scope.to_string(),
+        decode: "none".into(),
+        shots: 0,
+        past_labels: false,
+        images: false,
+        labels: &data.labels,
+        extra: serde_json::json!({}),
+    };
+    let rep = crate::report::build(info, &result);
+    crate::report::write_all(out, &rep, &result.predictions)?;
+    Ok(rep)
+}

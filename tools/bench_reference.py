@@ -161,6 +161,47 @@ def run_case(case, a, inputs):
     raise SystemExit(f"unknown case {case}")
 
 
+def sweep(a, inputs):
+    """Per dialogue length: one training sample and one prediction, the authors' way."""
+    import torch
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    m = load_llm(a.gguf)
+    emb = m.get_input_embeddings()
+    proj = torch.nn.Linear(inputs["vision_dim"], m.config.hidden_size)
+    prefix = torch.tensor(inputs["farcer_prefix"])
+    eot = inputs["end_of_turn"]
+
+    def embeds(pieces, extra):
+        parts = [emb(prefix)]
+        for t in pieces:
+            parts.append(proj(torch.randn(1, inputs["vision_dim"])) if t == -1 else emb(torch.tensor([t])))
+        if extra:
+            parts.append(emb(torch.tensor(extra)))
+        return torch.cat(parts, 0).unsqueeze(0)
+
+    out = []
+    for n, pieces, tgt in inputs["sweep"]:
+        def train():
+            gen = []
+            for t in tgt:
+                logits = m(inputs_embeds=embeds(pieces, gen), logits_to_keep=1).logits[0, -1]
+                torch.nn.functional.cross_entropy(logits.unsqueeze(0), torch.tensor([t])).backward()
+                gen.append(int(logits.argmax()))
+
+        def predict():
+            with torch.no_grad():
+                gen = []
+                for _ in range(5):
+                    nxt = int(m(inputs_embeds=embeds(pieces, gen), logits_to_keep=1).logits[0, -1].argmax())
+                    if nxt == eot:
+                        break
+                    gen.append(nxt)
+        out.append(dict(utterances=n, tokens=len(pieces), train_seconds=timed(train, a.reps), predict_seconds=timed(predict, a.reps)))
+        print(f"{n:>10} {len(pieces):>8} {out[-1]['train_seconds']:>14.3f} {out[-1]['predict_seconds']:>14.3f}", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", required=True)
@@ -171,8 +212,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--sweep", action="store_true", help="time per dialogue length (writes --json)")
     a = ap.parse_args()
     inputs = json.load(open(a.inputs))
+    if a.sweep:
+        pts = sweep(a, inputs)
+        if a.json:
+            json.dump(pts, open(a.json, "w"), indent=1)
+        return
     if a.case:
         r = run_case(a.case, a, inputs)
         r.update(case=a.case, repetitions=a.reps, per_second=r["units"] / r["seconds"], threads=a.threads,
