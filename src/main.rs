@@ -594,6 +594,16 @@ fn prepare(p: PrepareCmd) -> Result<()> {
     Ok(())
 }
 
+/// A line above a progress bar, or on stderr when there is no terminal (a hidden bar
+/// drops its `println`, and log files would lose the line).
+fn say(bar: &indicatif::ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 struct TrainBars {
     bar: indicatif::ProgressBar,
 }
@@ -624,7 +634,7 @@ impl Observer for TrainBars {
             ..
         } = line
         {
-            self.bar.println(format!(
+            say(&self.bar, format!(
                 "epoch {}: train loss {train_loss:.4}, validation weighted F1 {val_weighted_f1:.2}, accuracy {val_accuracy:.2}{} ({seconds:.0} s)",
                 epoch + 1,
                 if *best { " (best)" } else { "" }
@@ -1166,7 +1176,7 @@ struct CliProgress {
 
 impl pipeline::Progress for CliProgress {
     fn message(&self, m: &str) {
-        self.train.bar.println(m);
+        say(&self.train.bar, m.to_string());
     }
     fn progress(&self, stage: &str, d: usize, t: usize) {
         let mut m = self.bars.lock().unwrap();
