@@ -385,7 +385,15 @@ pub fn markdown(sections: &[TableSection]) -> String {
         ));
         s.push_str(&crate::report::table_header(&sec.labels));
         s.push('\n');
-        let best = |f: &dyn Fn(&TableRow) -> f64| sec.rows.iter().map(f).fold(f64::MIN, f64::max);
+        // The best of a column; a column where nobody scores gets no bold.
+        let best = |f: &dyn Fn(&TableRow) -> f64| {
+            let b = sec.rows.iter().map(f).fold(f64::MIN, f64::max);
+            if b > 0.0 {
+                b
+            } else {
+                f64::INFINITY
+            }
+        };
         let best_labels: Vec<f64> = (0..sec.labels.len())
             .map(|i| best(&|r| r.per_label[i].1))
             .collect();

@@ -1,0 +1,290 @@
+//! The `farcer` binary as a user runs it: evaluation outputs, predictions from a
+//! checkpoint (JSON lines and a single JSON object), adapters out and back in, and errors
+//! that name the file.
+
+mod common;
+use candle_core::{DType, Device};
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn farcer(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_farcer"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("farcer-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn eval_writes_every_output() {
+    let dir = tmpdir("eval");
+    let out = dir.join("run");
+    let llm = fixture("tiny-llama");
+    let (ok, stdout, stderr) = farcer(&[
+        "eval",
+        "--llm",
+        llm.to_str().unwrap(),
+        "--data",
+        "demo",
+        "--split",
+        "test",
+        "--shots",
+        "0",
+        "--decode",
+        "constrained",
+        "--limit",
+        "6",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("weighted F1"), "{stdout}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    for k in [
+        "weighted_f1",
+        "macro_f1",
+        "accuracy",
+        "n",
+        "invalid",
+        "per_label",
+        "confusion",
+    ] {
+        assert!(r.get(k).is_some(), "report.json lacks {k}");
+    }
+    assert_eq!(r["n"], 6);
+    assert_eq!(
+        r["confusion"]["labels"].as_array().unwrap().last().unwrap(),
+        "invalid"
+    );
+    let preds = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
+    assert_eq!(preds.lines().count(), 6);
+    let p: serde_json::Value = serde_json::from_str(preds.lines().next().unwrap()).unwrap();
+    for k in ["dialogue_id", "utterance_id", "gold", "pred", "probs"] {
+        assert!(p.get(k).is_some(), "prediction lacks {k}");
+    }
+    assert!(std::fs::read_to_string(out.join("report.md"))
+        .unwrap()
+        .contains("| Model |"));
+    let png = image::open(out.join("confusion.png")).unwrap();
+    assert!(png.width() > 200 && png.height() > 200);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Trains a tiny checkpoint through the library (the CLI's `train` needs a config file
+/// naming real models; the learning itself is tested in training.rs).
+fn tiny_checkpoint(dir: &Path, lora: bool) -> (PathBuf, PathBuf, PathBuf) {
+    let vit = dir.join("vit");
+    farcer::vision::VisionEncoder::write_random(
+        &vit,
+        0,
+        &farcer::vision::demo_vit_config(),
+        &farcer::vision::demo_preprocess(),
+    )
+    .unwrap();
+    let llm = fixture("tiny-llama");
+    let data = dir.join("data");
+    for split in ["train", "dev"] {
+        let mut d = farcer::data::demo::load(split);
+        d.dialogues.truncate(7);
+        farcer::data::demo::attach_images(&mut d, &data.join("images")).unwrap();
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(
+            data.join(format!("{split}.jsonl")),
+            farcer::data::jsonl::to_jsonl(&d.dialogues),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        data.join("labels.txt"),
+        farcer::data::MELD_LABELS.join("\n"),
+    )
+    .unwrap();
+    let cfg_text = format!(
+        "kind = \"{}\"\nllm = {:?}\nvision = {:?}\ndata = \"jsonl:{}\"\n[prompt]\nshots = 0\nsets = 1\n[optim]\nepochs = 1\nlr = 0.001\n[run]\nlimit_val = 3\n{}",
+        if lora { "finetuned" } else { "base" },
+        llm.to_str().unwrap(),
+        vit.to_str().unwrap(),
+        data.display(),
+        if lora { "[lora]\nr = 2\n" } else { "" }
+    );
+    let cfg_path = dir.join("cfg.toml");
+    std::fs::write(&cfg_path, &cfg_text).unwrap();
+    let run = dir.join("run");
+    let (ok, _, stderr) = farcer(&[
+        "train",
+        "--config",
+        cfg_path.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("epoch 1"),
+        "epoch lines reach logs without a terminal: {stderr}"
+    );
+    (run.join("best"), vit, data)
+}
+
+#[test]
+fn predict_from_a_checkpoint_with_images() {
+    let dir = tmpdir("predict");
+    let (ck, _, data) = tiny_checkpoint(&dir, false);
+    for (name, content) in [
+        ("many.jsonl", std::fs::read_to_string(data.join("dev.jsonl")).unwrap()),
+        (
+            "one.json",
+            format!(
+                "{{\n  \"id\": \"solo\",\n  \"utterances\": [\n    {{\"speaker\": \"Ann\", \"text\": \"Okay.\", \"image\": \"{}\"}}\n  ]\n}}\n",
+                data.join("images/demo-dev-000_0.png").display()
+            ),
+        ),
+    ] {
+        let f = dir.join(name);
+        std::fs::write(&f, content).unwrap();
+        let (ok, stdout, stderr) = farcer(&["predict", "--checkpoint", ck.to_str().unwrap(), f.to_str().unwrap()]);
+        assert!(ok, "{stderr}");
+        let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), if name == "one.json" { 1 } else { 7 });
+        for l in &lines {
+            let probs = l["probs"].as_object().unwrap();
+            assert_eq!(probs.len(), 7);
+            let sum: f64 = probs.values().map(|v| v.as_f64().unwrap()).sum();
+            assert!((sum - 1.0).abs() < 1e-6);
+            assert!(probs.contains_key(l["label"].as_str().unwrap()));
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn adapters_go_out_in_peft_layout_and_come_back() {
+    let dir = tmpdir("adapter");
+    let (ck, vit, data) = tiny_checkpoint(&dir, true);
+    let peft = dir.join("peft");
+    let (ok, _, stderr) = farcer(&[
+        "adapter",
+        "export",
+        ck.to_str().unwrap(),
+        "--out",
+        peft.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["modules_to_save"][0], "mp.0");
+    let back = dir.join("imported");
+    let llm = fixture("tiny-llama");
+    let (ok, _, stderr) = farcer(&[
+        "adapter",
+        "import",
+        peft.to_str().unwrap(),
+        "--llm",
+        llm.to_str().unwrap(),
+        "--vision",
+        vit.to_str().unwrap(),
+        "--shots",
+        "0",
+        "--out",
+        back.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    // The imported checkpoint predicts what the original does.
+    let f = data.join("dev.jsonl");
+    let a = farcer(&[
+        "predict",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        f.to_str().unwrap(),
+    ]);
+    let b = farcer(&[
+        "predict",
+        "--checkpoint",
+        back.to_str().unwrap(),
+        f.to_str().unwrap(),
+    ]);
+    assert!(a.0 && b.0, "{} {}", a.2, b.2);
+    assert_eq!(a.1, b.1);
+    // A base checkpoint has no adapter to export.
+    let (base_ck, _, _) = tiny_checkpoint(&dir.join("b"), false);
+    let (ok, _, stderr) = farcer(&[
+        "adapter",
+        "export",
+        base_ck.to_str().unwrap(),
+        "--out",
+        dir.join("x").to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("without LoRA"), "{stderr}");
+    let _ = (Device::Cpu, DType::F32);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_inputs_fail_with_messages_that_name_the_problem() {
+    let dir = tmpdir("errors");
+    let llm = fixture("tiny-llama");
+    let out = dir.join("o");
+    let (ok, _, e) = farcer(&[
+        "eval",
+        "--llm",
+        llm.to_str().unwrap(),
+        "--data",
+        "meld:/no/such/dir",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && e.contains("/no/such/dir/test_sent_emo.csv"), "{e}");
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": \"a\", \"utterances\": [{\"speaker\": \"A\", \"text\": \"hi\"}]}\n{\"id\": \"b\", \"utterances\": [{\"text\": \"no speaker\"}]}\n").unwrap();
+    let (ok, _, e) = farcer(&[
+        "predict",
+        "--llm",
+        llm.to_str().unwrap(),
+        bad.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && e.contains("bad.jsonl:2") && e.contains("speaker"),
+        "{e}"
+    );
+    let (ok, _, e) = farcer(&[
+        "eval",
+        "--llm",
+        llm.to_str().unwrap(),
+        "--data",
+        "demo",
+        "--prompt-set",
+        "11",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && e.contains("--prompt-set"), "{e}");
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        "kind = \"base\"\ndata = \"demo\"\n[optim]\nepoch = 3\n",
+    )
+    .unwrap();
+    let (ok, _, e) = farcer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        dir.join("r").to_str().unwrap(),
+    ]);
+    assert!(!ok && e.contains("c.toml") && e.contains("epoch"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
