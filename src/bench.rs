@@ -21,13 +21,15 @@ use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
 /// The case names, in report order.
-pub const CASES: [&str; 9] = [
+pub const CASES: [&str; 11] = [
     "prefill-512",
     "proj-step-128",
     "proj-step-512",
     "lora-step-512",
     "farcer-step-7shot",
     "farcer-step-7shot-nocache",
+    "farcer3-step-7shot",
+    "farcer3-step-7shot-nocache",
     "eval-constrained-7shot",
     "vit-b16",
     "vit-s14",
@@ -382,9 +384,22 @@ pub fn run_case(
                 },
             )
         }
-        "farcer-step-7shot" | "farcer-step-7shot-nocache" => {
-            let use_cache = case == "farcer-step-7shot";
-            let (f, data, pool) = meld_farcer(llm, meld, inputs.vision_dim)?;
+        "farcer-step-7shot"
+        | "farcer-step-7shot-nocache"
+        | "farcer3-step-7shot"
+        | "farcer3-step-7shot-nocache" => {
+            let use_cache = !case.ends_with("nocache");
+            let (mut f, data, pool) = meld_farcer(llm, meld, inputs.vision_dim)?;
+            if case.starts_with("farcer3") {
+                let cfg = ProjectionConfig {
+                    layers: 3,
+                    dropout: 0.05,
+                    in_dim: inputs.vision_dim,
+                    out_dim: f.llm.model.hidden_size(),
+                };
+                f.projection = Projection::new(cfg, 0, &dev)?;
+                f.kind = Kind::ThreeLayer;
+            }
             let cfg = PromptConfig {
                 shots: 7,
                 past_labels: false,
@@ -401,7 +416,8 @@ pub fn run_case(
             let n = inputs.farcer_samples.len();
             timed(
                 &format!(
-                    "{n} base-FARCER training steps, 7-shot prompt ({} prefix tokens{})",
+                    "{n} {} training steps, 7-shot prompt ({} prefix tokens{})",
+                    f.kind.label(),
                     ps.prompter.prefix.len(),
                     if use_cache {
                         ", cached"

@@ -288,3 +288,80 @@ fn bad_inputs_fail_with_messages_that_name_the_problem() {
     assert!(!ok && e.contains("c.toml") && e.contains("epoch"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `--init` starts from another checkpoint's weights (IEMOCAP from MELD): with a zero
+/// learning rate the new run's projection is exactly the one it started from.
+#[test]
+fn init_starts_from_a_checkpoint() {
+    let dir = tmpdir("init");
+    let (ck, vit, data) = tiny_checkpoint(&dir, false);
+    let cfg = dir.join("zero.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "kind = \"base\"\nllm = {:?}\nvision = {:?}\ndata = \"jsonl:{}\"\nseed = 5\n[prompt]\nshots = 0\nsets = 1\n[optim]\nepochs = 1\nlr = 0.0\n[run]\nlimit_train = 2\nlimit_val = 2\n",
+            fixture("tiny-llama").to_str().unwrap(),
+            vit.to_str().unwrap(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let run = dir.join("from-init");
+    let (ok, _, e) = farcer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--init",
+        ck.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok && e.contains("initialised from"), "{e}");
+    let a =
+        candle_core::safetensors::load(ck.join("projection.safetensors"), &Device::Cpu).unwrap();
+    let b = candle_core::safetensors::load(run.join("last/projection.safetensors"), &Device::Cpu)
+        .unwrap();
+    for (k, v) in &a {
+        assert_eq!(max_abs_diff(v, &b[k]), 0.0, "{k}");
+    }
+    let saved: String = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("init = "),
+        "the run's config records where it started"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Past labels from the model's own earlier predictions: every earlier utterance is
+/// predicted first; the run reports where its past labels came from.
+#[test]
+fn predicted_past_labels() {
+    let dir = tmpdir("pl");
+    let out = dir.join("o");
+    let (ok, _, e) = farcer(&[
+        "eval",
+        "--llm",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--data",
+        "demo",
+        "--shots",
+        "0",
+        "--decode",
+        "constrained",
+        "--past-labels",
+        "--past-labels-from",
+        "predicted",
+        "--limit",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{e}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["n"], 3);
+    assert_eq!(r["past_labels"], true);
+    assert_eq!(r["extra"]["past_source"], "predicted");
+    assert!(r["name"].as_str().unwrap().ends_with("PL"));
+    std::fs::remove_dir_all(dir).unwrap();
+}

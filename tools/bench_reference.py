@@ -215,6 +215,12 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time per dialogue length (writes --json)")
     a = ap.parse_args()
     inputs = json.load(open(a.inputs))
+    # Same work as farcer by construction: its token ids; the counts are checked here.
+    assert len(inputs["ids_512"]) == 512, "inputs from another farcer version"
+    n_prompt = sum(len(p) for p, _ in inputs["farcer_samples"])
+    print(f"inputs: 512 synthetic ids, prefix {len(inputs['farcer_prefix'])} tokens, "
+          f"{len(inputs['farcer_samples'])} samples with {n_prompt} suffix positions "
+          f"({sum(t == -1 for p, _ in inputs['farcer_samples'] for t in p)} image slots)", file=sys.stderr)
     if a.sweep:
         pts = sweep(a, inputs)
         if a.json:
