@@ -114,34 +114,27 @@ pub fn prepare_meld(
     } else {
         0
     };
-    let mut vectors = 0;
-    if let Some(enc) = vision {
-        let datasets: Vec<Dataset> = splits
-            .iter()
-            .map(|s| meld::load(out, s))
-            .collect::<Result<_>>()?;
-        let paths: Vec<PathBuf> = datasets
-            .iter()
-            .flat_map(|d| d.dialogues.iter().flat_map(|x| x.utterances.iter()))
-            .filter_map(|u| u.image.clone())
-            .collect();
-        let mut store = crate::vision::VectorStore::open(&out.join("vectors"), &enc.key)?;
-        let (v, _) =
-            crate::vision::vectors_for(enc, &mut store, &paths, &|d, t| progress("vectors", d, t))?;
-        vectors = v.len();
-    }
-    let rep = PrepareReport {
-        corpus: "meld".into(),
+    let paths = || -> Result<Vec<PathBuf>> {
+        let mut p = Vec::new();
+        for split in splits {
+            let d = meld::load(out, split)?;
+            p.extend(
+                d.dialogues
+                    .iter()
+                    .flat_map(|x| x.utterances.iter())
+                    .filter_map(|u| u.image.clone()),
+            );
+        }
+        Ok(p)
+    };
+    let frames = Prepared {
+        corpus: "meld",
         splits: splits.to_vec(),
         frames: report,
         face_crop,
         faces_found,
-        vectors,
-        vision: vision.map(|v| v.name.clone()),
-        seconds: start.elapsed().as_secs_f64(),
     };
-    crate::util::write_json_atomic(&out.join("prepare-report.json"), &rep)?;
-    Ok(rep)
+    frames.finish(out, vision, paths, start, progress)
 }
 
 /// `farcer prepare iemocap`: frames of every turn (speaker's half, top and bottom fifth
@@ -173,36 +166,71 @@ pub fn prepare_iemocap(
     } else {
         0
     };
-    let mut vectors = 0;
-    if let Some(enc) = vision {
+    let paths = || -> Result<Vec<PathBuf>> {
         let spec = DataSpec::Iemocap(out.to_path_buf());
-        let mut paths = Vec::new();
+        let mut p = Vec::new();
         for split in ["train", "dev", "test"] {
             let d = spec.load(split, seed)?;
-            paths.extend(
+            p.extend(
                 d.dialogues
                     .iter()
                     .flat_map(|x| x.utterances.iter())
                     .filter_map(|u| u.image.clone()),
             );
         }
-        let mut store = crate::vision::VectorStore::open(&out.join("vectors"), &enc.key)?;
-        let (v, _) =
-            crate::vision::vectors_for(enc, &mut store, &paths, &|d, t| progress("vectors", d, t))?;
-        vectors = v.len();
-    }
-    let rep = PrepareReport {
-        corpus: "iemocap".into(),
-        splits: vec!["train".into(), "dev".into(), "test".into()],
+        Ok(p)
+    };
+    let splits = vec!["train".into(), "dev".into(), "test".into()];
+    let frames = Prepared {
+        corpus: "iemocap",
+        splits,
         frames: report,
         face_crop,
         faces_found,
-        vectors,
-        vision: vision.map(|v| v.name.clone()),
-        seconds: start.elapsed().as_secs_f64(),
     };
-    crate::util::write_json_atomic(&out.join("prepare-report.json"), &rep)?;
-    Ok(rep)
+    frames.finish(out, vision, paths, start, progress)
+}
+
+/// What the frame step of `prepare` did; [`Prepared::finish`] adds the image vectors
+/// and writes `prepare-report.json`.
+struct Prepared {
+    corpus: &'static str,
+    splits: Vec<String>,
+    frames: frames::FrameReport,
+    face_crop: bool,
+    faces_found: usize,
+}
+
+impl Prepared {
+    fn finish(
+        self,
+        out: &Path,
+        vision: Option<&VisionEncoder>,
+        paths: impl FnOnce() -> Result<Vec<PathBuf>>,
+        start: std::time::Instant,
+        progress: &(dyn Fn(&str, usize, usize) + Sync),
+    ) -> Result<PrepareReport> {
+        let mut vectors = 0;
+        if let Some(enc) = vision {
+            let mut store = crate::vision::VectorStore::open(&out.join("vectors"), &enc.key)?;
+            let (v, _) = crate::vision::vectors_for(enc, &mut store, &paths()?, &|d, t| {
+                progress("vectors", d, t)
+            })?;
+            vectors = v.len();
+        }
+        let rep = PrepareReport {
+            corpus: self.corpus.into(),
+            splits: self.splits,
+            frames: self.frames,
+            face_crop: self.face_crop,
+            faces_found: self.faces_found,
+            vectors,
+            vision: vision.map(|v| v.name.clone()),
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        crate::util::write_json_atomic(&out.join("prepare-report.json"), &rep)?;
+        Ok(rep)
+    }
 }
 
 /// Replaces every frame under `out/frames` by the largest face found in it (frames

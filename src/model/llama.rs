@@ -653,15 +653,7 @@ impl Llama {
     pub fn lora_vars(&self) -> Vec<(String, candle_core::Var)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            for (name, group, p) in [
-                ("q_proj", "self_attn", &l.attn.q),
-                ("k_proj", "self_attn", &l.attn.k),
-                ("v_proj", "self_attn", &l.attn.v),
-                ("o_proj", "self_attn", &l.attn.o),
-                ("gate_proj", "mlp", &l.mlp.gate),
-                ("up_proj", "mlp", &l.mlp.up),
-                ("down_proj", "mlp", &l.mlp.down),
-            ] {
+            for (name, group, p) in l.projections() {
                 if let Some(lora) = &p.lora {
                     let prefix = format!("{PEFT_PREFIX}model.layers.{i}.{group}.{name}");
                     out.push((format!("{prefix}.lora_A.weight"), lora.a.clone()));
@@ -675,18 +667,7 @@ impl Llama {
     /// Restarts every adapter's dropout stream from `seed`.
     pub fn reseed_lora(&self, seed: u64) {
         for (i, l) in self.layers.iter().enumerate() {
-            for (k, p) in [
-                &l.attn.q,
-                &l.attn.k,
-                &l.attn.v,
-                &l.attn.o,
-                &l.mlp.gate,
-                &l.mlp.up,
-                &l.mlp.down,
-            ]
-            .iter()
-            .enumerate()
-            {
+            for (k, (_, _, p)) in l.projections().into_iter().enumerate() {
                 if let Some(lora) = &p.lora {
                     lora.reseed(seed, &format!("{i}.{k}"));
                 }
@@ -697,19 +678,9 @@ impl Llama {
     /// Whether any LoRA adapter is attached (then the prompt prefix depends on trained
     /// weights and must be recomputed during training).
     pub fn has_lora(&self) -> bool {
-        self.layers.iter().any(|l| {
-            [
-                &l.attn.q,
-                &l.attn.k,
-                &l.attn.v,
-                &l.attn.o,
-                &l.mlp.gate,
-                &l.mlp.up,
-                &l.mlp.down,
-            ]
+        self.layers
             .iter()
-            .any(|p| p.lora.is_some())
-        })
+            .any(|l| l.projections().iter().any(|(_, _, p)| p.lora.is_some()))
     }
 
     /// Every frozen weight (for tests that check no gradient reaches them).
@@ -720,17 +691,7 @@ impl Llama {
         }
         for l in &self.layers {
             v.extend([&l.input_norm, &l.post_norm, &l.attn.qkv, &l.mlp.gate_up]);
-            for p in [
-                &l.attn.q,
-                &l.attn.k,
-                &l.attn.v,
-                &l.attn.o,
-                &l.mlp.gate,
-                &l.mlp.up,
-                &l.mlp.down,
-            ] {
-                v.push(&p.weight);
-            }
+            v.extend(l.projections().into_iter().map(|(_, _, p)| &p.weight));
         }
         v
     }
@@ -752,6 +713,19 @@ impl Llama {
 }
 
 impl Block {
+    /// The seven projections as (Hugging Face name, module group, projection).
+    fn projections(&self) -> [(&'static str, &'static str, &Proj); 7] {
+        [
+            ("q_proj", "self_attn", &self.attn.q),
+            ("k_proj", "self_attn", &self.attn.k),
+            ("v_proj", "self_attn", &self.attn.v),
+            ("o_proj", "self_attn", &self.attn.o),
+            ("gate_proj", "mlp", &self.mlp.gate),
+            ("up_proj", "mlp", &self.mlp.up),
+            ("down_proj", "mlp", &self.mlp.down),
+        ]
+    }
+
     fn projections_mut(&mut self) -> Vec<(&'static str, &mut Proj)> {
         vec![
             ("q_proj", &mut self.attn.q),
