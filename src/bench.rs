@@ -139,16 +139,7 @@ pub fn sweep(llm_path: &str, meld: &std::path::Path, reps: usize) -> Result<Vec<
     let test = spec.load("test", 0)?;
     let pool = spec.load("dev", 0)?;
     let dim = 768;
-    let proj = Projection::new(
-        ProjectionConfig {
-            layers: 1,
-            dropout: 0.0,
-            in_dim: dim,
-            out_dim: llm.model.hidden_size(),
-        },
-        0,
-        &dev,
-    )?;
+    let proj = base_projection(dim, llm.model.hidden_size(), &dev)?;
     let mut f = Farcer::new(llm, proj, Kind::Base);
     let cfg = PromptConfig {
         shots: 7,
@@ -233,6 +224,17 @@ fn step_with_image(
     let loss = lp.gather(&idx, 1)?.mean_all()?.neg()?;
     loss.backward()?;
     Ok(())
+}
+
+/// The base model's projection (one seeded linear layer) for the bench cases.
+fn base_projection(in_dim: usize, out_dim: usize, dev: &Device) -> Result<Projection> {
+    let cfg = ProjectionConfig {
+        layers: 1,
+        dropout: 0.0,
+        in_dim,
+        out_dim,
+    };
+    Ok(Projection::new(cfg, 0, dev)?)
 }
 
 /// Runs one case in this process.
@@ -330,16 +332,7 @@ pub fn run_case(
         }
         "proj-step-128" | "proj-step-512" => {
             let t = if case.ends_with("128") { 128 } else { 512 };
-            let proj = Projection::new(
-                ProjectionConfig {
-                    layers: 1,
-                    dropout: 0.0,
-                    in_dim: inputs.vision_dim,
-                    out_dim: llm.model.hidden_size(),
-                },
-                0,
-                &dev,
-            )?;
+            let proj = base_projection(inputs.vision_dim, llm.model.hidden_size(), &dev)?;
             let ids = &inputs.ids_512[..t];
             let pos = inputs.image_pos.min(t / 2);
             timed(
@@ -359,16 +352,7 @@ pub fn run_case(
             for (_, v) in llm.model.lora_vars() {
                 v.set(&(v.as_tensor().ones_like()? * 0.01)?)?;
             }
-            let proj = Projection::new(
-                ProjectionConfig {
-                    layers: 1,
-                    dropout: 0.0,
-                    in_dim: inputs.vision_dim,
-                    out_dim: llm.model.hidden_size(),
-                },
-                0,
-                &dev,
-            )?;
+            let proj = base_projection(inputs.vision_dim, llm.model.hidden_size(), &dev)?;
             timed(
                 "LoRA (r 8, q k v) + projection step, 512 positions",
                 512.0,
@@ -492,16 +476,7 @@ fn meld_farcer(
     let mut data = spec.load("test", 0)?;
     data.dialogues.truncate(BENCH_SAMPLES);
     let pool = spec.load("dev", 0)?;
-    let proj = Projection::new(
-        ProjectionConfig {
-            layers: 1,
-            dropout: 0.0,
-            in_dim: dim,
-            out_dim: llm.model.hidden_size(),
-        },
-        0,
-        llm.model.device(),
-    )?;
+    let proj = base_projection(dim, llm.model.hidden_size(), llm.model.device())?;
     let mut f = Farcer::new(llm, proj, Kind::Base);
     let mut r = Rng::new(7);
     for d in data.dialogues.iter_mut() {

@@ -121,9 +121,7 @@ impl Farcer {
         }
         let paths: Vec<PathBuf> = datasets
             .iter()
-            .flat_map(|d| d.dialogues.iter())
-            .flat_map(|d| d.utterances.iter())
-            .filter_map(|u| u.image.clone())
+            .flat_map(|d| d.image_paths().cloned())
             .collect();
         let mut store = crate::vision::VectorStore::open(store_dir, &enc.key)?;
         let (v, failed) = crate::vision::vectors_for(enc, &mut store, &paths, progress)?;

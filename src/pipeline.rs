@@ -118,12 +118,7 @@ pub fn prepare_meld(
         let mut p = Vec::new();
         for split in splits {
             let d = meld::load(out, split)?;
-            p.extend(
-                d.dialogues
-                    .iter()
-                    .flat_map(|x| x.utterances.iter())
-                    .filter_map(|u| u.image.clone()),
-            );
+            p.extend(d.image_paths().cloned());
         }
         Ok(p)
     };
@@ -171,12 +166,7 @@ pub fn prepare_iemocap(
         let mut p = Vec::new();
         for split in ["train", "dev", "test"] {
             let d = spec.load(split, seed)?;
-            p.extend(
-                d.dialogues
-                    .iter()
-                    .flat_map(|x| x.utterances.iter())
-                    .filter_map(|u| u.image.clone()),
-            );
+            p.extend(d.image_paths().cloned());
         }
         Ok(p)
     };

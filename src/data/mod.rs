@@ -143,6 +143,14 @@ impl Dataset {
         out
     }
 
+    /// Every image named by an utterance of this split (the vector cache's work list).
+    pub fn image_paths(&self) -> impl Iterator<Item = &PathBuf> {
+        self.dialogues
+            .iter()
+            .flat_map(|d| d.utterances.iter())
+            .filter_map(|u| u.image.as_ref())
+    }
+
     pub fn context(&self, s: &Sample) -> &[Utterance] {
         &self.dialogues[s.dialogue].utterances[s.start..=s.target]
     }
