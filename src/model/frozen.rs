@@ -7,35 +7,45 @@
 //! backward that returns only the input's gradient. The forward values are therefore
 //! bit-identical to inference, and nothing is computed or kept for frozen weights.
 
+use super::kernels::{self, Heads};
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, D,
+    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
+    D,
 };
 use std::sync::Mutex;
 
 type Backward = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// A value computed beforehand: a tensor, or a vector straight from a CPU kernel (handed
+/// to candle without a copy).
+enum Value {
+    Tensor(Tensor),
+    Cpu(Vec<f32>, Shape),
+}
 
 /// An op whose value was computed beforehand (without a graph) and whose backward is a
 /// closure `(res, grad_res) -> grad_arg`.
 struct Precomputed {
     name: &'static str,
     /// Taken by the forward call, so the graph does not keep a second copy.
-    value: Mutex<Option<Tensor>>,
+    value: Mutex<Option<Value>>,
     backward: Backward,
 }
 
-impl Precomputed {
-    fn take(&self) -> Result<Tensor> {
-        self.value
-            .lock()
-            .map_err(|_| candle_core::Error::Msg(format!("{}: lock poisoned", self.name)))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{}: forward ran twice", self.name)))
-    }
+fn take_value(name: &str, value: &Mutex<Option<Value>>) -> Result<Value> {
+    value
+        .lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{name}: lock poisoned")))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{name}: forward ran twice")))
 }
 
 macro_rules! storage_fwd {
     ($self:ident, $variant:ident) => {{
-        let y = $self.take()?;
+        let y = match take_value($self.name, &$self.value)? {
+            Value::Tensor(y) => y,
+            Value::Cpu(v, shape) => Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?,
+        };
         let y = if y.is_contiguous() && y.layout().start_offset() == 0 {
             y
         } else {
@@ -49,13 +59,32 @@ macro_rules! storage_fwd {
     }};
 }
 
+/// The CPU forward: a kernel's vector moves into the graph without a copy.
+fn cpu_value(name: &str, value: &Mutex<Option<Value>>) -> Result<(CpuStorage, Shape)> {
+    match take_value(name, value)? {
+        Value::Cpu(v, shape) => Ok((CpuStorage::F32(v), shape)),
+        Value::Tensor(y) => {
+            let y = if y.is_contiguous() && y.layout().start_offset() == 0 {
+                y
+            } else {
+                y.copy()?
+            };
+            let (s, l) = y.storage_and_layout();
+            match &*s {
+                Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+                _ => candle_core::bail!("{name}: the value lives on another device"),
+            }
+        }
+    }
+}
+
 impl CustomOp1 for Precomputed {
     fn name(&self) -> &'static str {
         self.name
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        storage_fwd!(self, Cpu)
+        cpu_value(self.name, &self.value)
     }
 
     fn cuda_fwd(
@@ -83,14 +112,80 @@ impl CustomOp1 for Precomputed {
 fn attach(name: &'static str, x: &Tensor, value: Tensor, backward: Backward) -> Result<Tensor> {
     x.apply_op1(Precomputed {
         name,
-        value: Mutex::new(Some(value)),
+        value: Mutex::new(Some(Value::Tensor(value))),
         backward,
     })
+}
+
+/// A kernel's output `(v, shape)`: attached to the graph of `x` with `backward` when `x`
+/// needs one, a plain tensor otherwise.
+fn output(
+    name: &'static str,
+    x: &Tensor,
+    v: Vec<f32>,
+    shape: Shape,
+    backward: impl FnOnce() -> Backward,
+) -> Result<Tensor> {
+    if !x.track_op() {
+        return Tensor::from_vec(v, shape, &candle_core::Device::Cpu);
+    }
+    x.apply_op1(Precomputed {
+        name,
+        value: Mutex::new(Some(Value::Cpu(v, shape))),
+        backward: backward(),
+    })
+}
+
+/// Whether the fused CPU kernels of [`kernels`] apply to `x` (f32 on the CPU).
+pub fn kernels_apply(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// A contiguous f32 CPU tensor's values, borrowed.
+struct View<G> {
+    guard: G,
+    start: usize,
+    len: usize,
+}
+
+impl<G: std::ops::Deref<Target = Storage>> View<G> {
+    fn s(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.start + self.len],
+            _ => unreachable!("checked by view()"),
+        }
+    }
+}
+
+/// Borrows `t`'s values; `t` must be contiguous, f32 and on the CPU.
+fn view(t: &Tensor) -> Result<View<impl std::ops::Deref<Target = Storage> + '_>> {
+    if !t.is_contiguous() {
+        candle_core::bail!("kernel input is not contiguous");
+    }
+    let (guard, l) = t.storage_and_layout();
+    if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
+        candle_core::bail!("kernel input is not f32 on the CPU");
+    }
+    let (start, len) = (l.start_offset(), l.shape().elem_count());
+    Ok(View { guard, start, len })
 }
 
 /// `x @ w^T` for a 2-D `x` `(n, in)` and a frozen `w` `(out, in)`; the backward returns
 /// `dx = dy w` only.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if kernels_apply(x) && w.is_contiguous() {
+        let x = x.contiguous()?;
+        let ((n, k), m) = (x.dims2()?, w.dim(0)?);
+        let y = kernels::matmul_nt(view(&x)?.s(), view(w)?.s(), n, k, m);
+        let w = w.clone();
+        return output("frozen-matmul", &x, y, (n, m).into(), || {
+            Box::new(move |_, g| {
+                let g = g.contiguous()?;
+                let dx = kernels::matmul_nn(view(&g)?.s(), view(&w)?.s(), n, m, k);
+                Tensor::from_vec(dx, (n, k), &candle_core::Device::Cpu)
+            })
+        });
+    }
     if !x.track_op() {
         return x.matmul(&w.t()?);
     }
@@ -214,7 +309,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
         v,
         Attention {
             name: "memory-efficient-attention",
-            value: Mutex::new(Some(out)),
+            value: Mutex::new(Some(Value::Tensor(out))),
             lse,
             mask,
         },
@@ -245,19 +340,9 @@ fn block_scores(
 
 struct Attention {
     name: &'static str,
-    value: Mutex<Option<Tensor>>,
+    value: Mutex<Option<Value>>,
     lse: Tensor,
     mask: Option<Tensor>,
-}
-
-impl Attention {
-    fn take(&self) -> Result<Tensor> {
-        self.value
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention: lock poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("attention: forward ran twice".into()))
-    }
 }
 
 impl candle_core::CustomOp3 for Attention {
@@ -274,7 +359,7 @@ impl candle_core::CustomOp3 for Attention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        storage_fwd!(self, Cpu)
+        cpu_value(self.name, &self.value)
     }
 
     fn cuda_fwd(
@@ -336,6 +421,133 @@ impl candle_core::CustomOp3 for Attention {
         }
         Ok((Some(Tensor::cat(&dq, 3)?), Some(dk), Some(dv)))
     }
+}
+
+/// Shapes and tables for [`attend`].
+pub struct AttendArgs<'a> {
+    pub heads: Heads,
+    /// New positions.
+    pub t: usize,
+    /// `(t, d / 2)` RoPE tables of the new positions.
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// Multiplies q (the attention scale).
+    pub scale: f32,
+    /// Cached keys and values `(b, hk, p, d)` (no graph).
+    pub past: Option<&'a (Tensor, Tensor)>,
+    /// Additive `(t, p + t)`.
+    pub mask: Option<&'a Tensor>,
+}
+
+/// The attention of one layer from its fused projection `qkv` `(b t, (h + 2 hk) d)` in
+/// one op (CPU, f32): split, RoPE, scale, append to the cache, blocked attention.
+/// Returns the output `(b t, h d)` (ready for the output projection) and the keys and
+/// values `(b, hk, p + t, d)` for the cache. The backward goes straight back to `qkv`.
+pub fn attend(qkv: &Tensor, a: &AttendArgs) -> Result<(Tensor, Tensor, Tensor)> {
+    let hs = a.heads;
+    let (b, t) = (hs.batch, a.t);
+    let (h, hk, d) = (hs.heads, hs.kv_heads, hs.head_dim);
+    let qkv = qkv.contiguous()?;
+    let (cos, sin) = (a.cos.contiguous()?, a.sin.contiguous()?);
+    let p = match a.past {
+        Some((k, _)) => k.dim(2)?,
+        None => 0,
+    };
+    let s = p + t;
+    let (q, k, v) = {
+        let past = match a.past {
+            Some((pk, pv)) => Some((pk.contiguous()?, pv.contiguous()?)),
+            None => None,
+        };
+        let pv = match &past {
+            Some((pk, pv)) => Some((view(pk)?, view(pv)?)),
+            None => None,
+        };
+        kernels::split_rope(
+            view(&qkv)?.s(),
+            hs,
+            t,
+            view(&cos)?.s(),
+            view(&sin)?.s(),
+            a.scale,
+            pv.as_ref().map(|(k, v)| (k.s(), v.s())),
+            p,
+        )
+    };
+    let mask = match a.mask {
+        Some(m) => Some(m.contiguous()?),
+        None => None,
+    };
+    let (out, lse) = {
+        let mv = match &mask {
+            Some(m) => Some(view(m)?),
+            None => None,
+        };
+        kernels::attention(&q, &k, &v, mv.as_ref().map(|m| m.s()), hs, t, s)
+    };
+    let dev = candle_core::Device::Cpu;
+    let k = Tensor::from_vec(k, (b, hk, s, d), &dev)?;
+    let v = Tensor::from_vec(v, (b, hk, s, d), &dev)?;
+    let (kc, vc) = (k.clone(), v.clone());
+    let scale = a.scale;
+    let out = output(
+        "fused-attention",
+        &qkv,
+        out,
+        (b * t, h * d).into(),
+        move || {
+            Box::new(move |out, dout| {
+                let dout = dout.contiguous()?;
+                let (ks, vs) = (view(&kc)?, view(&vc)?);
+                let mv = match &mask {
+                    Some(m) => Some(view(m)?),
+                    None => None,
+                };
+                let (dq, dk, dv) = kernels::attention_grad(
+                    &q,
+                    ks.s(),
+                    vs.s(),
+                    mv.as_ref().map(|m| m.s()),
+                    view(out)?.s(),
+                    view(&dout)?.s(),
+                    &lse,
+                    hs,
+                    t,
+                    s,
+                );
+                let g = kernels::split_rope_grad(
+                    &dq,
+                    &dk,
+                    &dv,
+                    hs,
+                    t,
+                    view(&cos)?.s(),
+                    view(&sin)?.s(),
+                    scale,
+                    p,
+                );
+                Tensor::from_vec(g, (b * t, hs.width()), &candle_core::Device::Cpu)
+            })
+        },
+    )?;
+    Ok((out, k, v))
+}
+
+/// `silu(gate) * up` from the fused gate/up product `gu` `(n, 2i)`, with its backward
+/// (CPU, f32).
+pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
+    let gu = gu.contiguous()?;
+    let (n, i2) = gu.dims2()?;
+    let i = i2 / 2;
+    let y = kernels::swiglu(view(&gu)?.s(), n, i);
+    let gd = gu.detach();
+    output("fused-swiglu", &gu, y, (n, i).into(), move || {
+        Box::new(move |_, dy| {
+            let dy = dy.contiguous()?;
+            let g = kernels::swiglu_grad(view(&gd)?.s(), view(&dy)?.s(), n, i);
+            Tensor::from_vec(g, (n, 2 * i), &candle_core::Device::Cpu)
+        })
+    })
 }
 
 #[cfg(test)]

@@ -290,6 +290,7 @@ pub struct Positions<'a> {
     pub mask: Option<&'a Tensor>,
 }
 
+use super::kernels::Heads;
 use frozen::{rms_norm, rope};
 
 /// A projection `x W^T (+ b)` whose weight is frozen, with an optional LoRA adapter.
@@ -337,6 +338,20 @@ impl Proj {
             y = (y + l.delta(x, train)?)?;
         }
         Ok(y)
+    }
+
+    /// This projection's bias plus adapter output for `x`, if it has either.
+    fn extra(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        let mut e = self
+            .bias
+            .as_ref()
+            .map(|b| b.broadcast_as((x.dim(0)?, b.dim(0)?)));
+        let e = e.take().transpose()?;
+        Ok(match (&self.lora, e) {
+            (Some(l), Some(e)) => Some((l.delta(x, train)? + e)?),
+            (Some(l), None) => Some(l.delta(x, train)?),
+            (None, e) => e,
+        })
     }
 
     /// Folds the adapter into the weight (for inference).
@@ -753,6 +768,34 @@ impl Attention {
         let (h, hk, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let flat = x.reshape((b * t, d))?;
         let qkv = frozen::matmul_t(&flat, &self.qkv)?;
+        let past_tracked = kv
+            .as_ref()
+            .is_some_and(|(k, v)| k.track_op() || v.track_op());
+        let mask_fits =
+            mask.is_none_or(|m| m.dims() == [t, kv.as_ref().map_or(0, |c| c.0.dims()[2]) + t]);
+        if frozen::kernels_apply(x) && !past_tracked && mask_fits {
+            let qkv = add_extras(qkv, &flat, &[&self.q, &self.k, &self.v], train)?;
+            let past = kv.take();
+            let (out, k, v) = frozen::attend(
+                &qkv,
+                &frozen::AttendArgs {
+                    heads: Heads {
+                        batch: b,
+                        heads: h,
+                        kv_heads: hk,
+                        head_dim: hd,
+                    },
+                    t,
+                    cos,
+                    sin,
+                    scale: (1.0 / (hd as f64).sqrt()) as f32,
+                    past: past.as_ref(),
+                    mask,
+                },
+            )?;
+            *kv = Some((k, v));
+            return self.o.forward(&out, train)?.reshape((b, t, d));
+        }
         let (nq, nk) = (h * hd, hk * hd);
         let q = self.q.finish(qkv.narrow(1, 0, nq)?, &flat, train)?;
         let k = self.k.finish(qkv.narrow(1, nq, nk)?, &flat, train)?;
@@ -787,11 +830,39 @@ impl Mlp {
         let (b, t, d) = x.dims3()?;
         let flat = x.reshape((b * t, d))?;
         let gu = frozen::matmul_t(&flat, &self.gate_up)?;
+        if frozen::kernels_apply(x) {
+            let gu = add_extras(gu, &flat, &[&self.gate, &self.up], train)?;
+            return self
+                .down
+                .forward(&frozen::swiglu(&gu)?, train)?
+                .reshape((b, t, d));
+        }
         let i = gu.dim(1)? / 2;
         let g = candle_nn::ops::silu(&self.gate.finish(gu.narrow(1, 0, i)?, &flat, train)?)?;
         let u = self.up.finish(gu.narrow(1, i, i)?, &flat, train)?;
         self.down.forward(&(g * u)?, train)?.reshape((b, t, d))
     }
+}
+
+/// Adds the parts' biases and adapters to their columns of the fused product `y`.
+fn add_extras(y: Tensor, x: &Tensor, parts: &[&Proj], train: bool) -> Result<Tensor> {
+    let extras = parts
+        .iter()
+        .map(|p| p.extra(x, train))
+        .collect::<Result<Vec<_>>>()?;
+    if extras.iter().all(Option::is_none) {
+        return Ok(y);
+    }
+    let n = x.dim(0)?;
+    let cols = extras
+        .into_iter()
+        .zip(parts)
+        .map(|(e, p)| match e {
+            Some(e) => Ok(e),
+            None => Tensor::zeros((n, p.weight.dim(0)?), y.dtype(), y.device()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    y + Tensor::cat(&cols, 1)?
 }
 
 /// Stacks the projections' weights into one `(sum of outs, in)` tensor and points each

@@ -1,0 +1,771 @@
+//! Fused f32 CPU kernels for the LLM's hot paths, on plain slices.
+//!
+//! candle's CPU backend spends as long around the GEMMs as in them: every matmul output
+//! is zero-filled before the GEMM overwrites it, `exp` is scalar libm, and transposes,
+//! narrows and mask additions are separate passes over memory. These kernels do each
+//! step of a layer in one parallel pass: the q/k/v split with RoPE, a blocked causal
+//! attention that skips masked-out key blocks and writes its output already transposed,
+//! SwiGLU, and their backwards. `frozen.rs` wraps them as tensor ops (CPU, f32) and
+//! keeps candle's ops for every other device and dtype.
+
+use rayon::prelude::*;
+
+/// A raw pointer that rayon tasks may share; each task writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Through a method, so closures capture the whole (Send) wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// An f32 vector the caller fully overwrites (no zero-fill pass).
+#[allow(clippy::uninit_vec)]
+fn uninit(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns and every caller writes all `n` values
+    // before reading any.
+    unsafe { v.set_len(n) };
+    v
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// One GEMM, `dst = a @ b` (or `dst += a @ b` with `acc`), strides in elements.
+/// `a` is `(m, k)`, `b` `(k, n)`, `dst` `(m, n)`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    acc: bool,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for i in 0..m {
+                std::ptr::write_bytes(dst.add(i * dst_rs), 0, n);
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        acc,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+/// `x @ w^T`: `x` `(n, k)`, `w` `(m, k)`, both row-major; returns `(n, m)`.
+pub fn matmul_nt(x: &[f32], w: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
+    assert!(x.len() >= n * k && w.len() >= m * k);
+    let mut y = uninit(n * m);
+    unsafe {
+        gemm_raw(
+            n,
+            m,
+            k,
+            y.as_mut_ptr(),
+            m,
+            false,
+            x.as_ptr(),
+            k,
+            1,
+            w.as_ptr(),
+            1,
+            k,
+            parallelism(),
+        )
+    };
+    y
+}
+
+/// `g @ w`: `g` `(n, m)`, `w` `(m, k)`; returns `(n, k)` (the input gradient of
+/// [`matmul_nt`]).
+pub fn matmul_nn(g: &[f32], w: &[f32], n: usize, m: usize, k: usize) -> Vec<f32> {
+    assert!(g.len() >= n * m && w.len() >= m * k);
+    let mut y = uninit(n * k);
+    unsafe {
+        gemm_raw(
+            n,
+            k,
+            m,
+            y.as_mut_ptr(),
+            k,
+            false,
+            g.as_ptr(),
+            m,
+            1,
+            w.as_ptr(),
+            k,
+            1,
+            parallelism(),
+        )
+    };
+    y
+}
+
+/// `e^x` to about 2 ulp on [-87, 88], 0 below; a branch-free polynomial (Cephes'
+/// `expf`) that the compiler vectorises, unlike libm's scalar call.
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * LOG2E + SHIFT) - SHIFT;
+    let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if x < -87.0 {
+        0.0
+    } else {
+        y * scale
+    }
+}
+
+/// Compiles `$body` (a closure-free loop over slices) for AVX-512, AVX2+FMA and the
+/// baseline, and runs the best one this CPU has.
+macro_rules! multiversion {
+    ($(#[$attr:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$attr])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+multiversion! {
+    /// `row <- exp(row + mask - shift)`, returning the sum of the new row.
+    fn exp_shift_sum(row: &mut [f32], shift: f32) -> f32 {
+        let mut acc = [0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+                *v = exp_approx(*v - shift);
+                *a += *v;
+            }
+        }
+        let mut sum = 0f32;
+        for v in chunks.into_remainder() {
+            *v = exp_approx(*v - shift);
+            sum += *v;
+        }
+        sum + acc.iter().sum::<f32>()
+    }
+}
+
+multiversion! {
+    /// `row += mask`, returning the maximum of the new row.
+    fn add_max(row: &mut [f32], mask: &[f32]) -> f32 {
+        let mut m = [f32::NEG_INFINITY; 16];
+        let n = row.len() / 16 * 16;
+        for (c, mc) in row[..n].chunks_exact_mut(16).zip(mask[..n].chunks_exact(16)) {
+            for i in 0..16 {
+                c[i] += mc[i];
+                m[i] = m[i].max(c[i]);
+            }
+        }
+        let mut best = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for i in n..row.len() {
+            row[i] += mask[i];
+            best = best.max(row[i]);
+        }
+        best
+    }
+}
+
+multiversion! {
+    /// Row maximum.
+    fn row_max(row: &[f32]) -> f32 {
+        let mut m = [f32::NEG_INFINITY; 16];
+        let n = row.len() / 16 * 16;
+        for c in row[..n].chunks_exact(16) {
+            for i in 0..16 {
+                m[i] = m[i].max(c[i]);
+            }
+        }
+        let best = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        row[n..].iter().fold(best, |a, &b| a.max(b))
+    }
+}
+
+multiversion! {
+    /// `p <- exp(p + mask - lse)` (probabilities recomputed from the saved log-sum-exp),
+    /// then `dp <- p * (dp - d)`.
+    fn softmax_grad_row(p: &mut [f32], mask: Option<&[f32]>, lse: f32, dp: &mut [f32], d: f32) {
+        if let Some(m) = mask {
+            for (v, &mv) in p.iter_mut().zip(m) {
+                *v += mv;
+            }
+        }
+        for (v, g) in p.iter_mut().zip(dp.iter_mut()) {
+            *v = exp_approx(*v - lse);
+            *g = *v * (*g - d);
+        }
+    }
+}
+
+multiversion! {
+    /// SwiGLU forward on one row: `y = silu(g) * u` with `gu = [g | u]`.
+    fn swiglu_row(gu: &[f32], y: &mut [f32]) {
+        let i = y.len();
+        let (g, u) = gu.split_at(i);
+        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+            *y = g / (1.0 + exp_approx(-g)) * u;
+        }
+    }
+}
+
+multiversion! {
+    /// SwiGLU backward on one row: `dgu = [dy u silu'(g) | dy silu(g)]`, with
+    /// `silu'(g) = s (1 + g (1 - s))`, `s = sigmoid(g)`.
+    fn swiglu_grad_row(gu: &[f32], dy: &[f32], dgu: &mut [f32]) {
+        let i = dy.len();
+        let (g, u) = gu.split_at(i);
+        let (dg, du) = dgu.split_at_mut(i);
+        for k in 0..i {
+            let s = 1.0 / (1.0 + exp_approx(-g[k]));
+            du[k] = dy[k] * g[k] * s;
+            dg[k] = dy[k] * u[k] * s * (1.0 + g[k] * (1.0 - s));
+        }
+    }
+}
+
+/// `silu(g) * u` for `gu` `(n, 2i)` (gate then up, as the fused projection writes them);
+/// returns `(n, i)`.
+pub fn swiglu(gu: &[f32], n: usize, i: usize) -> Vec<f32> {
+    let mut y = uninit(n * i);
+    y.par_chunks_mut(i)
+        .zip(gu.par_chunks(2 * i))
+        .with_min_len(8)
+        .for_each(|(y, gu)| swiglu_row(gu, y));
+    y
+}
+
+/// The gradient of [`swiglu`] with respect to `gu`, `(n, 2i)`.
+pub fn swiglu_grad(gu: &[f32], dy: &[f32], n: usize, i: usize) -> Vec<f32> {
+    let mut d = uninit(n * 2 * i);
+    d.par_chunks_mut(2 * i)
+        .zip(gu.par_chunks(2 * i).zip(dy.par_chunks(i)))
+        .with_min_len(8)
+        .for_each(|(d, (gu, dy))| swiglu_grad_row(gu, dy, d));
+    let _ = n;
+    d
+}
+
+/// Shapes of a grouped-query attention layer.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Heads {
+    /// Columns of the fused q/k/v projection.
+    pub fn width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+}
+
+/// Splits the fused projection `qkv` `(b * t, (h + 2 hk) d)` into `q` `(b, h, t, d)`
+/// (rotated and multiplied by `scale`) and the keys and values `(b, hk, p + t, d)`:
+/// the `p` cached past rows of `past` (`(b, hk, p, d)` each) then the new rows (keys
+/// rotated). RoPE in the half-split convention, `cos`/`sin` `(t, d / 2)`.
+#[allow(clippy::too_many_arguments)]
+pub fn split_rope(
+    qkv: &[f32],
+    hs: Heads,
+    t: usize,
+    cos: &[f32],
+    sin: &[f32],
+    scale: f32,
+    past: Option<(&[f32], &[f32])>,
+    p: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Heads {
+        batch: b,
+        heads: h,
+        kv_heads: hk,
+        head_dim: d,
+    } = hs;
+    let w = hs.width();
+    let half = d / 2;
+    let s = p + t;
+    let mut q = uninit(b * h * t * d);
+    let mut k = uninit(b * hk * s * d);
+    let mut v = uninit(b * hk * s * d);
+    let (qp, kp, vp) = (
+        SendPtr(q.as_mut_ptr()),
+        SendPtr(k.as_mut_ptr()),
+        SendPtr(v.as_mut_ptr()),
+    );
+    // One job per (batch, head) of q, k and v; each owns its rows of the output.
+    (0..b * (h + 2 * hk)).into_par_iter().for_each(|job| {
+        let (bi, j) = (job / (h + 2 * hk), job % (h + 2 * hk));
+        let (dst, rot, sc) = if j < h {
+            (unsafe { qp.get().add((bi * h + j) * t * d) }, true, scale)
+        } else if j < h + hk {
+            let base = (bi * hk + j - h) * s * d;
+            if let Some((pk, _)) = past {
+                let src = &pk[(bi * hk + j - h) * p * d..][..p * d];
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), kp.get().add(base), p * d) };
+            }
+            (unsafe { kp.get().add(base + p * d) }, true, 1.0)
+        } else {
+            let base = (bi * hk + j - h - hk) * s * d;
+            if let Some((_, pv)) = past {
+                let src = &pv[(bi * hk + j - h - hk) * p * d..][..p * d];
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), vp.get().add(base), p * d) };
+            }
+            (unsafe { vp.get().add(base + p * d) }, false, 1.0)
+        };
+        // SAFETY: this job owns the `t * d` values at `dst`.
+        let dst = unsafe { std::slice::from_raw_parts_mut(dst, t * d) };
+        for ti in 0..t {
+            let src = &qkv[(bi * t + ti) * w + j * d..][..d];
+            let out = &mut dst[ti * d..][..d];
+            if !rot {
+                out.copy_from_slice(src);
+                continue;
+            }
+            let (c, sn) = (&cos[ti * half..][..half], &sin[ti * half..][..half]);
+            for m in 0..half {
+                let (x1, x2) = (src[m], src[m + half]);
+                out[m] = (x1 * c[m] - x2 * sn[m]) * sc;
+                out[m + half] = (x1 * sn[m] + x2 * c[m]) * sc;
+            }
+        }
+    });
+    (q, k, v)
+}
+
+/// The backward of [`split_rope`]: `dq` `(b, h, t, d)` and the new rows (after the first
+/// `p`) of `dk`, `dv` `(b, hk, p + t, d)` back to `(b * t, (h + 2 hk) d)`.
+#[allow(clippy::too_many_arguments)]
+pub fn split_rope_grad(
+    dq: &[f32],
+    dk: &[f32],
+    dv: &[f32],
+    hs: Heads,
+    t: usize,
+    cos: &[f32],
+    sin: &[f32],
+    scale: f32,
+    p: usize,
+) -> Vec<f32> {
+    let Heads {
+        batch: b,
+        heads: h,
+        kv_heads: hk,
+        head_dim: d,
+    } = hs;
+    let w = hs.width();
+    let half = d / 2;
+    let s = p + t;
+    let mut out = uninit(b * t * w);
+    out.par_chunks_mut(w)
+        .enumerate()
+        .with_min_len(8)
+        .for_each(|(row, o)| {
+            let (bi, ti) = (row / t, row % t);
+            let (c, sn) = (&cos[ti * half..][..half], &sin[ti * half..][..half]);
+            for j in 0..h + 2 * hk {
+                let (src, sc) = if j < h {
+                    (&dq[((bi * h + j) * t + ti) * d..][..d], scale)
+                } else if j < h + hk {
+                    (&dk[((bi * hk + j - h) * s + p + ti) * d..][..d], 1.0)
+                } else {
+                    let src = &dv[((bi * hk + j - h - hk) * s + p + ti) * d..][..d];
+                    o[j * d..][..d].copy_from_slice(src);
+                    continue;
+                };
+                let dst = &mut o[j * d..][..d];
+                for m in 0..half {
+                    let (g1, g2) = (src[m] * sc, src[m + half] * sc);
+                    dst[m] = g1 * c[m] + g2 * sn[m];
+                    dst[m + half] = g2 * c[m] - g1 * sn[m];
+                }
+            }
+        });
+    let _ = b;
+    out
+}
+
+/// Query rows per attention task.
+const BLOCK: usize = 64;
+
+/// For each block of `BLOCK` query rows, how many leading key columns any of its rows
+/// may see (a causal mask hides the rest, so they are never computed).
+fn block_extents(mask: Option<&[f32]>, t: usize, s: usize) -> Vec<usize> {
+    (0..t.div_ceil(BLOCK))
+        .map(|blk| match mask {
+            None => s,
+            Some(m) => (blk * BLOCK..((blk + 1) * BLOCK).min(t))
+                .map(|r| {
+                    let row = &m[r * s..][..s];
+                    row.iter()
+                        .rposition(|&x| x != f32::NEG_INFINITY)
+                        .map_or(0, |p| p + 1)
+                })
+                .max()
+                .unwrap_or(0),
+        })
+        .collect()
+}
+
+/// `softmax(q k^T + mask) v` for grouped queries. `q` `(b, h, t, d)` (already scaled),
+/// `k`, `v` `(b, hk, s, d)`, `mask` `(t, s)` additive. Returns the output `(b, t, h d)`
+/// (the layout the output projection reads) and each row's log-sum-exp `(b, h, t)`.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&[f32]>,
+    hs: Heads,
+    t: usize,
+    s: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let Heads {
+        batch: b,
+        heads: h,
+        kv_heads: hk,
+        head_dim: d,
+    } = hs;
+    let rep = h / hk;
+    let ext = block_extents(mask, t, s);
+    let nblk = ext.len();
+    let mut out = uninit(b * t * h * d);
+    let mut lse = uninit(b * h * t);
+    let (op, lp) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    (0..b * h * nblk).into_par_iter().for_each(|job| {
+        let (bh, blk) = (job / nblk, job % nblk);
+        let (bi, hi) = (bh / h, bh % h);
+        let kvh = bi * hk + hi / rep;
+        let t0 = blk * BLOCK;
+        let tb = BLOCK.min(t - t0);
+        let se = ext[blk];
+        let qb = &q[((bi * h + hi) * t + t0) * d..];
+        let (kb, vb) = (&k[kvh * s * d..], &v[kvh * s * d..]);
+        let dst = unsafe { op.get().add((bi * t + t0) * h * d + hi * d) };
+        let lse_b =
+            unsafe { std::slice::from_raw_parts_mut(lp.get().add((bi * h + hi) * t + t0), tb) };
+        if se == 0 {
+            for r in 0..tb {
+                unsafe { std::ptr::write_bytes(dst.add(r * h * d), 0, d) };
+                lse_b[r] = f32::NEG_INFINITY;
+            }
+            return;
+        }
+        let mut p = uninit(tb * se);
+        // Scores (tb, se) = q_b (tb, d) @ k^T.
+        unsafe {
+            gemm_raw(
+                tb,
+                se,
+                d,
+                p.as_mut_ptr(),
+                se,
+                false,
+                qb.as_ptr(),
+                d,
+                1,
+                kb.as_ptr(),
+                1,
+                d,
+                gemm::Parallelism::None,
+            )
+        };
+        let mut inv = [0f32; BLOCK];
+        for r in 0..tb {
+            let row = &mut p[r * se..][..se];
+            let max = match mask {
+                Some(m) => add_max(row, &m[(t0 + r) * s..][..se]),
+                None => row_max(row),
+            };
+            if max == f32::NEG_INFINITY {
+                row.fill(0.0);
+                inv[r] = 0.0;
+                lse_b[r] = f32::NEG_INFINITY;
+                continue;
+            }
+            let sum = exp_shift_sum(row, max);
+            inv[r] = 1.0 / sum;
+            lse_b[r] = max + sum.ln();
+        }
+        // Output rows (tb, d) = p @ v, written with the row stride of (b, t, h d).
+        unsafe {
+            gemm_raw(
+                tb,
+                d,
+                se,
+                dst,
+                h * d,
+                false,
+                p.as_ptr(),
+                se,
+                1,
+                vb.as_ptr(),
+                d,
+                1,
+                gemm::Parallelism::None,
+            );
+            for (r, &iv) in inv.iter().enumerate().take(tb) {
+                let row = std::slice::from_raw_parts_mut(dst.add(r * h * d), d);
+                row.iter_mut().for_each(|x| *x *= iv);
+            }
+        }
+    });
+    (out, lse)
+}
+
+/// The backward of [`attention`] (FlashAttention-2 style: probabilities recomputed per
+/// block from the log-sum-exp). `out`, `dout` `(b, t, h d)`. Returns `dq` `(b, h, t, d)`,
+/// `dk`, `dv` `(b, hk, s, d)`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_grad(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&[f32]>,
+    out: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+    hs: Heads,
+    t: usize,
+    s: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Heads {
+        batch: b,
+        heads: h,
+        kv_heads: hk,
+        head_dim: d,
+    } = hs;
+    let rep = h / hk;
+    let ext = block_extents(mask, t, s);
+    let nblk = ext.len();
+    let hd = h * d;
+    let mut dq = uninit(b * h * t * d);
+    let dqp = SendPtr(dq.as_mut_ptr());
+    // Each job returns its partial dk, dv (se, d) for its key head; summed below.
+    let parts: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = (0..b * h * nblk)
+        .into_par_iter()
+        .map(|job| {
+            let (bh, blk) = (job / nblk, job % nblk);
+            let (bi, hi) = (bh / h, bh % h);
+            let kvh = bi * hk + hi / rep;
+            let t0 = blk * BLOCK;
+            let tb = BLOCK.min(t - t0);
+            let se = ext[blk];
+            let qb = &q[((bi * h + hi) * t + t0) * d..];
+            let (kb, vb) = (&k[kvh * s * d..], &v[kvh * s * d..]);
+            let row0 = (bi * t + t0) * hd + hi * d;
+            let dqb = unsafe { dqp.get().add(((bi * h + hi) * t + t0) * d) };
+            if se == 0 {
+                unsafe { std::ptr::write_bytes(dqb, 0, tb * d) };
+                return (kvh, 0, Vec::new(), Vec::new());
+            }
+            // P (tb, se) recomputed; dP = dO V^T; dS = P (dP - rowsum(dO O)).
+            let mut p = uninit(tb * se);
+            let mut dp = uninit(tb * se);
+            unsafe {
+                gemm_raw(
+                    tb,
+                    se,
+                    d,
+                    p.as_mut_ptr(),
+                    se,
+                    false,
+                    qb.as_ptr(),
+                    d,
+                    1,
+                    kb.as_ptr(),
+                    1,
+                    d,
+                    gemm::Parallelism::None,
+                );
+                gemm_raw(
+                    tb,
+                    se,
+                    d,
+                    dp.as_mut_ptr(),
+                    se,
+                    false,
+                    dout.as_ptr().add(row0),
+                    hd,
+                    1,
+                    vb.as_ptr(),
+                    1,
+                    d,
+                    gemm::Parallelism::None,
+                );
+            }
+            let mut dv = uninit(se * d);
+            for r in 0..tb {
+                let o = &out[row0 + r * hd..][..d];
+                let g = &dout[row0 + r * hd..][..d];
+                let dsum: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
+                let l = lse[(bi * h + hi) * t + t0 + r];
+                let (pr, dpr) = (&mut p[r * se..][..se], &mut dp[r * se..][..se]);
+                if l == f32::NEG_INFINITY {
+                    pr.fill(0.0);
+                    dpr.fill(0.0);
+                    continue;
+                }
+                // dv needs P itself; keep it by computing P first, dS into dp.
+                softmax_grad_row(pr, mask.map(|m| &m[(t0 + r) * s..][..se]), l, dpr, dsum);
+            }
+            let mut dk = uninit(se * d);
+            unsafe {
+                // dV (se, d) = P^T dO.
+                gemm_raw(
+                    se,
+                    d,
+                    tb,
+                    dv.as_mut_ptr(),
+                    d,
+                    false,
+                    p.as_ptr(),
+                    1,
+                    se,
+                    dout.as_ptr().add(row0),
+                    hd,
+                    1,
+                    gemm::Parallelism::None,
+                );
+                // dQ (tb, d) = dS K.
+                gemm_raw(
+                    tb,
+                    d,
+                    se,
+                    dqb,
+                    d,
+                    false,
+                    dp.as_ptr(),
+                    se,
+                    1,
+                    kb.as_ptr(),
+                    d,
+                    1,
+                    gemm::Parallelism::None,
+                );
+                // dK (se, d) = dS^T Q.
+                gemm_raw(
+                    se,
+                    d,
+                    tb,
+                    dk.as_mut_ptr(),
+                    d,
+                    false,
+                    dp.as_ptr(),
+                    1,
+                    se,
+                    qb.as_ptr(),
+                    d,
+                    1,
+                    gemm::Parallelism::None,
+                );
+            }
+            (kvh, se, dk, dv)
+        })
+        .collect();
+    let mut dk = vec![0f32; b * hk * s * d];
+    let mut dv = vec![0f32; b * hk * s * d];
+    dk.par_chunks_mut(s * d)
+        .zip(dv.par_chunks_mut(s * d))
+        .enumerate()
+        .for_each(|(kvh, (dk, dv))| {
+            for (_, se, pk, pv) in parts.iter().filter(|p| p.0 == kvh) {
+                for (a, b) in dk[..se * d].iter_mut().zip(pk) {
+                    *a += b;
+                }
+                for (a, b) in dv[..se * d].iter_mut().zip(pv) {
+                    *a += b;
+                }
+            }
+        });
+    (dq, dk, dv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_approx_is_within_two_ulp_of_libm() {
+        let mut worst = 0f32;
+        for i in -870_000..880_000 {
+            let x = i as f32 * 1e-4;
+            let (a, e) = (exp_approx(x), x.exp());
+            worst = worst.max(((a - e) / e).abs());
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_approx(-100.0), 0.0);
+        let mut row = vec![1.0, 2.0, f32::NEG_INFINITY, 0.5];
+        let sum = exp_shift_sum(&mut row, 2.0);
+        let want: f32 = [-1f32, 0.0, -1.5].iter().map(|x| x.exp()).sum();
+        assert!((sum - want).abs() < 1e-6 && row[2] == 0.0);
+    }
+}
