@@ -155,7 +155,7 @@ fn exp_approx(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
     if x < -87.0 {
@@ -512,9 +512,9 @@ pub fn attention(
         let lse_b =
             unsafe { std::slice::from_raw_parts_mut(lp.get().add((bi * h + hi) * t + t0), tb) };
         if se == 0 {
-            for r in 0..tb {
+            for (r, l) in lse_b.iter_mut().enumerate() {
                 unsafe { std::ptr::write_bytes(dst.add(r * h * d), 0, d) };
-                lse_b[r] = f32::NEG_INFINITY;
+                *l = f32::NEG_INFINITY;
             }
             return;
         }
