@@ -653,4 +653,97 @@ mod tests {
         assert!(g.get(&wm).is_none() && gp.get(&wv).is_some());
         Ok(())
     }
+
+    /// The fused attention op against the composite form (split, RoPE, scale, cache,
+    /// softmax attention, transpose): values and the gradient of `qkv`, with two batch
+    /// rows, grouped queries, a cached past, more rows than one kernel block, and a
+    /// non-causal mask with a fully hidden key block.
+    #[test]
+    fn fused_attention_matches_composite_form() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, hk, d, t, p) = (2, 4, 2, 8, 70, 5);
+        let s = p + t;
+        let hs = Heads {
+            batch: b,
+            heads: h,
+            kv_heads: hk,
+            head_dim: d,
+        };
+        let w = hs.width();
+        let qkv = Var::from_vec(seq(b * t * w, 0.173), (b * t, w), &dev)?;
+        let pk = Tensor::from_vec(seq(b * hk * p * d, 0.31), (b, hk, p, d), &dev)?;
+        let pv = Tensor::from_vec(seq(b * hk * p * d, 0.47), (b, hk, p, d), &dev)?;
+        let cos = Tensor::from_vec(seq(t * d / 2, 0.21), (t, d / 2), &dev)?.cos()?;
+        let sin = Tensor::from_vec(seq(t * d / 2, 0.21), (t, d / 2), &dev)?.sin()?;
+        // Causal over the past, except that rows 10.. also see one later column and the
+        // last key column is hidden from everyone.
+        let m: Vec<f32> = (0..t * s)
+            .map(|i| {
+                let (r, c) = (i / s, i % s);
+                let seen = c <= p + r || (r >= 10 && c == p + r + 1);
+                if seen && c != s - 1 {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(m, (t, s), &dev)?;
+        let scale = 0.35f32;
+        let past = (pk.clone(), pv.clone());
+        let (fast, kf, vf) = attend(
+            qkv.as_tensor(),
+            &AttendArgs {
+                heads: hs,
+                t,
+                cos: &cos,
+                sin: &sin,
+                scale,
+                past: Some(&past),
+                mask: Some(&mask),
+            },
+        )?;
+        // Composite form.
+        let x = qkv.as_tensor();
+        let part = |off: usize, n: usize| -> Result<Tensor> {
+            x.narrow(1, off * d, n * d)?
+                .reshape((b, t, n, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = (candle_nn::rotary_emb::rope_slow(&part(0, h)?, &cos, &sin)? * scale as f64)?;
+        let k = candle_nn::rotary_emb::rope_slow(&part(h, hk)?, &cos, &sin)?;
+        let k = Tensor::cat(&[&pk, &k], 2)?;
+        let v = Tensor::cat(&[&pv, &part(h + hk, hk)?], 2)?;
+        let q = q.reshape((b, hk, (h / hk) * t, d))?;
+        let sc = q.matmul(&k.t()?)?.reshape((b, hk, h / hk, t, s))?;
+        let pr = candle_nn::ops::softmax(&sc.broadcast_add(&mask)?, D::Minus1)?;
+        let slow = pr
+            .reshape((b, hk, (h / hk) * t, s))?
+            .matmul(&v)?
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b * t, h * d))?;
+        close(&fast, &slow, 1e-5);
+        close(&kf, &k, 1e-5);
+        close(&vf, &v, 1e-6);
+        let c = Tensor::from_vec(seq(b * t * h * d, 0.07), (b * t, h * d), &dev)?;
+        let gf = (fast * &c)?.sum_all()?.backward()?;
+        let gs = (slow * &c)?.sum_all()?.backward()?;
+        close(gf.get(&qkv).unwrap(), gs.get(&qkv).unwrap(), 1e-4);
+        // SwiGLU.
+        let gu = Var::from_vec(seq(6 * 40, 0.61), (6, 40), &dev)?;
+        let fast = swiglu(gu.as_tensor())?;
+        let (g, u) = (
+            gu.as_tensor().narrow(1, 0, 20)?,
+            gu.as_tensor().narrow(1, 20, 20)?,
+        );
+        let slow = (candle_nn::ops::silu(&g)? * u)?;
+        close(&fast, &slow, 1e-5);
+        let c = Tensor::from_vec(seq(6 * 20, 0.3), (6, 20), &dev)?;
+        let gf = (fast * &c)?.sum_all()?.backward()?;
+        let gs = (slow * &c)?.sum_all()?.backward()?;
+        close(gf.get(&gu).unwrap(), gs.get(&gu).unwrap(), 1e-5);
+        Ok(())
+    }
 }
