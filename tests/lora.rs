@@ -65,10 +65,12 @@ fn fresh_adapters_change_nothing_and_merging_changes_nothing() {
     };
     let vars = llm.model.add_lora(&cfg, 0).unwrap();
     assert_eq!(vars.len(), 2 * 7 * 2);
-    assert_eq!(
-        max_abs_diff(&logits(&llm, &ids), &want),
-        0.0,
-        "B = 0: the model is unchanged"
+    // The base model runs each layer as one fused op and the adapted one op by op, so
+    // the two agree to rounding (f32 summation order), not bit for bit.
+    let d = max_abs_diff(&logits(&llm, &ids), &want);
+    assert!(
+        d <= 1e-5,
+        "B = 0: the model is unchanged (max difference {d})"
     );
     randomise_b(&llm, 1);
     let adapted = logits(&llm, &ids);

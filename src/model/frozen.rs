@@ -533,6 +533,131 @@ pub fn attend(qkv: &Tensor, a: &AttendArgs) -> Result<(Tensor, Tensor, Tensor)> 
     Ok((out, k, v))
 }
 
+/// A frozen decoder layer's weights as tensors (contiguous, f32, CPU), for [`layer`].
+#[derive(Clone)]
+pub struct FrozenLayer {
+    pub input_norm: Tensor,
+    pub qkv: Tensor,
+    pub o: Tensor,
+    pub post_norm: Tensor,
+    pub gate_up: Tensor,
+    pub down: Tensor,
+    pub eps: f32,
+}
+
+impl FrozenLayer {
+    /// Runs `f` on the weights' values.
+    fn with<R>(&self, f: impl FnOnce(&kernels::LayerWeights) -> R) -> Result<R> {
+        let (a, b, c) = (view(&self.input_norm)?, view(&self.qkv)?, view(&self.o)?);
+        let (d, e, g) = (
+            view(&self.post_norm)?,
+            view(&self.gate_up)?,
+            view(&self.down)?,
+        );
+        let (hidden, inter) = (self.input_norm.dim(0)?, self.down.dim(1)?);
+        Ok(f(&kernels::LayerWeights {
+            input_norm: a.s(),
+            qkv: b.s(),
+            o: c.s(),
+            post_norm: d.s(),
+            gate_up: e.s(),
+            down: g.s(),
+            eps: self.eps,
+            hidden,
+            inter,
+        }))
+    }
+}
+
+/// [`AttendArgs`] with owned, contiguous tensors (kept by a layer's backward).
+struct LayerCtx {
+    heads: Heads,
+    t: usize,
+    cos: Tensor,
+    sin: Tensor,
+    scale: f32,
+    past: Option<(Tensor, Tensor)>,
+    mask: Option<Tensor>,
+}
+
+impl LayerCtx {
+    fn new(a: &AttendArgs) -> Result<Self> {
+        let past = match a.past {
+            Some((k, v)) => Some((k.contiguous()?, v.contiguous()?)),
+            None => None,
+        };
+        Ok(LayerCtx {
+            heads: a.heads,
+            t: a.t,
+            cos: a.cos.contiguous()?,
+            sin: a.sin.contiguous()?,
+            scale: a.scale,
+            past,
+            mask: a.mask.map(|m| m.contiguous()).transpose()?,
+        })
+    }
+
+    /// Runs `f` on the context's values.
+    fn with<R>(&self, f: impl FnOnce(&kernels::LayerInput) -> R) -> Result<R> {
+        let (cos, sin) = (view(&self.cos)?, view(&self.sin)?);
+        let past = match &self.past {
+            Some((k, v)) => Some((view(k)?, view(v)?)),
+            None => None,
+        };
+        let mask = self.mask.as_ref().map(view).transpose()?;
+        let p = match &self.past {
+            Some((k, _)) => k.dim(2)?,
+            None => 0,
+        };
+        Ok(f(&kernels::LayerInput {
+            heads: self.heads,
+            t: self.t,
+            cos: cos.s(),
+            sin: sin.s(),
+            scale: self.scale,
+            past: past.as_ref().map(|(k, v)| (k.s(), v.s())),
+            p,
+            mask: mask.as_ref().map(|m| m.s()),
+        }))
+    }
+}
+
+/// A whole frozen decoder layer as one op (CPU, f32): `h` `(b, t, hidden)` in, the new
+/// hidden states and the keys and values `(b, hk, p + t, d)` for the cache out. With a
+/// graph, its backward returns the input's gradient only, computed by
+/// [`kernels::layer_backward`] from what the forward kept; candle's autograd sees one
+/// node per layer instead of some forty.
+pub fn layer(h: &Tensor, l: &FrozenLayer, a: &AttendArgs) -> Result<(Tensor, Tensor, Tensor)> {
+    let h = h.contiguous()?;
+    let shape = h.shape().clone();
+    let ctx = LayerCtx::new(a)?;
+    let save = h.track_op();
+    let (out, k, v, saved) = {
+        let hv = view(&h)?;
+        l.with(|w| ctx.with(|inp| kernels::layer_forward(hv.s(), w, inp, save)))??
+    };
+    let (b, hk, d) = (a.heads.batch, a.heads.kv_heads, a.heads.head_dim);
+    let s = k.len() / (b * hk * d);
+    let dev = candle_core::Device::Cpu;
+    let k = Tensor::from_vec(k, (b, hk, s, d), &dev)?;
+    let v = Tensor::from_vec(v, (b, hk, s, d), &dev)?;
+    let (kc, vc, hd, l) = (k.clone(), v.clone(), h.detach(), l.clone());
+    let out = output("frozen-layer", &h, out, shape.clone(), move || {
+        let saved = saved.expect("saved when tracked");
+        Box::new(move |_, dout| {
+            let dout = dout.contiguous()?;
+            let (dv, hv, ks, vs) = (view(&dout)?, view(&hd)?, view(&kc)?, view(&vc)?);
+            let g = l.with(|w| {
+                ctx.with(|inp| {
+                    kernels::layer_backward(&saved, hv.s(), ks.s(), vs.s(), w, inp, dv.s())
+                })
+            })??;
+            Tensor::from_vec(g, shape.clone(), &candle_core::Device::Cpu)
+        })
+    })?;
+    Ok((out, k, v))
+}
+
 /// `silu(gate) * up` from the fused gate/up product `gu` `(n, 2i)`, with its backward
 /// (CPU, f32).
 pub fn swiglu(gu: &Tensor) -> Result<Tensor> {

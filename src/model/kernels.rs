@@ -748,6 +748,196 @@ pub fn attention_grad(
     (dq, dk, dv)
 }
 
+/// RMSNorm of the rows of `x` `(n, dim)`: `y = x r w` with `r = 1 / rms(x)`; returns
+/// `y` and each row's `r` (for the backward).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, dim: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = x.len() / dim;
+    let mut y = uninit(n * dim);
+    let mut r = uninit(n);
+    y.par_chunks_mut(dim)
+        .zip(r.par_iter_mut())
+        .zip(x.par_chunks(dim))
+        .with_min_len(8)
+        .for_each(|((y, r), x)| {
+            let ss: f32 = x.iter().map(|v| v * v).sum();
+            *r = 1.0 / (ss / dim as f32 + eps).sqrt();
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * *r * w;
+            }
+        });
+    (y, r)
+}
+
+/// The backward of [`rms_norm`] plus a residual gradient: `dres + r g - x r^3 mean(g x)`
+/// with `g = dy w`.
+pub fn rms_norm_grad(
+    x: &[f32],
+    w: &[f32],
+    r: &[f32],
+    dy: &[f32],
+    dres: &[f32],
+    dim: usize,
+) -> Vec<f32> {
+    let n = x.len() / dim;
+    let mut dx = uninit(n * dim);
+    dx.par_chunks_mut(dim)
+        .enumerate()
+        .with_min_len(8)
+        .for_each(|(i, dx)| {
+            let (x, dy, dres) = (
+                &x[i * dim..][..dim],
+                &dy[i * dim..][..dim],
+                &dres[i * dim..][..dim],
+            );
+            let r = r[i];
+            let gx: f32 = dy.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum();
+            let c = r * r * r * gx / dim as f32;
+            for k in 0..dim {
+                dx[k] = dres[k] + r * dy[k] * w[k] - x[k] * c;
+            }
+        });
+    dx
+}
+
+/// `base + x @ w^T` (a residual connection fused into the GEMM).
+fn residual_matmul_nt(
+    base: &[f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Vec<f32> {
+    let mut y = base.to_vec();
+    unsafe {
+        gemm_raw(
+            n,
+            m,
+            k,
+            y.as_mut_ptr(),
+            m,
+            true,
+            x.as_ptr(),
+            k,
+            1,
+            w.as_ptr(),
+            1,
+            k,
+            parallelism(),
+        )
+    };
+    y
+}
+
+/// A frozen decoder layer's weights (row-major, as Hugging Face stores them).
+pub struct LayerWeights<'a> {
+    pub input_norm: &'a [f32],
+    /// q, k, v stacked: `((h + 2 hk) d, hidden)`.
+    pub qkv: &'a [f32],
+    pub o: &'a [f32],
+    pub post_norm: &'a [f32],
+    /// gate and up stacked: `(2 inter, hidden)`.
+    pub gate_up: &'a [f32],
+    pub down: &'a [f32],
+    pub eps: f32,
+    pub hidden: usize,
+    pub inter: usize,
+}
+
+/// Where a layer's new positions sit: shapes, RoPE tables, cache and mask.
+pub struct LayerInput<'a> {
+    pub heads: Heads,
+    pub t: usize,
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    pub scale: f32,
+    /// Cached keys and values, `(b, hk, p, d)` each.
+    pub past: Option<(&'a [f32], &'a [f32])>,
+    pub p: usize,
+    /// Additive `(t, p + t)`.
+    pub mask: Option<&'a [f32]>,
+}
+
+/// What a layer's backward needs besides the weights and the keys and values.
+pub struct LayerSaved {
+    r1: Vec<f32>,
+    q: Vec<f32>,
+    att: Vec<f32>,
+    lse: Vec<f32>,
+    h1: Vec<f32>,
+    r2: Vec<f32>,
+    gu: Vec<f32>,
+}
+
+/// One frozen Llama decoder layer on `h` `(b t, hidden)`: returns the new hidden states,
+/// the keys and values `(b, hk, p + t, d)` for the cache, and (with `save`) what the
+/// backward needs.
+pub fn layer_forward(
+    h: &[f32],
+    w: &LayerWeights,
+    a: &LayerInput,
+    save: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Option<LayerSaved>) {
+    let hs = a.heads;
+    let (dim, n) = (w.hidden, h.len() / w.hidden);
+    let hd = hs.heads * hs.head_dim;
+    let (n1, r1) = rms_norm(h, w.input_norm, w.eps, dim);
+    let qkv = matmul_nt(&n1, w.qkv, n, dim, hs.width());
+    drop(n1);
+    let (q, k, v) = split_rope(&qkv, hs, a.t, a.cos, a.sin, a.scale, a.past, a.p);
+    drop(qkv);
+    let (att, lse) = attention(&q, &k, &v, a.mask, hs, a.t, a.p + a.t);
+    let h1 = residual_matmul_nt(h, &att, w.o, n, hd, dim);
+    let (n2, r2) = rms_norm(&h1, w.post_norm, w.eps, dim);
+    let gu = matmul_nt(&n2, w.gate_up, n, dim, 2 * w.inter);
+    drop(n2);
+    let m = swiglu(&gu, n, w.inter);
+    let out = residual_matmul_nt(&h1, &m, w.down, n, w.inter, dim);
+    let saved = save.then_some(LayerSaved {
+        r1,
+        q,
+        att,
+        lse,
+        h1,
+        r2,
+        gu,
+    });
+    (out, k, v, saved)
+}
+
+/// The backward of [`layer_forward`]: the gradient of the layer's input from that of its
+/// output (the weights are frozen and get none). `h` is the layer's input.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_backward(
+    s: &LayerSaved,
+    h: &[f32],
+    k: &[f32],
+    v: &[f32],
+    w: &LayerWeights,
+    a: &LayerInput,
+    dout: &[f32],
+) -> Vec<f32> {
+    let hs = a.heads;
+    let (dim, n) = (w.hidden, dout.len() / w.hidden);
+    let hd = hs.heads * hs.head_dim;
+    let dm = matmul_nn(dout, w.down, n, dim, w.inter);
+    let dgu = swiglu_grad(&s.gu, &dm, n, w.inter);
+    drop(dm);
+    let dn2 = matmul_nn(&dgu, w.gate_up, n, 2 * w.inter, dim);
+    drop(dgu);
+    let dh1 = rms_norm_grad(&s.h1, w.post_norm, &s.r2, &dn2, dout, dim);
+    drop(dn2);
+    let datt = matmul_nn(&dh1, w.o, n, dim, hd);
+    let s_len = a.p + a.t;
+    let (dq, dk, dv) = attention_grad(&s.q, k, v, a.mask, &s.att, &datt, &s.lse, hs, a.t, s_len);
+    drop(datt);
+    let dqkv = split_rope_grad(&dq, &dk, &dv, hs, a.t, a.cos, a.sin, a.scale, a.p);
+    drop((dq, dk, dv));
+    let dn1 = matmul_nn(&dqkv, w.qkv, n, hs.width(), dim);
+    drop(dqkv);
+    rms_norm_grad(h, w.input_norm, &s.r1, &dn1, &dh1, dim)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

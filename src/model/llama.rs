@@ -404,6 +404,8 @@ pub struct Llama {
     device: Device,
     /// Dropout of LoRA adapters and the like is active.
     train: bool,
+    /// Frozen layers run as one fused op each where the CPU kernels apply.
+    fused: bool,
 }
 
 impl Llama {
@@ -471,6 +473,7 @@ impl Llama {
             config: config.clone(),
             device,
             train: false,
+            fused: true,
         })
     }
 
@@ -491,6 +494,12 @@ impl Llama {
     }
 
     /// Turns dropout (of LoRA adapters) on or off.
+    /// Turns the fused per-layer op off (op by op, as on other devices) or back on; for
+    /// tests and benchmarks.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
+    }
+
     pub fn set_train(&mut self, train: bool) {
         self.train = train;
     }
@@ -559,7 +568,42 @@ impl Llama {
             None => None,
         };
         let mut h = x.clone();
+        let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(fl) = layer.frozen(x, eps).filter(|_| self.fused) {
+                let a = &layer.attn;
+                let past = cache.kvs[i].take();
+                let fits = mask.as_ref().is_none_or(|m| {
+                    m.dims() == [t, past.as_ref().map_or(0, |c| c.0.dims()[2]) + t]
+                });
+                let untracked = past
+                    .as_ref()
+                    .is_none_or(|(k, v)| !k.track_op() && !v.track_op());
+                if fits && untracked {
+                    let (out, k, v) = frozen::layer(
+                        &h,
+                        &fl,
+                        &frozen::AttendArgs {
+                            heads: Heads {
+                                batch: b,
+                                heads: a.num_heads,
+                                kv_heads: a.num_kv_heads,
+                                head_dim: a.head_dim,
+                            },
+                            t,
+                            cos: &cos,
+                            sin: &sin,
+                            scale: (1.0 / (a.head_dim as f64).sqrt()) as f32,
+                            past: past.as_ref(),
+                            mask: mask.as_ref(),
+                        },
+                    )?;
+                    cache.kvs[i] = Some((k, v));
+                    h = out;
+                    continue;
+                }
+                cache.kvs[i] = past;
+            }
             let residual = &h;
             let n = rms_norm(&h, &layer.input_norm, self.config.rms_norm_eps)?;
             let a =
@@ -572,7 +616,6 @@ impl Llama {
             h = (h1 + m)?;
         }
         cache.len = past + t;
-        let _ = b;
         Ok(h)
     }
 
@@ -739,6 +782,34 @@ impl Block {
             ("up_proj", "mlp", &self.mlp.up),
             ("down_proj", "mlp", &self.mlp.down),
         ]
+    }
+
+    /// The layer as one fused frozen op, when it has neither adapters nor biases and the
+    /// fused CPU kernels apply to `x`.
+    fn frozen(&self, x: &Tensor, eps: f64) -> Option<frozen::FrozenLayer> {
+        let plain = self
+            .projections()
+            .iter()
+            .all(|(_, _, p)| p.lora.is_none() && p.bias.is_none());
+        let weights = [
+            &self.input_norm,
+            &self.attn.qkv,
+            &self.attn.o.weight,
+            &self.post_norm,
+            &self.mlp.gate_up,
+            &self.mlp.down.weight,
+        ];
+        (plain && frozen::kernels_apply(x) && weights.iter().all(|w| w.is_contiguous())).then(
+            || frozen::FrozenLayer {
+                input_norm: self.input_norm.clone(),
+                qkv: self.attn.qkv.clone(),
+                o: self.attn.o.weight.clone(),
+                post_norm: self.post_norm.clone(),
+                gate_up: self.mlp.gate_up.clone(),
+                down: self.mlp.down.weight.clone(),
+                eps: eps as f32,
+            },
+        )
     }
 
     fn projections_mut(&mut self) -> Vec<(&'static str, &mut Proj)> {
