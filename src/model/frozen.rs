@@ -197,6 +197,21 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// RMSNorm with a frozen weight: `x / rms(x) * w`. Backward (input only), with
 /// `r = 1 / rms(x)` and `g = dy * w`: `dx = r g - x r^3 mean(g x)`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if kernels_apply(x) && w.is_contiguous() {
+        let x = x.contiguous()?;
+        let dim = w.dim(0)?;
+        let (y, r) = kernels::rms_norm(view(&x)?.s(), view(w)?.s(), eps as f32, dim);
+        let (xd, w) = (x.detach(), w.clone());
+        return output("frozen-rms-norm", &x, y, x.shape().clone(), move || {
+            Box::new(move |_, dy| {
+                let dy = dy.contiguous()?;
+                let (xv, dv) = (view(&xd)?, view(&dy)?);
+                let zero = vec![0f32; dv.s().len()];
+                let g = kernels::rms_norm_grad(xv.s(), view(&w)?.s(), &r, dv.s(), &zero, dim);
+                Tensor::from_vec(g, xd.shape(), &candle_core::Device::Cpu)
+            })
+        });
+    }
     let xc = x.contiguous()?;
     let y = candle_nn::ops::rms_norm(&xc.detach(), w, eps as f32)?;
     if !x.track_op() {
@@ -656,6 +671,154 @@ pub fn layer(h: &Tensor, l: &FrozenLayer, a: &AttendArgs) -> Result<(Tensor, Ten
         })
     })?;
     Ok((out, k, v))
+}
+
+type Backward2 =
+    Box<dyn Fn(&Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
+
+/// [`Precomputed`] for an op of two arguments (CPU only: it carries a kernel's vector).
+struct Precomputed2 {
+    name: &'static str,
+    value: Mutex<Option<Value>>,
+    backward: Backward2,
+}
+
+impl candle_core::CustomOp2 for Precomputed2 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_value(self.name, &self.value)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        (self.backward)(res, grad)
+    }
+}
+
+/// A frozen layer from its q/k/v projection on (see [`kernels::layer_after_qkv`]), as
+/// one op of `qkv` `(b t, (h + 2 hk) d)` and the layer input `h` `(b, t, hidden)`, so
+/// that adapters on q, k, v (added to `qkv` outside) still get their gradients.
+pub fn layer_after_qkv(
+    qkv: &Tensor,
+    h: &Tensor,
+    l: &FrozenLayer,
+    a: &AttendArgs,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (qkv, h) = (qkv.contiguous()?, h.contiguous()?);
+    let shape = h.shape().clone();
+    let ctx = LayerCtx::new(a)?;
+    let save = h.track_op() || qkv.track_op();
+    let (out, k, v, saved) = {
+        let (hv, qv) = (view(&h)?, view(&qkv)?);
+        l.with(|w| ctx.with(|inp| kernels::layer_after_qkv(hv.s(), qv.s(), w, inp, save)))??
+    };
+    let (b, hk, d) = (a.heads.batch, a.heads.kv_heads, a.heads.head_dim);
+    let s = k.len() / (b * hk * d);
+    let dev = candle_core::Device::Cpu;
+    let k = Tensor::from_vec(k, (b, hk, s, d), &dev)?;
+    let v = Tensor::from_vec(v, (b, hk, s, d), &dev)?;
+    if !save {
+        return Ok((Tensor::from_vec(out, shape, &dev)?, k, v));
+    }
+    let saved = saved.expect("saved when tracked");
+    let (kc, vc, l, qshape) = (k.clone(), v.clone(), l.clone(), qkv.shape().clone());
+    let backward: Backward2 = Box::new(move |_, dout| {
+        let dout = dout.contiguous()?;
+        let (dv, ks, vs) = (view(&dout)?, view(&kc)?, view(&vc)?);
+        let (dqkv, dh) = l.with(|w| {
+            ctx.with(|inp| {
+                kernels::layer_after_qkv_backward(&saved, ks.s(), vs.s(), w, inp, dv.s())
+            })
+        })??;
+        let dev = candle_core::Device::Cpu;
+        Ok((
+            Some(Tensor::from_vec(dqkv, qshape.clone(), &dev)?),
+            Some(Tensor::from_vec(dh, shape.clone(), &dev)?),
+        ))
+    });
+    let out = qkv.apply_op2(
+        &h,
+        Precomputed2 {
+            name: "frozen-layer-after-qkv",
+            value: Mutex::new(Some(Value::Cpu(out, h.shape().clone()))),
+            backward,
+        },
+    )?;
+    Ok((out, k, v))
+}
+
+/// A ViT encoder layer's weights, for [`vit_layer`]: (weight, bias) pairs and
+/// (weight, bias, eps) norms; q, k, v stacked.
+pub struct VitLayer<'a> {
+    pub ln1: (&'a Tensor, &'a Tensor, f32),
+    pub qkv: (&'a Tensor, &'a Tensor),
+    pub o: (&'a Tensor, Option<&'a Tensor>),
+    pub ln2: (&'a Tensor, &'a Tensor, f32),
+    pub fc1: (&'a Tensor, Option<&'a Tensor>),
+    pub fc2: (&'a Tensor, Option<&'a Tensor>),
+    pub heads: usize,
+}
+
+/// One pre-norm ViT encoder layer (inference, CPU, f32) on `x` `(b, t, d)`: one GEMM
+/// for q, k, v, the blocked attention kernel (no mask, no rotation), and the biases,
+/// residuals and exact-erf GELU folded into the GEMMs' passes.
+pub fn vit_layer(x: &Tensor, l: &VitLayer) -> Result<Tensor> {
+    let x = x.detach().contiguous()?;
+    let (b, t, d) = x.dims3()?;
+    let (h, n) = (l.heads, b * t);
+    let hd = d / h;
+    let inter = l.fc1.0.dim(0)?;
+    let norm = |x: &Tensor, (w, bias, eps): (&Tensor, &Tensor, f32)| {
+        candle_nn::ops::layer_norm(x, w, bias, eps)
+    };
+    let lin = |x: &[f32], (w, bias): (&Tensor, Option<&Tensor>), res: Option<&[f32]>, k, m| {
+        let wv = view(w)?;
+        let bv = bias.map(view).transpose()?;
+        Ok::<_, candle_core::Error>(kernels::linear(
+            x,
+            wv.s(),
+            bv.as_ref().map(|b| b.s()),
+            res,
+            n,
+            k,
+            m,
+        ))
+    };
+    let n1 = norm(&x, l.ln1)?;
+    let qkv = lin(view(&n1)?.s(), (l.qkv.0, Some(l.qkv.1)), None, d, 3 * d)?;
+    let hs = Heads {
+        batch: b,
+        heads: h,
+        kv_heads: h,
+        head_dim: hd,
+    };
+    // No rotation: cos 1 and sin 0 make the split an exact copy.
+    let (ones, zeros) = (vec![1f32; t * hd / 2], vec![0f32; t * hd / 2]);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (q, k, v) = kernels::split_rope(&qkv, hs, t, &ones, &zeros, scale, None, 0);
+    drop(qkv);
+    let (att, _) = kernels::attention(&q, &k, &v, None, hs, t, t);
+    let x1 = lin(&att, l.o, Some(view(&x)?.s()), d, d)?;
+    let x1 = Tensor::from_vec(x1, (b, t, d), &candle_core::Device::Cpu)?;
+    let n2 = norm(&x1, l.ln2)?;
+    let mut f = lin(view(&n2)?.s(), l.fc1, None, d, inter)?;
+    kernels::gelu_erf(&mut f);
+    let out = lin(&f, l.fc2, Some(view(&x1)?.s()), inter, d)?;
+    Tensor::from_vec(out, (b, t, d), &candle_core::Device::Cpu)
 }
 
 /// `silu(gate) * up` from the fused gate/up product `gu` `(n, 2i)`, with its backward

@@ -829,6 +829,83 @@ fn residual_matmul_nt(
     y
 }
 
+/// A linear layer `x @ w^T + bias + residual` (each optional): the bias and residual
+/// are written first and the GEMM accumulates onto them, one pass fewer than adding
+/// afterwards. `x` `(n, k)`, `w` `(m, k)`, `bias` `(m)`, `residual` `(n, m)`.
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Vec<f32> {
+    let mut y = match (residual, bias) {
+        (None, None) => return matmul_nt(x, w, n, k, m),
+        (Some(r), None) => r[..n * m].to_vec(),
+        (r, Some(b)) => {
+            let mut y = uninit(n * m);
+            y.par_chunks_mut(m)
+                .enumerate()
+                .with_min_len(8)
+                .for_each(|(i, row)| match r {
+                    Some(r) => row
+                        .iter_mut()
+                        .zip(&r[i * m..][..m])
+                        .zip(b)
+                        .for_each(|((y, r), b)| *y = r + b),
+                    None => row.copy_from_slice(b),
+                });
+            y
+        }
+    };
+    unsafe {
+        gemm_raw(
+            n,
+            m,
+            k,
+            y.as_mut_ptr(),
+            m,
+            true,
+            x.as_ptr(),
+            k,
+            1,
+            w.as_ptr(),
+            1,
+            k,
+            parallelism(),
+        )
+    };
+    y
+}
+
+/// `erf(x)` to about 2e-7 (Abramowitz & Stegun 7.1.26 with a vectorisable `exp`).
+#[inline(always)]
+fn erf_approx(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp_approx(-a * a);
+    y.copysign(x)
+}
+
+multiversion! {
+    /// Exact-erf GELU in place: `x Phi(x)`.
+    fn gelu_erf_slice(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = 0.5 * *v * (1.0 + erf_approx(*v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+}
+
+/// Exact-erf GELU of every value, in place, in parallel.
+pub fn gelu_erf(x: &mut [f32]) {
+    x.par_chunks_mut(4096).for_each(gelu_erf_slice);
+}
+
 /// A frozen decoder layer's weights (row-major, as Hugging Face stores them).
 pub struct LayerWeights<'a> {
     pub input_norm: &'a [f32],
@@ -878,14 +955,27 @@ pub fn layer_forward(
     a: &LayerInput,
     save: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Option<LayerSaved>) {
+    let (dim, n) = (w.hidden, h.len() / w.hidden);
+    let (n1, r1) = rms_norm(h, w.input_norm, w.eps, dim);
+    let qkv = matmul_nt(&n1, w.qkv, n, dim, a.heads.width());
+    drop(n1);
+    let (out, k, v, saved) = layer_after_qkv(h, &qkv, w, a, save);
+    (out, k, v, saved.map(|s| LayerSaved { r1, ..s }))
+}
+
+/// The layer from its q/k/v projection `qkv` `(b t, (h + 2 hk) d)` on (so adapters on q,
+/// k, v can be added outside): attention, output projection, residual, MLP, residual.
+pub fn layer_after_qkv(
+    h: &[f32],
+    qkv: &[f32],
+    w: &LayerWeights,
+    a: &LayerInput,
+    save: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Option<LayerSaved>) {
     let hs = a.heads;
     let (dim, n) = (w.hidden, h.len() / w.hidden);
     let hd = hs.heads * hs.head_dim;
-    let (n1, r1) = rms_norm(h, w.input_norm, w.eps, dim);
-    let qkv = matmul_nt(&n1, w.qkv, n, dim, hs.width());
-    drop(n1);
-    let (q, k, v) = split_rope(&qkv, hs, a.t, a.cos, a.sin, a.scale, a.past, a.p);
-    drop(qkv);
+    let (q, k, v) = split_rope(qkv, hs, a.t, a.cos, a.sin, a.scale, a.past, a.p);
     let (att, lse) = attention(&q, &k, &v, a.mask, hs, a.t, a.p + a.t);
     let h1 = residual_matmul_nt(h, &att, w.o, n, hd, dim);
     let (n2, r2) = rms_norm(&h1, w.post_norm, w.eps, dim);
@@ -894,7 +984,7 @@ pub fn layer_forward(
     let m = swiglu(&gu, n, w.inter);
     let out = residual_matmul_nt(&h1, &m, w.down, n, w.inter, dim);
     let saved = save.then_some(LayerSaved {
-        r1,
+        r1: Vec::new(),
         q,
         att,
         lse,
@@ -905,18 +995,16 @@ pub fn layer_forward(
     (out, k, v, saved)
 }
 
-/// The backward of [`layer_forward`]: the gradient of the layer's input from that of its
-/// output (the weights are frozen and get none). `h` is the layer's input.
-#[allow(clippy::too_many_arguments)]
-pub fn layer_backward(
+/// The backward of [`layer_after_qkv`]: the gradients of `qkv` and of `h` (through the
+/// residual).
+pub fn layer_after_qkv_backward(
     s: &LayerSaved,
-    h: &[f32],
     k: &[f32],
     v: &[f32],
     w: &LayerWeights,
     a: &LayerInput,
     dout: &[f32],
-) -> Vec<f32> {
+) -> (Vec<f32>, Vec<f32>) {
     let hs = a.heads;
     let (dim, n) = (w.hidden, dout.len() / w.hidden);
     let hd = hs.heads * hs.head_dim;
@@ -932,8 +1020,24 @@ pub fn layer_backward(
     let (dq, dk, dv) = attention_grad(&s.q, k, v, a.mask, &s.att, &datt, &s.lse, hs, a.t, s_len);
     drop(datt);
     let dqkv = split_rope_grad(&dq, &dk, &dv, hs, a.t, a.cos, a.sin, a.scale, a.p);
-    drop((dq, dk, dv));
-    let dn1 = matmul_nn(&dqkv, w.qkv, n, hs.width(), dim);
+    (dqkv, dh1)
+}
+
+/// The backward of [`layer_forward`]: the gradient of the layer's input from that of its
+/// output (the weights are frozen and get none). `h` is the layer's input.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_backward(
+    s: &LayerSaved,
+    h: &[f32],
+    k: &[f32],
+    v: &[f32],
+    w: &LayerWeights,
+    a: &LayerInput,
+    dout: &[f32],
+) -> Vec<f32> {
+    let (dim, n) = (w.hidden, dout.len() / w.hidden);
+    let (dqkv, dh1) = layer_after_qkv_backward(s, k, v, w, a, dout);
+    let dn1 = matmul_nn(&dqkv, w.qkv, n, a.heads.width(), dim);
     drop(dqkv);
     rms_norm_grad(h, w.input_norm, &s.r1, &dn1, &dh1, dim)
 }
@@ -957,5 +1061,45 @@ mod tests {
         let sum = exp_shift_sum(&mut row, 2.0);
         let want: f32 = [-1f32, 0.0, -1.5].iter().map(|x| x.exp()).sum();
         assert!((sum - want).abs() < 1e-6 && row[2] == 0.0);
+    }
+
+    /// GELU against the exact form in f64 (std has no erf: its Maclaurin series for
+    /// |x| <= 3, the continued fraction of erfc beyond), to 2e-6 absolute.
+    #[test]
+    fn gelu_matches_the_exact_form() {
+        fn erf64(x: f64) -> f64 {
+            // Maclaurin series; enough terms for |x| <= 3.
+            let (mut term, mut sum) = (x, x);
+            for n in 1..200 {
+                term *= -x * x / n as f64;
+                sum += term / (2 * n + 1) as f64;
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        }
+        let mut worst = 0f64;
+        let xs: Vec<f32> = (-6000..6000).map(|i| i as f32 * 1e-3).collect();
+        let mut y = xs.clone();
+        gelu_erf(&mut y);
+        for (&x, &g) in xs.iter().zip(&y) {
+            let x64 = x as f64;
+            let want = if x64.abs() <= 3.0 {
+                0.5 * x64 * (1.0 + erf64(x64 / std::f64::consts::SQRT_2))
+            } else if x64 > 0.0 {
+                x64 * (1.0 - 0.5 * libm_like_erfc(x64 / std::f64::consts::SQRT_2))
+            } else {
+                x64 * 0.5 * libm_like_erfc(-x64 / std::f64::consts::SQRT_2)
+            };
+            worst = worst.max((g as f64 - want).abs());
+        }
+        assert!(worst < 2e-6, "max abs error {worst}");
+    }
+
+    /// erfc for x > 2 by its continued fraction (enough for the test's tail).
+    fn libm_like_erfc(x: f64) -> f64 {
+        let mut f = 0.0;
+        for n in (1..60).rev() {
+            f = (n as f64 / 2.0) / (x + f);
+        }
+        (-x * x).exp() / std::f64::consts::PI.sqrt() / (x + f)
     }
 }

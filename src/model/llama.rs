@@ -570,7 +570,7 @@ impl Llama {
         let mut h = x.clone();
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
-            if let Some(fl) = layer.frozen(x, eps).filter(|_| self.fused) {
+            if let Some((fl, whole)) = layer.frozen(x, eps).filter(|_| self.fused) {
                 let a = &layer.attn;
                 let past = cache.kvs[i].take();
                 let fits = mask.as_ref().is_none_or(|m| {
@@ -580,24 +580,32 @@ impl Llama {
                     .as_ref()
                     .is_none_or(|(k, v)| !k.track_op() && !v.track_op());
                 if fits && untracked {
-                    let (out, k, v) = frozen::layer(
-                        &h,
-                        &fl,
-                        &frozen::AttendArgs {
-                            heads: Heads {
-                                batch: b,
-                                heads: a.num_heads,
-                                kv_heads: a.num_kv_heads,
-                                head_dim: a.head_dim,
-                            },
-                            t,
-                            cos: &cos,
-                            sin: &sin,
-                            scale: (1.0 / (a.head_dim as f64).sqrt()) as f32,
-                            past: past.as_ref(),
-                            mask: mask.as_ref(),
+                    let args = frozen::AttendArgs {
+                        heads: Heads {
+                            batch: b,
+                            heads: a.num_heads,
+                            kv_heads: a.num_kv_heads,
+                            head_dim: a.head_dim,
                         },
-                    )?;
+                        t,
+                        cos: &cos,
+                        sin: &sin,
+                        scale: (1.0 / (a.head_dim as f64).sqrt()) as f32,
+                        past: past.as_ref(),
+                        mask: mask.as_ref(),
+                    };
+                    let (out, k, v) = if whole {
+                        frozen::layer(&h, &fl, &args)?
+                    } else {
+                        // Adapters on q, k, v: the q/k/v projection runs op by op.
+                        let n = rms_norm(&h, &layer.input_norm, self.config.rms_norm_eps)?;
+                        let (hd, width) = (h.dim(2)?, args.heads.width());
+                        let flat = n.reshape((b * t, hd))?;
+                        let qkv = frozen::matmul_t(&flat, &a.qkv)?;
+                        let qkv = add_extras(qkv, &flat, &[&a.q, &a.k, &a.v], self.train)?;
+                        debug_assert_eq!(qkv.dim(1)?, width);
+                        frozen::layer_after_qkv(&qkv, &h, &fl, &args)?
+                    };
                     cache.kvs[i] = Some((k, v));
                     h = out;
                     continue;
@@ -784,13 +792,18 @@ impl Block {
         ]
     }
 
-    /// The layer as one fused frozen op, when it has neither adapters nor biases and the
-    /// fused CPU kernels apply to `x`.
-    fn frozen(&self, x: &Tensor, eps: f64) -> Option<frozen::FrozenLayer> {
-        let plain = self
-            .projections()
-            .iter()
-            .all(|(_, _, p)| p.lora.is_none() && p.bias.is_none());
+    /// The layer as fused frozen ops, when the fused CPU kernels apply to `x` and no
+    /// projection has a bias: with `true`, one op for the whole layer (no adapters);
+    /// with `false`, one op after the q/k/v projection (adapters on q, k, v only).
+    fn frozen(&self, x: &Tensor, eps: f64) -> Option<(frozen::FrozenLayer, bool)> {
+        let ps = self.projections();
+        let no_bias = ps.iter().all(|(_, _, p)| p.bias.is_none());
+        let adapted = |names: &[&str]| {
+            ps.iter()
+                .any(|(n, _, p)| names.contains(n) && p.lora.is_some())
+        };
+        let whole = !adapted(&["q_proj", "k_proj", "v_proj"]);
+        let rest_plain = !adapted(&["o_proj", "gate_proj", "up_proj", "down_proj"]);
         let weights = [
             &self.input_norm,
             &self.attn.qkv,
@@ -799,17 +812,24 @@ impl Block {
             &self.mlp.gate_up,
             &self.mlp.down.weight,
         ];
-        (plain && frozen::kernels_apply(x) && weights.iter().all(|w| w.is_contiguous())).then(
-            || frozen::FrozenLayer {
-                input_norm: self.input_norm.clone(),
-                qkv: self.attn.qkv.clone(),
-                o: self.attn.o.weight.clone(),
-                post_norm: self.post_norm.clone(),
-                gate_up: self.mlp.gate_up.clone(),
-                down: self.mlp.down.weight.clone(),
-                eps: eps as f32,
-            },
-        )
+        let ok = no_bias
+            && rest_plain
+            && frozen::kernels_apply(x)
+            && weights.iter().all(|w| w.is_contiguous());
+        ok.then(|| {
+            (
+                frozen::FrozenLayer {
+                    input_norm: self.input_norm.clone(),
+                    qkv: self.attn.qkv.clone(),
+                    o: self.attn.o.weight.clone(),
+                    post_norm: self.post_norm.clone(),
+                    gate_up: self.mlp.gate_up.clone(),
+                    down: self.mlp.down.weight.clone(),
+                    eps: eps as f32,
+                },
+                whole,
+            )
+        })
     }
 
     fn projections_mut(&mut self) -> Vec<(&'static str, &mut Proj)> {

@@ -96,6 +96,8 @@ impl Norm {
 }
 
 struct Layer {
+    /// q, k, v weights and biases stacked, for the fused CPU path.
+    qkv: (Tensor, Tensor),
     ln1: Norm,
     q: Lin,
     k: Lin,
@@ -145,11 +147,23 @@ impl ViT {
         for i in 0..c.num_hidden_layers {
             let l = root.pp("encoder").pp("layer").pp(i);
             let a = l.pp("attention");
+            let q = Lin::load(&a.pp("attention").pp("query"), d, d, c.qkv_bias)?;
+            let k = Lin::load(&a.pp("attention").pp("key"), d, d, c.qkv_bias)?;
+            let v = Lin::load(&a.pp("attention").pp("value"), d, d, c.qkv_bias)?;
+            let bias = |l: &Lin| match &l.b {
+                Some(b) => Ok(b.clone()),
+                None => Tensor::zeros(d, l.w.dtype(), l.w.device()),
+            };
+            let qkv = (
+                Tensor::cat(&[&q.w, &k.w, &v.w], 0)?,
+                Tensor::cat(&[bias(&q)?, bias(&k)?, bias(&v)?], 0)?,
+            );
             layers.push(Layer {
+                qkv,
                 ln1: Norm::load(&l.pp("layernorm_before"), d, c.layer_norm_eps)?,
-                q: Lin::load(&a.pp("attention").pp("query"), d, d, c.qkv_bias)?,
-                k: Lin::load(&a.pp("attention").pp("key"), d, d, c.qkv_bias)?,
-                v: Lin::load(&a.pp("attention").pp("value"), d, d, c.qkv_bias)?,
+                q,
+                k,
+                v,
                 o: Lin::load(&a.pp("output").pp("dense"), d, d, true)?,
                 ln2: Norm::load(&l.pp("layernorm_after"), d, c.layer_norm_eps)?,
                 fc1: Lin::load(
@@ -237,6 +251,20 @@ impl Layer {
     fn forward(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let hd = d / heads;
+        if crate::model::frozen::kernels_apply(x) {
+            return crate::model::frozen::vit_layer(
+                x,
+                &crate::model::frozen::VitLayer {
+                    ln1: (&self.ln1.w, &self.ln1.b, self.ln1.eps as f32),
+                    qkv: (&self.qkv.0, &self.qkv.1),
+                    o: (&self.o.w, self.o.b.as_ref()),
+                    ln2: (&self.ln2.w, &self.ln2.b, self.ln2.eps as f32),
+                    fc1: (&self.fc1.w, self.fc1.b.as_ref()),
+                    fc2: (&self.fc2.w, self.fc2.b.as_ref()),
+                    heads,
+                },
+            );
+        }
         let n = self.ln1.forward(x)?.reshape((b * t, d))?;
         let split = |y: Tensor| -> Result<Tensor> {
             y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
