@@ -194,6 +194,25 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     attach("frozen-matmul", x, y, Box::new(move |_, g| g.matmul(&w)))
 }
 
+/// [`matmul_t`] with the weight also stored transposed, `wt` `(in, out)`: the forward
+/// reads `wt` (no repacking), the backward `w`.
+pub fn matmul_pre(x: &Tensor, w: &Tensor, wt: &Tensor) -> Result<Tensor> {
+    if !(kernels_apply(x) && w.is_contiguous() && wt.is_contiguous()) {
+        return matmul_t(x, w);
+    }
+    let x = x.contiguous()?;
+    let ((n, k), m) = (x.dims2()?, w.dim(0)?);
+    let y = kernels::linear(view(&x)?.s(), view(wt)?.s(), None, None, n, k, m);
+    let w = w.clone();
+    output("frozen-matmul", &x, y, (n, m).into(), || {
+        Box::new(move |_, g| {
+            let g = g.contiguous()?;
+            let dx = kernels::matmul_nn(view(&g)?.s(), view(&w)?.s(), n, m, k);
+            Tensor::from_vec(dx, (n, k), &candle_core::Device::Cpu)
+        })
+    })
+}
+
 /// RMSNorm with a frozen weight: `x / rms(x) * w`. Backward (input only), with
 /// `r = 1 / rms(x)` and `g = dy * w`: `dx = r g - x r^3 mean(g x)`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -552,6 +571,8 @@ pub fn attend(qkv: &Tensor, a: &AttendArgs) -> Result<(Tensor, Tensor, Tensor)> 
 #[derive(Clone)]
 pub struct FrozenLayer {
     pub input_norm: Tensor,
+    /// `qkv`, `o`, `gate_up`, `down` transposed (contiguous `(in, out)`).
+    pub transposed: [Tensor; 4],
     pub qkv: Tensor,
     pub o: Tensor,
     pub post_norm: Tensor,
@@ -570,8 +591,14 @@ impl FrozenLayer {
             view(&self.down)?,
         );
         let (hidden, inter) = (self.input_norm.dim(0)?, self.down.dim(1)?);
+        let [t0, t1, t2, t3] = &self.transposed;
+        let (t0, t1, t2, t3) = (view(t0)?, view(t1)?, view(t2)?, view(t3)?);
         Ok(f(&kernels::LayerWeights {
             input_norm: a.s(),
+            qkv_t: t0.s(),
+            o_t: t1.s(),
+            gate_up_t: t2.s(),
+            down_t: t3.s(),
             qkv: b.s(),
             o: c.s(),
             post_norm: d.s(),
@@ -761,8 +788,8 @@ pub fn layer_after_qkv(
     Ok((out, k, v))
 }
 
-/// A ViT encoder layer's weights, for [`vit_layer`]: (weight, bias) pairs and
-/// (weight, bias, eps) norms; q, k, v stacked.
+/// A ViT encoder layer's weights, for [`vit_layer`]: (transposed weight `(in, out)`,
+/// bias) pairs and (weight, bias, eps) norms; q, k, v stacked.
 pub struct VitLayer<'a> {
     pub ln1: (&'a Tensor, &'a Tensor, f32),
     pub qkv: (&'a Tensor, &'a Tensor),
@@ -781,7 +808,7 @@ pub fn vit_layer(x: &Tensor, l: &VitLayer) -> Result<Tensor> {
     let (b, t, d) = x.dims3()?;
     let (h, n) = (l.heads, b * t);
     let hd = d / h;
-    let inter = l.fc1.0.dim(0)?;
+    let inter = l.fc1.0.dim(1)?;
     let norm = |x: &Tensor, (w, bias, eps): (&Tensor, &Tensor, f32)| {
         candle_nn::ops::layer_norm(x, w, bias, eps)
     };

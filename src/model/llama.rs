@@ -389,6 +389,9 @@ struct Block {
     attn: Attention,
     post_norm: Tensor,
     mlp: Mlp,
+    /// On the CPU in f32: qkv, o, gate_up, down transposed to `(in, out)`, which the
+    /// fused forward reads without repacking (the backward reads the originals).
+    transposed: Option<[Tensor; 4]>,
 }
 
 /// The Llama model: embeddings, decoder blocks, final norm and the LM head.
@@ -445,12 +448,15 @@ impl Llama {
                 up,
                 down: Proj::load(&p.pp("down_proj"), c.intermediate_size, h, c.mlp_bias)?,
             };
-            layers.push(Block {
+            let mut block = Block {
                 input_norm: l.pp("input_layernorm").get(h, "weight")?,
                 attn,
                 post_norm: l.pp("post_attention_layernorm").get(h, "weight")?,
                 mlp,
-            });
+                transposed: None,
+            };
+            block.transpose()?;
+            layers.push(block);
         }
         let norm = m.pp("norm").get(c.hidden_size, "weight")?;
         let lm_head = if c.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
@@ -601,7 +607,7 @@ impl Llama {
                         let n = rms_norm(&h, &layer.input_norm, self.config.rms_norm_eps)?;
                         let (hd, width) = (h.dim(2)?, args.heads.width());
                         let flat = n.reshape((b * t, hd))?;
-                        let qkv = frozen::matmul_t(&flat, &a.qkv)?;
+                        let qkv = frozen::matmul_pre(&flat, &a.qkv, &fl.transposed[0])?;
                         let qkv = add_extras(qkv, &flat, &[&a.q, &a.k, &a.v], self.train)?;
                         debug_assert_eq!(qkv.dim(1)?, width);
                         frozen::layer_after_qkv(&qkv, &h, &fl, &args)?
@@ -688,6 +694,7 @@ impl Llama {
             a.qkv = stack(&mut [&mut a.q, &mut a.k, &mut a.v])?;
             let m = &mut l.mlp;
             m.gate_up = stack(&mut [&mut m.gate, &mut m.up])?;
+            l.transpose()?;
         }
         Ok(())
     }
@@ -779,6 +786,23 @@ impl Llama {
 }
 
 impl Block {
+    /// Refreshes the transposed copies of the fused weights (CPU, f32 only).
+    fn transpose(&mut self) -> Result<()> {
+        let w = &self.attn.qkv;
+        self.transposed = if w.device().is_cpu() && w.dtype() == DType::F32 {
+            let t = |w: &Tensor| w.t()?.contiguous();
+            Some([
+                t(&self.attn.qkv)?,
+                t(&self.attn.o.weight)?,
+                t(&self.mlp.gate_up)?,
+                t(&self.mlp.down.weight)?,
+            ])
+        } else {
+            None
+        };
+        Ok(())
+    }
+
     /// The seven projections as (Hugging Face name, module group, projection).
     fn projections(&self) -> [(&'static str, &'static str, &Proj); 7] {
         [
@@ -814,12 +838,14 @@ impl Block {
         ];
         let ok = no_bias
             && rest_plain
+            && self.transposed.is_some()
             && frozen::kernels_apply(x)
             && weights.iter().all(|w| w.is_contiguous());
         ok.then(|| {
             (
                 frozen::FrozenLayer {
                     input_norm: self.input_norm.clone(),
+                    transposed: self.transposed.clone().expect("checked"),
                     qkv: self.attn.qkv.clone(),
                     o: self.attn.o.weight.clone(),
                     post_norm: self.post_norm.clone(),

@@ -56,13 +56,17 @@ fn default_true() -> bool {
 
 struct Lin {
     w: Tensor,
+    /// `w` transposed, `(in, out)`, on the CPU in f32 (what the fused path reads).
+    wt: Option<Tensor>,
     b: Option<Tensor>,
 }
 
 impl Lin {
     fn load(vb: &VarBuilder, i: usize, o: usize, bias: bool) -> Result<Self> {
+        let w = vb.get((o, i), "weight")?;
         Ok(Lin {
-            w: vb.get((o, i), "weight")?,
+            wt: transposed(&w)?,
+            w,
             b: if bias { Some(vb.get(o, "bias")?) } else { None },
         })
     }
@@ -73,6 +77,15 @@ impl Lin {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+/// `w` transposed and contiguous, for the fused CPU path (CPU, f32 only).
+fn transposed(w: &Tensor) -> Result<Option<Tensor>> {
+    if w.device().is_cpu() && w.dtype() == DType::F32 {
+        Ok(Some(w.t()?.contiguous()?))
+    } else {
+        Ok(None)
     }
 }
 
@@ -96,8 +109,8 @@ impl Norm {
 }
 
 struct Layer {
-    /// q, k, v weights and biases stacked, for the fused CPU path.
-    qkv: (Tensor, Tensor),
+    /// q, k, v weights (transposed) and biases stacked, for the fused CPU path.
+    qkv: Option<(Tensor, Tensor)>,
     ln1: Norm,
     q: Lin,
     k: Lin,
@@ -147,17 +160,19 @@ impl ViT {
         for i in 0..c.num_hidden_layers {
             let l = root.pp("encoder").pp("layer").pp(i);
             let a = l.pp("attention");
-            let q = Lin::load(&a.pp("attention").pp("query"), d, d, c.qkv_bias)?;
-            let k = Lin::load(&a.pp("attention").pp("key"), d, d, c.qkv_bias)?;
-            let v = Lin::load(&a.pp("attention").pp("value"), d, d, c.qkv_bias)?;
+            // The fused path reads q, k, v stacked; their own transposed copies go.
+            let mut q = Lin::load(&a.pp("attention").pp("query"), d, d, c.qkv_bias)?;
+            let mut k = Lin::load(&a.pp("attention").pp("key"), d, d, c.qkv_bias)?;
+            let mut v = Lin::load(&a.pp("attention").pp("value"), d, d, c.qkv_bias)?;
+            (q.wt, k.wt, v.wt) = (None, None, None);
             let bias = |l: &Lin| match &l.b {
                 Some(b) => Ok(b.clone()),
                 None => Tensor::zeros(d, l.w.dtype(), l.w.device()),
             };
-            let qkv = (
-                Tensor::cat(&[&q.w, &k.w, &v.w], 0)?,
-                Tensor::cat(&[bias(&q)?, bias(&k)?, bias(&v)?], 0)?,
-            );
+            let qkv = match transposed(&Tensor::cat(&[&q.w, &k.w, &v.w], 0)?)? {
+                Some(wt) => Some((wt, Tensor::cat(&[bias(&q)?, bias(&k)?, bias(&v)?], 0)?)),
+                None => None,
+            };
             layers.push(Layer {
                 qkv,
                 ln1: Norm::load(&l.pp("layernorm_before"), d, c.layer_norm_eps)?,
@@ -251,16 +266,22 @@ impl Layer {
     fn forward(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let hd = d / heads;
-        if crate::model::frozen::kernels_apply(x) {
+        if let (true, Some(qkv), Some(o), Some(fc1), Some(fc2)) = (
+            crate::model::frozen::kernels_apply(x),
+            &self.qkv,
+            &self.o.wt,
+            &self.fc1.wt,
+            &self.fc2.wt,
+        ) {
             return crate::model::frozen::vit_layer(
                 x,
                 &crate::model::frozen::VitLayer {
                     ln1: (&self.ln1.w, &self.ln1.b, self.ln1.eps as f32),
-                    qkv: (&self.qkv.0, &self.qkv.1),
-                    o: (&self.o.w, self.o.b.as_ref()),
+                    qkv: (&qkv.0, &qkv.1),
+                    o: (o, self.o.b.as_ref()),
                     ln2: (&self.ln2.w, &self.ln2.b, self.ln2.eps as f32),
-                    fc1: (&self.fc1.w, self.fc1.b.as_ref()),
-                    fc2: (&self.fc2.w, self.fc2.b.as_ref()),
+                    fc1: (fc1, self.fc1.b.as_ref()),
+                    fc2: (fc2, self.fc2.b.as_ref()),
                     heads,
                 },
             );
