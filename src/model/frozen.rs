@@ -194,25 +194,6 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     attach("frozen-matmul", x, y, Box::new(move |_, g| g.matmul(&w)))
 }
 
-/// [`matmul_t`] with the weight also stored transposed, `wt` `(in, out)`: the forward
-/// reads `wt` (no repacking), the backward `w`.
-pub fn matmul_pre(x: &Tensor, w: &Tensor, wt: &Tensor) -> Result<Tensor> {
-    if !(kernels_apply(x) && w.is_contiguous() && wt.is_contiguous()) {
-        return matmul_t(x, w);
-    }
-    let x = x.contiguous()?;
-    let ((n, k), m) = (x.dims2()?, w.dim(0)?);
-    let y = kernels::linear(view(&x)?.s(), view(wt)?.s(), None, None, n, k, m);
-    let w = w.clone();
-    output("frozen-matmul", &x, y, (n, m).into(), || {
-        Box::new(move |_, g| {
-            let g = g.contiguous()?;
-            let dx = kernels::matmul_nn(view(&g)?.s(), view(&w)?.s(), n, m, k);
-            Tensor::from_vec(dx, (n, k), &candle_core::Device::Cpu)
-        })
-    })
-}
-
 /// RMSNorm with a frozen weight: `x / rms(x) * w`. Backward (input only), with
 /// `r = 1 / rms(x)` and `g = dy * w`: `dx = r g - x r^3 mean(g x)`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -736,22 +717,77 @@ impl candle_core::CustomOp2 for Precomputed2 {
     }
 }
 
-/// A frozen layer from its q/k/v projection on (see [`kernels::layer_after_qkv`]), as
-/// one op of `qkv` `(b t, (h + 2 hk) d)` and the layer input `h` `(b, t, hidden)`, so
-/// that adapters on q, k, v (added to `qkv` outside) still get their gradients.
-pub fn layer_after_qkv(
-    qkv: &Tensor,
+/// A LoRA adapter on the fused q/k/v projection, for [`layer_lora`].
+pub struct LoraInput {
+    /// Its columns in the q/k/v projection.
+    pub col: usize,
+    pub width: usize,
+    /// `(r, in)` and `(width, r)`; attached to their variables when training.
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f32,
+    /// Inverted-dropout multipliers `(n, in)`.
+    pub mask: Option<Vec<f32>>,
+}
+
+/// Runs `f` on the adapters' values.
+fn with_lora<R>(parts: &[LoraInput], f: impl FnOnce(&[kernels::LoraPart]) -> R) -> Result<R> {
+    let views = parts
+        .iter()
+        .map(|p| Ok((view(&p.a)?, view(&p.b)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let kp = parts
+        .iter()
+        .zip(&views)
+        .map(|(p, (a, b))| {
+            Ok(kernels::LoraPart {
+                col: p.col,
+                width: p.width,
+                r: p.a.dim(0)?,
+                a: a.s(),
+                b: b.s(),
+                scale: p.scale,
+                mask: p.mask.as_deref(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(f(&kp))
+}
+
+/// A frozen decoder layer with LoRA adapters on q, k, v, as one op of the layer input
+/// `h` and the adapters' weights (flattened and concatenated, so candle hands each
+/// variable its slice of the gradient). The adapters' products are added inside the
+/// op; the backward returns the gradients of `h` and of every `A` and `B`.
+pub fn layer_lora(
     h: &Tensor,
     l: &FrozenLayer,
     a: &AttendArgs,
+    parts: Vec<LoraInput>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (qkv, h) = (qkv.contiguous()?, h.contiguous()?);
+    let h = h.contiguous()?;
     let shape = h.shape().clone();
     let ctx = LayerCtx::new(a)?;
-    let save = h.track_op() || qkv.track_op();
+    let parts = parts
+        .into_iter()
+        .map(|p| {
+            Ok(LoraInput {
+                a: p.a.contiguous()?,
+                b: p.b.contiguous()?,
+                ..p
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let flat = parts
+        .iter()
+        .flat_map(|p| [p.a.flatten_all(), p.b.flatten_all()])
+        .collect::<Result<Vec<_>>>()?;
+    let params = Tensor::cat(&flat, 0)?;
+    let save = h.track_op() || params.track_op();
     let (out, k, v, saved) = {
-        let (hv, qv) = (view(&h)?, view(&qkv)?);
-        l.with(|w| ctx.with(|inp| kernels::layer_after_qkv(hv.s(), qv.s(), w, inp, save)))??
+        let hv = view(&h)?;
+        with_lora(&parts, |kp| {
+            l.with(|w| ctx.with(|inp| kernels::layer_forward_lora(hv.s(), w, inp, kp, save)))
+        })???
     };
     let (b, hk, d) = (a.heads.batch, a.heads.kv_heads, a.heads.head_dim);
     let s = k.len() / (b * hk * d);
@@ -761,26 +797,44 @@ pub fn layer_after_qkv(
     if !save {
         return Ok((Tensor::from_vec(out, shape, &dev)?, k, v));
     }
-    let saved = saved.expect("saved when tracked");
-    let (kc, vc, l, qshape) = (k.clone(), v.clone(), l.clone(), qkv.shape().clone());
+    let (saved, lsaved) = saved.expect("saved when tracked");
+    let (kc, vc, hd, l) = (k.clone(), v.clone(), h.detach(), l.clone());
+    let nparams = params.elem_count();
     let backward: Backward2 = Box::new(move |_, dout| {
         let dout = dout.contiguous()?;
-        let (dv, ks, vs) = (view(&dout)?, view(&kc)?, view(&vc)?);
-        let (dqkv, dh) = l.with(|w| {
-            ctx.with(|inp| {
-                kernels::layer_after_qkv_backward(&saved, ks.s(), vs.s(), w, inp, dv.s())
+        let (dv, hv, ks, vs) = (view(&dout)?, view(&hd)?, view(&kc)?, view(&vc)?);
+        let (dh, grads) = with_lora(&parts, |kp| {
+            l.with(|w| {
+                ctx.with(|inp| {
+                    kernels::layer_backward_lora(
+                        &saved,
+                        &lsaved,
+                        hv.s(),
+                        ks.s(),
+                        vs.s(),
+                        w,
+                        inp,
+                        kp,
+                        dv.s(),
+                    )
+                })
             })
-        })??;
+        })???;
+        let mut dp = Vec::with_capacity(nparams);
+        for (da, db) in grads {
+            dp.extend(da);
+            dp.extend(db);
+        }
         let dev = candle_core::Device::Cpu;
         Ok((
-            Some(Tensor::from_vec(dqkv, qshape.clone(), &dev)?),
             Some(Tensor::from_vec(dh, shape.clone(), &dev)?),
+            Some(Tensor::from_vec(dp, nparams, &dev)?),
         ))
     });
-    let out = qkv.apply_op2(
-        &h,
+    let out = h.apply_op2(
+        &params,
         Precomputed2 {
-            name: "frozen-layer-after-qkv",
+            name: "frozen-layer-lora",
             value: Mutex::new(Some(Value::Cpu(out, h.shape().clone()))),
             backward,
         },

@@ -914,6 +914,10 @@ pub struct LayerInput<'a> {
     pub mask: Option<&'a [f32]>,
 }
 
+/// A layer's new hidden states, keys and values `(b, hk, p + t, d)`, and (when asked)
+/// what its backward needs.
+pub type LayerOutput<S> = (Vec<f32>, Vec<f32>, Vec<f32>, Option<S>);
+
 /// What a layer's backward needs besides the weights and the keys and values.
 pub struct LayerSaved {
     r1: Vec<f32>,
@@ -933,7 +937,7 @@ pub fn layer_forward(
     w: &LayerWeights,
     a: &LayerInput,
     save: bool,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>, Option<LayerSaved>) {
+) -> LayerOutput<LayerSaved> {
     let (dim, n) = (w.hidden, h.len() / w.hidden);
     let (n1, r1) = rms_norm(h, w.input_norm, w.eps, dim);
     let qkv = linear(&n1, w.qkv_t, None, None, n, dim, a.heads.width());
@@ -950,7 +954,7 @@ pub fn layer_after_qkv(
     w: &LayerWeights,
     a: &LayerInput,
     save: bool,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>, Option<LayerSaved>) {
+) -> LayerOutput<LayerSaved> {
     let hs = a.heads;
     let (dim, n) = (w.hidden, h.len() / w.hidden);
     let hd = hs.heads * hs.head_dim;
@@ -1000,6 +1004,190 @@ pub fn layer_after_qkv_backward(
     drop(datt);
     let dqkv = split_rope_grad(&dq, &dk, &dv, hs, a.t, a.cos, a.sin, a.scale, a.p);
     (dqkv, dh1)
+}
+
+/// A LoRA adapter on columns `col .. col + width` of the fused q/k/v projection:
+/// `scale * (x * mask) A^T B^T`, `a` `(r, in)`, `b` `(width, r)`.
+pub struct LoraPart<'a> {
+    pub col: usize,
+    pub width: usize,
+    pub r: usize,
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub scale: f32,
+    /// Inverted-dropout multipliers `(n, in)`.
+    pub mask: Option<&'a [f32]>,
+}
+
+/// What the backward of [`layer_forward_lora`] needs for one adapter.
+pub struct LoraSaved {
+    /// The adapter's input `x * mask` `(n, in)`.
+    xd: Vec<f32>,
+    /// `xd A^T` `(n, r)`.
+    u: Vec<f32>,
+}
+
+/// [`layer_forward`] with LoRA adapters on q, k, v: each adds its low-rank product to
+/// its columns of the q/k/v projection.
+pub fn layer_forward_lora(
+    h: &[f32],
+    w: &LayerWeights,
+    a: &LayerInput,
+    parts: &[LoraPart],
+    save: bool,
+) -> LayerOutput<(LayerSaved, Vec<LoraSaved>)> {
+    let (dim, n) = (w.hidden, h.len() / w.hidden);
+    let wd = a.heads.width();
+    let (n1, r1) = rms_norm(h, w.input_norm, w.eps, dim);
+    let mut qkv = linear(&n1, w.qkv_t, None, None, n, dim, wd);
+    let mut lsaved = Vec::new();
+    for p in parts {
+        let xd = match p.mask {
+            Some(m) => n1.iter().zip(m).map(|(x, m)| x * m).collect(),
+            None => n1.clone(),
+        };
+        let u = matmul_nt(&xd, p.a, n, dim, p.r);
+        // qkv[:, col..col + width] += scale * u B^T.
+        let ub: Vec<f32> = u.iter().map(|v| v * p.scale).collect();
+        unsafe {
+            gemm_raw(
+                n,
+                p.width,
+                p.r,
+                qkv.as_mut_ptr().add(p.col),
+                wd,
+                true,
+                ub.as_ptr(),
+                p.r,
+                1,
+                p.b.as_ptr(),
+                1,
+                p.r,
+                parallelism(),
+            )
+        };
+        if save {
+            lsaved.push(LoraSaved { xd, u });
+        }
+    }
+    drop(n1);
+    let (out, k, v, saved) = layer_after_qkv(h, &qkv, w, a, save);
+    let saved = saved.map(|s| (LayerSaved { r1, ..s }, lsaved));
+    (out, k, v, saved)
+}
+
+/// The backward of [`layer_forward_lora`]: the input's gradient and, per adapter, the
+/// gradients of `A` `(r, in)` and `B` `(width, r)`.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn layer_backward_lora(
+    s: &LayerSaved,
+    ls: &[LoraSaved],
+    h: &[f32],
+    k: &[f32],
+    v: &[f32],
+    w: &LayerWeights,
+    a: &LayerInput,
+    parts: &[LoraPart],
+    dout: &[f32],
+) -> (Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>) {
+    let (dim, n) = (w.hidden, dout.len() / w.hidden);
+    let wd = a.heads.width();
+    let (dqkv, dh1) = layer_after_qkv_backward(s, k, v, w, a, dout);
+    let mut dn1 = matmul_nn(&dqkv, w.qkv, n, wd, dim);
+    let mut grads = Vec::new();
+    for (p, sv) in parts.iter().zip(ls) {
+        let g = unsafe { dqkv.as_ptr().add(p.col) };
+        let mut db = uninit(p.width * p.r);
+        let mut gb = uninit(n * p.r);
+        let mut da = uninit(p.r * dim);
+        let mut dxd = uninit(n * dim);
+        unsafe {
+            // dB = scale g^T u: (width, r).
+            gemm_raw(
+                p.width,
+                p.r,
+                n,
+                db.as_mut_ptr(),
+                p.r,
+                false,
+                g,
+                1,
+                wd,
+                sv.u.as_ptr(),
+                p.r,
+                1,
+                parallelism(),
+            );
+            // gB = g B: (n, r).
+            gemm_raw(
+                n,
+                p.r,
+                p.width,
+                gb.as_mut_ptr(),
+                p.r,
+                false,
+                g,
+                wd,
+                1,
+                p.b.as_ptr(),
+                p.r,
+                1,
+                parallelism(),
+            );
+            // dA = scale gB^T xd: (r, in).
+            gemm_raw(
+                p.r,
+                dim,
+                n,
+                da.as_mut_ptr(),
+                dim,
+                false,
+                gb.as_ptr(),
+                1,
+                p.r,
+                sv.xd.as_ptr(),
+                dim,
+                1,
+                parallelism(),
+            );
+            // d xd = scale gB A: (n, in).
+            gemm_raw(
+                n,
+                dim,
+                p.r,
+                dxd.as_mut_ptr(),
+                dim,
+                false,
+                gb.as_ptr(),
+                p.r,
+                1,
+                p.a.as_ptr(),
+                dim,
+                1,
+                parallelism(),
+            );
+        }
+        db.iter_mut()
+            .chain(da.iter_mut())
+            .for_each(|x| *x *= p.scale);
+        match p.mask {
+            Some(m) => dn1
+                .iter_mut()
+                .zip(&dxd)
+                .zip(m)
+                .for_each(|((d, x), m)| *d += p.scale * x * m),
+            None => dn1
+                .iter_mut()
+                .zip(&dxd)
+                .for_each(|(d, x)| *d += p.scale * x),
+        }
+        grads.push((da, db));
+    }
+    drop(dqkv);
+    (
+        rms_norm_grad(h, w.input_norm, &s.r1, &dn1, &dh1, dim),
+        grads,
+    )
 }
 
 /// The backward of [`layer_forward`]: the gradient of the layer's input from that of its

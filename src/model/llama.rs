@@ -603,14 +603,26 @@ impl Llama {
                     let (out, k, v) = if whole {
                         frozen::layer(&h, &fl, &args)?
                     } else {
-                        // Adapters on q, k, v: the q/k/v projection runs op by op.
-                        let n = rms_norm(&h, &layer.input_norm, self.config.rms_norm_eps)?;
-                        let (hd, width) = (h.dim(2)?, args.heads.width());
-                        let flat = n.reshape((b * t, hd))?;
-                        let qkv = frozen::matmul_pre(&flat, &a.qkv, &fl.transposed[0])?;
-                        let qkv = add_extras(qkv, &flat, &[&a.q, &a.k, &a.v], self.train)?;
-                        debug_assert_eq!(qkv.dim(1)?, width);
-                        frozen::layer_after_qkv(&qkv, &h, &fl, &args)?
+                        // Adapters on q, k, v: added inside the fused op.
+                        let (nq, nk) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+                        let n = b * t * h.dim(2)?;
+                        let parts = [(&a.q, 0, nq), (&a.k, nq, nk), (&a.v, nq + nk, nk)]
+                            .into_iter()
+                            .filter_map(|(p, col, width)| {
+                                p.lora.as_ref().map(|l| {
+                                    let (la, lb) = l.weights(self.train);
+                                    frozen::LoraInput {
+                                        col,
+                                        width,
+                                        a: la,
+                                        b: lb,
+                                        scale: l.scale as f32,
+                                        mask: l.dropout_mask(n, self.train),
+                                    }
+                                })
+                            })
+                            .collect();
+                        frozen::layer_lora(&h, &fl, &args, parts)?
                     };
                     cache.kvs[i] = Some((k, v));
                     h = out;

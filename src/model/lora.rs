@@ -129,6 +129,24 @@ impl LoraLinear {
         (h.matmul(&b.t()?)? * self.scale)?.to_dtype(x.dtype())
     }
 
+    /// The dropout mask `delta` would draw for `n` values (the same stream, so the fused
+    /// path and the op-by-op path train alike); `None` when dropout is off.
+    pub fn dropout_mask(&self, n: usize, train: bool) -> Option<Vec<f32>> {
+        (train && self.dropout > 0.0).then(|| {
+            let mut rng = self.rng.lock().expect("lora rng");
+            mask_values(n, self.dropout, &mut rng)
+        })
+    }
+
+    /// `A` and `B`, attached to their variables when training, detached otherwise.
+    pub fn weights(&self, train: bool) -> (Tensor, Tensor) {
+        if train {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        }
+    }
+
     /// `scale * B A`, the change to the weight.
     pub fn delta_weight(&self) -> Result<Tensor> {
         self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale
@@ -140,8 +158,15 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
+    let mask = mask_values(x.elem_count(), p, rng);
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}
+
+/// `n` inverted-dropout multipliers: `1 / (1 - p)` kept, 0 dropped.
+fn mask_values(n: usize, p: f64, rng: &mut Rng) -> Vec<f32> {
     let keep = 1.0 - p;
-    let mask: Vec<f32> = (0..x.elem_count())
+    (0..n)
         .map(|_| {
             if rng.uniform() < keep {
                 (1.0 / keep) as f32
@@ -149,9 +174,7 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
                 0.0
             }
         })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+        .collect()
 }
 
 /// PEFT's `adapter_config.json` (the fields PEFT needs to load a LoRA adapter).
