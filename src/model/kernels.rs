@@ -148,7 +148,10 @@ fn exp_approx(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
     let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E + SHIFT) - SHIFT;
+    // `t` holds round(xc log2 e) in its low mantissa bits: the integer for the exponent
+    // comes from the bits (an `as i32` conversion would not vectorise).
+    let t = xc * LOG2E + SHIFT;
+    let n = t - SHIFT;
     let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -157,7 +160,7 @@ fn exp_approx(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
     if x < -87.0 {
         0.0
     } else {
