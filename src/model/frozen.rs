@@ -887,10 +887,8 @@ pub fn vit_layer(x: &Tensor, l: &VitLayer) -> Result<Tensor> {
         kv_heads: h,
         head_dim: hd,
     };
-    // No rotation: cos 1 and sin 0 make the split an exact copy.
-    let (ones, zeros) = (vec![1f32; t * hd / 2], vec![0f32; t * hd / 2]);
     let scale = 1.0 / (hd as f32).sqrt();
-    let (q, k, v) = kernels::split_rope(&qkv, hs, t, &ones, &zeros, scale, None, 0);
+    let (q, k, v) = kernels::split_rope(&qkv, hs, t, &[], &[], scale, None, 0);
     drop(qkv);
     let (att, _) = kernels::attention(&q, &k, &v, None, hs, t, t);
     let x1 = lin(&att, l.o, Some(view(&x)?.s()), d, d)?;
