@@ -165,3 +165,25 @@ fn demo_images_are_separable_through_the_demo_vit() {
     assert!(acc >= 0.9, "nearest-centroid accuracy {acc}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The fused CPU layers against the op-by-op path on the demo ViT (65 tokens: more than
+/// one attention block) and on the shared DINOv2-S.
+#[test]
+fn fused_vit_layers_match_the_op_by_op_path() {
+    let dir = std::env::temp_dir().join(format!("farcer-fused-vit-{}", std::process::id()));
+    farcer::vision::VisionEncoder::write_random(
+        &dir,
+        3,
+        &farcer::vision::demo_vit_config(),
+        &farcer::vision::demo_preprocess(),
+    )
+    .unwrap();
+    let mut enc = VisionEncoder::load(dir.to_str().unwrap(), &Device::Cpu, false).unwrap();
+    let px = candle_core::Tensor::randn(0f32, 1.0, (3, 3, 64, 64), &Device::Cpu).unwrap();
+    let fused = enc.vit.cls(&px, false).unwrap();
+    enc.vit.set_fused(false);
+    let plain = enc.vit.cls(&px, false).unwrap();
+    let d = max_abs_diff(&fused, &plain);
+    assert!(d <= 1e-4, "demo ViT: max difference {d}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -130,9 +130,16 @@ pub struct ViT {
     layers: Vec<Layer>,
     final_norm: Norm,
     pub config: ViTConfig,
+    /// Layers run as fused CPU ops where they apply.
+    fused: bool,
 }
 
 impl ViT {
+    /// Turns the fused layers off (op by op, as on other devices) or back on; for tests.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
+    }
+
     pub fn load(vb: VarBuilder, c: &ViTConfig) -> Result<Self> {
         if let Some(t) = &c.model_type {
             if t != "vit" {
@@ -198,6 +205,7 @@ impl ViT {
             layers,
             final_norm: Norm::load(&root.pp("layernorm"), d, c.layer_norm_eps)?,
             config: c.clone(),
+            fused: true,
         })
     }
 
@@ -237,7 +245,7 @@ impl ViT {
         let cls = self.cls.broadcast_as((b, 1, c.hidden_size))?;
         let mut x = Tensor::cat(&[&cls, &emb], 1)?.broadcast_add(&self.pos)?;
         for l in &self.layers {
-            x = l.forward(&x, c.num_attention_heads)?;
+            x = l.forward(&x, c.num_attention_heads, self.fused)?;
         }
         Ok(x)
     }
@@ -263,11 +271,11 @@ impl ViT {
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, heads: usize, fused: bool) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let hd = d / heads;
         if let (true, Some(qkv), Some(o), Some(fc1), Some(fc2)) = (
-            crate::model::frozen::kernels_apply(x),
+            fused && crate::model::frozen::kernels_apply(x),
             &self.qkv,
             &self.o.wt,
             &self.fc1.wt,
