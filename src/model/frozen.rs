@@ -894,8 +894,17 @@ pub fn vit_layer(x: &Tensor, l: &VitLayer) -> Result<Tensor> {
     let x1 = lin(&att, l.o, Some(view(&x)?.s()), d, d)?;
     let x1 = Tensor::from_vec(x1, (b, t, d), &candle_core::Device::Cpu)?;
     let n2 = norm(&x1, l.ln2)?;
-    let mut f = lin(view(&n2)?.s(), l.fc1, None, d, inter)?;
-    kernels::gelu_erf(&mut f);
+    let f = match l.fc1.1 {
+        Some(b1) => {
+            let (w1, b1) = (view(l.fc1.0)?, view(b1)?);
+            kernels::linear_gelu(view(&n2)?.s(), w1.s(), b1.s(), n, d, inter)
+        }
+        None => {
+            let mut f = lin(view(&n2)?.s(), l.fc1, None, d, inter)?;
+            kernels::gelu_erf(&mut f);
+            f
+        }
+    };
     let out = lin(&f, l.fc2, Some(view(&x1)?.s()), inter, d)?;
     Tensor::from_vec(out, (b, t, d), &candle_core::Device::Cpu)
 }

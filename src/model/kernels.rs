@@ -883,9 +883,29 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `x <- gelu(x + bias)` on one row.
+    fn bias_gelu_row(x: &mut [f32], bias: &[f32]) {
+        for (v, b) in x.iter_mut().zip(bias) {
+            let y = *v + b;
+            *v = 0.5 * y * (1.0 + erf_approx(y * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+}
+
 /// Exact-erf GELU of every value, in place, in parallel.
 pub fn gelu_erf(x: &mut [f32]) {
     x.par_chunks_mut(4096).for_each(gelu_erf_slice);
+}
+
+/// `gelu(x @ wt + bias)` (see [`linear`]): the bias joins the GELU's pass instead of
+/// costing one of its own.
+pub fn linear_gelu(x: &[f32], wt: &[f32], bias: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
+    let mut y = linear(x, wt, None, None, n, k, m);
+    y.par_chunks_mut(m)
+        .with_min_len(8)
+        .for_each(|row| bias_gelu_row(row, bias));
+    y
 }
 
 /// A frozen decoder layer's weights (row-major, as Hugging Face stores them).
