@@ -854,33 +854,33 @@ pub struct VitLayer<'a> {
     pub heads: usize,
 }
 
-/// One pre-norm ViT encoder layer (inference, CPU, f32) on `x` `(b, t, d)`: one GEMM
-/// for q, k, v, the blocked attention kernel (no mask, no rotation), and the biases,
-/// residuals and exact-erf GELU folded into the GEMMs' passes.
-pub fn vit_layer(x: &Tensor, l: &VitLayer) -> Result<Tensor> {
-    let x = x.detach().contiguous()?;
-    let (b, t, d) = x.dims3()?;
+/// One pre-norm ViT encoder layer (inference, CPU, f32) on the residual stream `x`
+/// `(b, t, d)` (updated in place and returned): one GEMM for q, k, v, the blocked
+/// attention kernel (no mask, no rotation), the output and MLP products accumulated
+/// onto the stream, and the fc1 bias folded into the exact-erf GELU's pass.
+pub fn vit_layer(
+    mut x: Vec<f32>,
+    (b, t, d): (usize, usize, usize),
+    l: &VitLayer,
+) -> Result<Vec<f32>> {
     let (h, n) = (l.heads, b * t);
     let hd = d / h;
     let inter = l.fc1.0.dim(1)?;
-    let norm = |x: &Tensor, (w, bias, eps): (&Tensor, &Tensor, f32)| {
-        candle_nn::ops::layer_norm(x, w, bias, eps)
-    };
-    let lin = |x: &[f32], (w, bias): (&Tensor, Option<&Tensor>), res: Option<&[f32]>, k, m| {
-        let wv = view(w)?;
-        let bv = bias.map(view).transpose()?;
-        Ok::<_, candle_core::Error>(kernels::linear(
+    let norm = |x: &[f32], (w, bias, eps): (&Tensor, &Tensor, f32)| -> Result<Vec<f32>> {
+        Ok(kernels::layer_norm(
             x,
-            wv.s(),
-            bv.as_ref().map(|b| b.s()),
-            res,
-            n,
-            k,
-            m,
+            view(w)?.s(),
+            view(bias)?.s(),
+            eps,
+            d,
         ))
     };
     let n1 = norm(&x, l.ln1)?;
-    let qkv = lin(view(&n1)?.s(), (l.qkv.0, Some(l.qkv.1)), None, d, 3 * d)?;
+    let qkv = {
+        let (w, bias) = (view(l.qkv.0)?, view(l.qkv.1)?);
+        kernels::linear(&n1, w.s(), Some(bias.s()), None, n, d, 3 * d)
+    };
+    drop(n1);
     let hs = Heads {
         batch: b,
         heads: h,
@@ -891,22 +891,29 @@ pub fn vit_layer(x: &Tensor, l: &VitLayer) -> Result<Tensor> {
     let (q, k, v) = kernels::split_rope(&qkv, hs, t, &[], &[], scale, None, 0);
     drop(qkv);
     let (att, _) = kernels::attention(&q, &k, &v, None, hs, t, t);
-    let x1 = lin(&att, l.o, Some(view(&x)?.s()), d, d)?;
-    let x1 = Tensor::from_vec(x1, (b, t, d), &candle_core::Device::Cpu)?;
-    let n2 = norm(&x1, l.ln2)?;
-    let f = match l.fc1.1 {
-        Some(b1) => {
-            let (w1, b1) = (view(l.fc1.0)?, view(b1)?);
-            kernels::linear_gelu(view(&n2)?.s(), w1.s(), b1.s(), n, d, inter)
-        }
-        None => {
-            let mut f = lin(view(&n2)?.s(), l.fc1, None, d, inter)?;
-            kernels::gelu_erf(&mut f);
-            f
+    drop((q, k, v));
+    let acc = |y: &mut [f32], x: &[f32], (w, bias): (&Tensor, Option<&Tensor>), k, m| {
+        let (wv, bv) = (view(w)?, bias.map(view).transpose()?);
+        kernels::linear_acc(y, x, wv.s(), bv.as_ref().map(|b| b.s()), n, k, m);
+        Ok::<_, candle_core::Error>(())
+    };
+    acc(&mut x, &att, l.o, d, d)?;
+    drop(att);
+    let n2 = norm(&x, l.ln2)?;
+    let f = {
+        let w1 = view(l.fc1.0)?;
+        match l.fc1.1 {
+            Some(b1) => kernels::linear_gelu(&n2, w1.s(), view(b1)?.s(), n, d, inter),
+            None => {
+                let mut f = kernels::linear(&n2, w1.s(), None, None, n, d, inter);
+                kernels::gelu_erf(&mut f);
+                f
+            }
         }
     };
-    let out = lin(&f, l.fc2, Some(view(&x1)?.s()), inter, d)?;
-    Tensor::from_vec(out, (b, t, d), &candle_core::Device::Cpu)
+    drop(n2);
+    acc(&mut x, &f, l.fc2, inter, d)?;
+    Ok(x)
 }
 
 /// `silu(gate) * up` from the fused gate/up product `gu` `(n, 2i)`, with its backward

@@ -908,6 +908,60 @@ pub fn linear_gelu(x: &[f32], wt: &[f32], bias: &[f32], n: usize, k: usize, m: u
     y
 }
 
+/// LayerNorm of the rows of `x` `(n, dim)`: `(x - mean) / sqrt(var + eps) * w + b`.
+pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, dim: usize) -> Vec<f32> {
+    let n = x.len() / dim;
+    let mut y = uninit(n * dim);
+    y.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .with_min_len(8)
+        .for_each(|(y, x)| {
+            let mean = x.iter().sum::<f32>() / dim as f32;
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
+            let r = 1.0 / (var + eps).sqrt();
+            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                *y = (x - mean) * r * w + b;
+            }
+        });
+    y
+}
+
+/// `y += x @ wt + bias` onto a buffer the caller owns (a residual stream updated in
+/// place: no copy of it).
+pub fn linear_acc(
+    y: &mut [f32],
+    x: &[f32],
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    k: usize,
+    m: usize,
+) {
+    assert!(y.len() >= n * m && x.len() >= n * k && wt.len() >= k * m);
+    if let Some(b) = bias {
+        y.par_chunks_mut(m)
+            .with_min_len(8)
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+    }
+    unsafe {
+        gemm_raw(
+            n,
+            m,
+            k,
+            y.as_mut_ptr(),
+            m,
+            true,
+            x.as_ptr(),
+            k,
+            1,
+            wt.as_ptr(),
+            m,
+            1,
+            parallelism(),
+        )
+    };
+}
+
 /// A frozen decoder layer's weights (row-major, as Hugging Face stores them).
 pub struct LayerWeights<'a> {
     pub input_norm: &'a [f32],

@@ -244,8 +244,20 @@ impl ViT {
             .reshape((b, gh * gw, c.hidden_size))?;
         let cls = self.cls.broadcast_as((b, 1, c.hidden_size))?;
         let mut x = Tensor::cat(&[&cls, &emb], 1)?.broadcast_add(&self.pos)?;
+        let heads = c.num_attention_heads;
+        let fused: Option<Vec<_>> = self.layers.iter().map(|l| l.fused(heads)).collect();
+        if let (true, Some(fused)) = (self.fused && crate::model::frozen::kernels_apply(&x), fused)
+        {
+            // The residual stream stays one vector through all layers.
+            let dims = x.dims3()?;
+            let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+            for l in &fused {
+                v = crate::model::frozen::vit_layer(v, dims, l)?;
+            }
+            return Tensor::from_vec(v, dims, x.device());
+        }
         for l in &self.layers {
-            x = l.forward(&x, c.num_attention_heads, self.fused)?;
+            x = l.forward(&x, heads)?;
         }
         Ok(x)
     }
@@ -271,29 +283,27 @@ impl ViT {
 }
 
 impl Layer {
-    fn forward(&self, x: &Tensor, heads: usize, fused: bool) -> Result<Tensor> {
+    /// The weights of the fused CPU path, when it applies.
+    fn fused(&self, heads: usize) -> Option<crate::model::frozen::VitLayer<'_>> {
+        let (Some(qkv), Some(o), Some(fc1), Some(fc2)) =
+            (&self.qkv, &self.o.wt, &self.fc1.wt, &self.fc2.wt)
+        else {
+            return None;
+        };
+        Some(crate::model::frozen::VitLayer {
+            ln1: (&self.ln1.w, &self.ln1.b, self.ln1.eps as f32),
+            qkv: (&qkv.0, &qkv.1),
+            o: (o, self.o.b.as_ref()),
+            ln2: (&self.ln2.w, &self.ln2.b, self.ln2.eps as f32),
+            fc1: (fc1, self.fc1.b.as_ref()),
+            fc2: (fc2, self.fc2.b.as_ref()),
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let hd = d / heads;
-        if let (true, Some(qkv), Some(o), Some(fc1), Some(fc2)) = (
-            fused && crate::model::frozen::kernels_apply(x),
-            &self.qkv,
-            &self.o.wt,
-            &self.fc1.wt,
-            &self.fc2.wt,
-        ) {
-            return crate::model::frozen::vit_layer(
-                x,
-                &crate::model::frozen::VitLayer {
-                    ln1: (&self.ln1.w, &self.ln1.b, self.ln1.eps as f32),
-                    qkv: (&qkv.0, &qkv.1),
-                    o: (o, self.o.b.as_ref()),
-                    ln2: (&self.ln2.w, &self.ln2.b, self.ln2.eps as f32),
-                    fc1: (fc1, self.fc1.b.as_ref()),
-                    fc2: (fc2, self.fc2.b.as_ref()),
-                    heads,
-                },
-            );
-        }
         let n = self.ln1.forward(x)?.reshape((b * t, d))?;
         let split = |y: Tensor| -> Result<Tensor> {
             y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
