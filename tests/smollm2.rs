@@ -109,7 +109,8 @@ fn tokenizer_ids_follow_smollm_rules_and_round_trip() {
 
 /// The real model's shapes (9 query heads on 3 key heads, head size 64) through the
 /// fused layers against the op-by-op path, after a cached prefix longer than the new
-/// positions, with more new rows than one attention block: logits and input gradients.
+/// positions, with more new rows than one attention block: logits (so probabilities) and
+/// input gradients within 1e-4.
 #[test]
 fn fused_layers_match_the_op_by_op_path_on_smollm2() {
     let Some(mut llm) = llm() else { return };
@@ -147,5 +148,5 @@ fn fused_layers_match_the_op_by_op_path_on_smollm2() {
         .max_keepdim(1)
         .unwrap();
     eprintln!("logits {dl}, gradients {dg}, gradient scale {scale}");
-    assert!(dl <= 1e-3 && dg <= 1e-4, "logits {dl}, gradients {dg}");
+    assert!(dl <= 1e-4 && dg <= 1e-4, "logits {dl}, gradients {dg}");
 }
