@@ -160,8 +160,7 @@ struct DemoArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 3)]
     epochs: usize,
-    /// Learning rate of the demo's short run (the paper's 1e-4 needs many more steps; at
-    /// 2e-3 three epochs leave the projection where it started).
+    /// Learning rate of the demo's short run (the paper's 1e-4 needs many more steps).
     #[arg(long, default_value_t = 1e-2)]
     lr: f64,
     #[arg(long, default_value_t = 3)]
@@ -890,18 +889,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     };
     // The demo data: farcer's own dialogues with face images it draws.
     let data_dir = out.join("data");
-    for split in ["train", "dev", "test"] {
-        let mut d = farcer::data::demo::load(split);
-        farcer::data::demo::attach_images(&mut d, &data_dir.join("images"))?;
-        farcer::util::write_atomic(
-            &data_dir.join(format!("{split}.jsonl")),
-            farcer::data::jsonl::to_jsonl(&d.dialogues).as_bytes(),
-        )?;
-    }
-    farcer::util::write_atomic(
-        &data_dir.join("labels.txt"),
-        (farcer::data::MELD_LABELS.join("\n") + "\n").as_bytes(),
-    )?;
+    farcer::data::demo::write(&data_dir)?;
     let spec = DataSpec::Jsonl(data_dir.clone());
     println!(
         "Demo data: {} (dialogues written by farcer; the final utterance of half of them, e.g. \"Okay.\", says nothing\n\
@@ -965,6 +953,11 @@ fn demo(a: DemoArgs) -> Result<()> {
     let pb = bar("vectors");
     let mut run = pipeline::build_run(&cfg, &log, &ticker(&pb))?;
     pb.finish_and_clear();
+    if !run.failed_images.is_empty() {
+        // The demo's images are farcer's own: any that cannot be read is a bug.
+        report_failed(&run.failed_images);
+        bail!("the demo's own images could not be read; see above");
+    }
     println!(
         "\nTraining base FARCER (one linear layer, {} parameters; LLM and ViT frozen) on {} demo dialogues, {} epochs:",
         run.farcer.projection.num_params(),

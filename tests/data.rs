@@ -280,3 +280,23 @@ fn shipped_configs_parse() {
     }
     assert!(n >= 4);
 }
+
+/// The demo's data, written to a relative folder (as `farcer demo --out runs/demo`
+/// does), reads back with every image found: image paths are stored relative to the
+/// JSON-lines folder, which the reader resolves them against.
+#[test]
+fn demo_data_written_to_a_relative_folder_finds_its_images() {
+    let dir = std::path::PathBuf::from(format!("target/test-demo-data-{}", std::process::id()));
+    assert!(dir.is_relative());
+    farcer::data::demo::write(&dir).unwrap();
+    for split in ["train", "dev", "test"] {
+        let d = farcer::data::jsonl::load(&dir, split).unwrap();
+        let utts: Vec<_> = d.dialogues.iter().flat_map(|x| &x.utterances).collect();
+        assert!(!utts.is_empty());
+        for u in utts {
+            let p = u.image.as_ref().expect("every demo utterance has an image");
+            assert!(p.is_file(), "{split}: {} is missing", p.display());
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -198,6 +198,31 @@ pub fn attach_images(ds: &mut Dataset, dir: &std::path::Path) -> crate::Result<(
     Ok(())
 }
 
+/// Writes the demo's three splits to `dir` as JSON lines (`{split}.jsonl`, `labels.txt`)
+/// with their face images under `dir/images/`. Image paths are written relative to `dir`,
+/// which the JSON-lines reader resolves against the file's folder: the folder can move,
+/// and a relative `dir` works from any working directory.
+pub fn write(dir: &std::path::Path) -> crate::Result<()> {
+    let images = dir.join("images");
+    for split in ["train", "dev", "test"] {
+        let mut d = load(split);
+        attach_images(&mut d, &images)?;
+        for u in d.dialogues.iter_mut().flat_map(|x| x.utterances.iter_mut()) {
+            if let Some(rel) = u.image.as_ref().and_then(|p| p.strip_prefix(dir).ok()) {
+                u.image = Some(rel.to_path_buf());
+            }
+        }
+        crate::util::write_atomic(
+            &dir.join(format!("{split}.jsonl")),
+            super::jsonl::to_jsonl(&d.dialogues).as_bytes(),
+        )?;
+    }
+    crate::util::write_atomic(
+        &dir.join("labels.txt"),
+        (MELD_LABELS.join("\n") + "\n").as_bytes(),
+    )
+}
+
 /// A 96x96 face for label index `li` (MELD order).
 pub fn draw_face(li: usize, rng: &mut Rng) -> image::RgbImage {
     const BG: [[f64; 3]; 7] = [
