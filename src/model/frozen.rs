@@ -645,42 +645,6 @@ impl LayerCtx {
     }
 }
 
-/// A whole frozen decoder layer as one op (CPU, f32): `h` `(b, t, hidden)` in, the new
-/// hidden states and the keys and values `(b, hk, p + t, d)` for the cache out. With a
-/// graph, its backward returns the input's gradient only, computed by
-/// [`kernels::layer_backward`] from what the forward kept; candle's autograd sees one
-/// node per layer instead of some forty.
-pub fn layer(h: &Tensor, l: &FrozenLayer, a: &AttendArgs) -> Result<(Tensor, Tensor, Tensor)> {
-    let h = h.contiguous()?;
-    let shape = h.shape().clone();
-    let ctx = LayerCtx::new(a)?;
-    let save = h.track_op();
-    let (out, k, v, saved) = {
-        let hv = view(&h)?;
-        l.with(|w| ctx.with(|inp| kernels::layer_forward(hv.s(), w, inp, save)))??
-    };
-    let (b, hk, d) = (a.heads.batch, a.heads.kv_heads, a.heads.head_dim);
-    let s = k.len() / (b * hk * d);
-    let dev = candle_core::Device::Cpu;
-    let k = Tensor::from_vec(k, (b, hk, s, d), &dev)?;
-    let v = Tensor::from_vec(v, (b, hk, s, d), &dev)?;
-    let (kc, vc, hd, l) = (k.clone(), v.clone(), h.detach(), l.clone());
-    let out = output("frozen-layer", &h, out, shape.clone(), move || {
-        let saved = saved.expect("saved when tracked");
-        Box::new(move |_, dout| {
-            let dout = dout.contiguous()?;
-            let (dv, hv, ks, vs) = (view(&dout)?, view(&hd)?, view(&kc)?, view(&vc)?);
-            let g = l.with(|w| {
-                ctx.with(|inp| {
-                    kernels::layer_backward(&saved, hv.s(), ks.s(), vs.s(), w, inp, dv.s())
-                })
-            })??;
-            Tensor::from_vec(g, shape.clone(), &candle_core::Device::Cpu)
-        })
-    })?;
-    Ok((out, k, v))
-}
-
 type Backward2 =
     Box<dyn Fn(&Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
 
@@ -754,11 +718,14 @@ fn with_lora<R>(parts: &[LoraInput], f: impl FnOnce(&[kernels::LoraPart]) -> R) 
     Ok(f(&kp))
 }
 
-/// A frozen decoder layer with LoRA adapters on q, k, v, as one op of the layer input
-/// `h` and the adapters' weights (flattened and concatenated, so candle hands each
-/// variable its slice of the gradient). The adapters' products are added inside the
-/// op; the backward returns the gradients of `h` and of every `A` and `B`.
-pub fn layer_lora(
+/// A whole frozen decoder layer as one op (CPU, f32): `h` `(b, t, hidden)` in, the new
+/// hidden states and the keys and values `(b, hk, p + t, d)` for the cache out. Adapters
+/// on q, k, v (`parts`, possibly none) are added inside the op. With a graph, the
+/// backward ([`kernels::layer_backward`]) returns the gradient of `h` and, with adapters,
+/// of every `A` and `B`: the op then also takes the adapters' weights, flattened and
+/// concatenated, so candle hands each variable its slice. Candle's autograd sees one node
+/// per layer instead of some forty.
+pub fn layer(
     h: &Tensor,
     l: &FrozenLayer,
     a: &AttendArgs,
@@ -777,16 +744,20 @@ pub fn layer_lora(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let flat = parts
-        .iter()
-        .flat_map(|p| [p.a.flatten_all(), p.b.flatten_all()])
-        .collect::<Result<Vec<_>>>()?;
-    let params = Tensor::cat(&flat, 0)?;
-    let save = h.track_op() || params.track_op();
+    let params = if parts.is_empty() {
+        None
+    } else {
+        let flat = parts
+            .iter()
+            .flat_map(|p| [p.a.flatten_all(), p.b.flatten_all()])
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&flat, 0)?)
+    };
+    let save = h.track_op() || params.as_ref().is_some_and(|p| p.track_op());
     let (out, k, v, saved) = {
         let hv = view(&h)?;
         with_lora(&parts, |kp| {
-            l.with(|w| ctx.with(|inp| kernels::layer_forward_lora(hv.s(), w, inp, kp, save)))
+            l.with(|w| ctx.with(|inp| kernels::layer_forward(hv.s(), w, inp, kp, save)))
         })???
     };
     let (b, hk, d) = (a.heads.batch, a.heads.kv_heads, a.heads.head_dim);
@@ -797,48 +768,49 @@ pub fn layer_lora(
     if !save {
         return Ok((Tensor::from_vec(out, shape, &dev)?, k, v));
     }
-    let (saved, lsaved) = saved.expect("saved when tracked");
+    let saved = saved.expect("saved when tracked");
     let (kc, vc, hd, l) = (k.clone(), v.clone(), h.detach(), l.clone());
-    let nparams = params.elem_count();
-    let backward: Backward2 = Box::new(move |_, dout| {
+    // The gradient of `h`, and the adapters' gradients in the order of `params`.
+    let grads = move |dout: &Tensor| -> Result<(Tensor, Vec<f32>)> {
         let dout = dout.contiguous()?;
         let (dv, hv, ks, vs) = (view(&dout)?, view(&hd)?, view(&kc)?, view(&vc)?);
         let (dh, grads) = with_lora(&parts, |kp| {
             l.with(|w| {
                 ctx.with(|inp| {
-                    kernels::layer_backward_lora(
-                        &saved,
-                        &lsaved,
-                        hv.s(),
-                        ks.s(),
-                        vs.s(),
-                        w,
-                        inp,
-                        kp,
-                        dv.s(),
-                    )
+                    kernels::layer_backward(&saved, hv.s(), ks.s(), vs.s(), w, inp, kp, dv.s())
                 })
             })
         })???;
-        let mut dp = Vec::with_capacity(nparams);
-        for (da, db) in grads {
-            dp.extend(da);
-            dp.extend(db);
-        }
-        let dev = candle_core::Device::Cpu;
+        let dp = grads
+            .into_iter()
+            .flat_map(|(da, db)| da.into_iter().chain(db))
+            .collect();
         Ok((
-            Some(Tensor::from_vec(dh, shape.clone(), &dev)?),
-            Some(Tensor::from_vec(dp, nparams, &dev)?),
+            Tensor::from_vec(dh, shape.clone(), &candle_core::Device::Cpu)?,
+            dp,
         ))
-    });
-    let out = h.apply_op2(
-        &params,
-        Precomputed2 {
-            name: "frozen-layer-lora",
-            value: Mutex::new(Some(Value::Cpu(out, h.shape().clone()))),
-            backward,
-        },
-    )?;
+    };
+    let out = match params {
+        None => output("frozen-layer", &h, out, h.shape().clone(), move || {
+            Box::new(move |_, dout| Ok(grads(dout)?.0))
+        })?,
+        Some(params) => {
+            let n = params.elem_count();
+            let backward: Backward2 = Box::new(move |_, dout| {
+                let (dh, dp) = grads(dout)?;
+                let dp = Tensor::from_vec(dp, n, &candle_core::Device::Cpu)?;
+                Ok((Some(dh), Some(dp)))
+            });
+            h.apply_op2(
+                &params,
+                Precomputed2 {
+                    name: "frozen-layer-lora",
+                    value: Mutex::new(Some(Value::Cpu(out, h.shape().clone()))),
+                    backward,
+                },
+            )?
+        }
+    };
     Ok((out, k, v))
 }
 

@@ -311,7 +311,6 @@ pub fn swiglu_grad(gu: &[f32], dy: &[f32], n: usize, i: usize) -> Vec<f32> {
         .zip(gu.par_chunks(2 * i).zip(dy.par_chunks(i)))
         .with_min_len(8)
         .for_each(|(d, (gu, dy))| swiglu_grad_row(gu, dy, d));
-    let _ = n;
     d
 }
 
@@ -458,7 +457,6 @@ pub fn split_rope_grad(
                 }
             }
         });
-    let _ = b;
     out
 }
 
@@ -1003,6 +1001,8 @@ pub type LayerOutput<S> = (Vec<f32>, Vec<f32>, Vec<f32>, Option<S>);
 
 /// What a layer's backward needs besides the weights and the keys and values.
 pub struct LayerSaved {
+    /// Per adapter on q/k/v (none without adapters).
+    lora: Vec<LoraSaved>,
     r1: Vec<f32>,
     q: Vec<f32>,
     att: Vec<f32>,
@@ -1012,26 +1012,9 @@ pub struct LayerSaved {
     gu: Vec<f32>,
 }
 
-/// One frozen Llama decoder layer on `h` `(b t, hidden)`: returns the new hidden states,
-/// the keys and values `(b, hk, p + t, d)` for the cache, and (with `save`) what the
-/// backward needs.
-pub fn layer_forward(
-    h: &[f32],
-    w: &LayerWeights,
-    a: &LayerInput,
-    save: bool,
-) -> LayerOutput<LayerSaved> {
-    let (dim, n) = (w.hidden, h.len() / w.hidden);
-    let (n1, r1) = rms_norm(h, w.input_norm, w.eps, dim);
-    let qkv = linear(&n1, w.qkv_t, None, None, n, dim, a.heads.width());
-    drop(n1);
-    let (out, k, v, saved) = layer_after_qkv(h, &qkv, w, a, save);
-    (out, k, v, saved.map(|s| LayerSaved { r1, ..s }))
-}
-
 /// The layer from its q/k/v projection `qkv` `(b t, (h + 2 hk) d)` on (so adapters on q,
 /// k, v can be added outside): attention, output projection, residual, MLP, residual.
-pub fn layer_after_qkv(
+fn layer_after_qkv(
     h: &[f32],
     qkv: &[f32],
     w: &LayerWeights,
@@ -1050,6 +1033,7 @@ pub fn layer_after_qkv(
     let m = swiglu(&gu, n, w.inter);
     let out = linear(&m, w.down_t, None, Some(&h1), n, w.inter, dim);
     let saved = save.then_some(LayerSaved {
+        lora: Vec::new(),
         r1: Vec::new(),
         q,
         att,
@@ -1063,7 +1047,7 @@ pub fn layer_after_qkv(
 
 /// The backward of [`layer_after_qkv`]: the gradients of `qkv` and of `h` (through the
 /// residual).
-pub fn layer_after_qkv_backward(
+fn layer_after_qkv_backward(
     s: &LayerSaved,
     k: &[f32],
     v: &[f32],
@@ -1102,7 +1086,7 @@ pub struct LoraPart<'a> {
     pub mask: Option<&'a [f32]>,
 }
 
-/// What the backward of [`layer_forward_lora`] needs for one adapter.
+/// What the backward of [`layer_forward`] needs for one adapter.
 pub struct LoraSaved {
     /// The adapter's input `x * mask` `(n, in)`.
     xd: Vec<f32>,
@@ -1110,15 +1094,17 @@ pub struct LoraSaved {
     u: Vec<f32>,
 }
 
-/// [`layer_forward`] with LoRA adapters on q, k, v: each adds its low-rank product to
-/// its columns of the q/k/v projection.
-pub fn layer_forward_lora(
+/// One frozen Llama decoder layer on `h` `(b t, hidden)`, with LoRA adapters on q, k, v
+/// (`parts`, possibly none: each adds its low-rank product to its columns of the q/k/v
+/// projection). Returns the new hidden states, the keys and values `(b, hk, p + t, d)`
+/// for the cache, and (with `save`) what the backward needs.
+pub fn layer_forward(
     h: &[f32],
     w: &LayerWeights,
     a: &LayerInput,
     parts: &[LoraPart],
     save: bool,
-) -> LayerOutput<(LayerSaved, Vec<LoraSaved>)> {
+) -> LayerOutput<LayerSaved> {
     let (dim, n) = (w.hidden, h.len() / w.hidden);
     let wd = a.heads.width();
     let (n1, r1) = rms_norm(h, w.input_norm, w.eps, dim);
@@ -1155,16 +1141,20 @@ pub fn layer_forward_lora(
     }
     drop(n1);
     let (out, k, v, saved) = layer_after_qkv(h, &qkv, w, a, save);
-    let saved = saved.map(|s| (LayerSaved { r1, ..s }, lsaved));
+    let saved = saved.map(|s| LayerSaved {
+        lora: lsaved,
+        r1,
+        ..s
+    });
     (out, k, v, saved)
 }
 
-/// The backward of [`layer_forward_lora`]: the input's gradient and, per adapter, the
-/// gradients of `A` `(r, in)` and `B` `(width, r)`.
+/// The backward of [`layer_forward`]: the gradient of the layer's input `h` and, per
+/// adapter, the gradients of `A` `(r, in)` and `B` `(width, r)` (the frozen weights get
+/// none).
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-pub fn layer_backward_lora(
+pub fn layer_backward(
     s: &LayerSaved,
-    ls: &[LoraSaved],
     h: &[f32],
     k: &[f32],
     v: &[f32],
@@ -1178,7 +1168,7 @@ pub fn layer_backward_lora(
     let (dqkv, dh1) = layer_after_qkv_backward(s, k, v, w, a, dout);
     let mut dn1 = matmul_nn(&dqkv, w.qkv, n, wd, dim);
     let mut grads = Vec::new();
-    for (p, sv) in parts.iter().zip(ls) {
+    for (p, sv) in parts.iter().zip(&s.lora) {
         let g = unsafe { dqkv.as_ptr().add(p.col) };
         let mut db = uninit(p.width * p.r);
         let mut gb = uninit(n * p.r);
@@ -1271,25 +1261,6 @@ pub fn layer_backward_lora(
         rms_norm_grad(h, w.input_norm, &s.r1, &dn1, &dh1, dim),
         grads,
     )
-}
-
-/// The backward of [`layer_forward`]: the gradient of the layer's input from that of its
-/// output (the weights are frozen and get none). `h` is the layer's input.
-#[allow(clippy::too_many_arguments)]
-pub fn layer_backward(
-    s: &LayerSaved,
-    h: &[f32],
-    k: &[f32],
-    v: &[f32],
-    w: &LayerWeights,
-    a: &LayerInput,
-    dout: &[f32],
-) -> Vec<f32> {
-    let (dim, n) = (w.hidden, dout.len() / w.hidden);
-    let (dqkv, dh1) = layer_after_qkv_backward(s, k, v, w, a, dout);
-    let dn1 = matmul_nn(&dqkv, w.qkv, n, a.heads.width(), dim);
-    drop(dqkv);
-    rms_norm_grad(h, w.input_norm, &s.r1, &dn1, &dh1, dim)
 }
 
 #[cfg(test)]

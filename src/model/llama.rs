@@ -576,7 +576,7 @@ impl Llama {
         let mut h = x.clone();
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
-            if let Some((fl, whole)) = layer.frozen(x, eps).filter(|_| self.fused) {
+            if let Some(fl) = layer.frozen(x, eps).filter(|_| self.fused) {
                 let a = &layer.attn;
                 let past = cache.kvs[i].take();
                 let fits = mask.as_ref().is_none_or(|m| {
@@ -600,30 +600,26 @@ impl Llama {
                         past: past.as_ref(),
                         mask: mask.as_ref(),
                     };
-                    let (out, k, v) = if whole {
-                        frozen::layer(&h, &fl, &args)?
-                    } else {
-                        // Adapters on q, k, v: added inside the fused op.
-                        let (nq, nk) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
-                        let n = b * t * h.dim(2)?;
-                        let parts = [(&a.q, 0, nq), (&a.k, nq, nk), (&a.v, nq + nk, nk)]
-                            .into_iter()
-                            .filter_map(|(p, col, width)| {
-                                p.lora.as_ref().map(|l| {
-                                    let (la, lb) = l.weights(self.train);
-                                    frozen::LoraInput {
-                                        col,
-                                        width,
-                                        a: la,
-                                        b: lb,
-                                        scale: l.scale as f32,
-                                        mask: l.dropout_mask(n, self.train),
-                                    }
-                                })
+                    // Adapters on q, k, v (if any) are added inside the fused op.
+                    let (nq, nk) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+                    let n = b * t * h.dim(2)?;
+                    let parts = [(&a.q, 0, nq), (&a.k, nq, nk), (&a.v, nq + nk, nk)]
+                        .into_iter()
+                        .filter_map(|(p, col, width)| {
+                            p.lora.as_ref().map(|l| {
+                                let (la, lb) = l.weights(self.train);
+                                frozen::LoraInput {
+                                    col,
+                                    width,
+                                    a: la,
+                                    b: lb,
+                                    scale: l.scale as f32,
+                                    mask: l.dropout_mask(n, self.train),
+                                }
                             })
-                            .collect();
-                        frozen::layer_lora(&h, &fl, &args, parts)?
-                    };
+                        })
+                        .collect();
+                    let (out, k, v) = frozen::layer(&h, &fl, &args, parts)?;
                     cache.kvs[i] = Some((k, v));
                     h = out;
                     continue;
@@ -828,18 +824,14 @@ impl Block {
         ]
     }
 
-    /// The layer as fused frozen ops, when the fused CPU kernels apply to `x` and no
-    /// projection has a bias: with `true`, one op for the whole layer (no adapters);
-    /// with `false`, one op after the q/k/v projection (adapters on q, k, v only).
-    fn frozen(&self, x: &Tensor, eps: f64) -> Option<(frozen::FrozenLayer, bool)> {
+    /// The layer as one fused frozen op, when the fused CPU kernels apply to `x`, no
+    /// projection has a bias, and adapters sit on q, k, v only (the op adds those).
+    fn frozen(&self, x: &Tensor, eps: f64) -> Option<frozen::FrozenLayer> {
         let ps = self.projections();
         let no_bias = ps.iter().all(|(_, _, p)| p.bias.is_none());
-        let adapted = |names: &[&str]| {
-            ps.iter()
-                .any(|(n, _, p)| names.contains(n) && p.lora.is_some())
-        };
-        let whole = !adapted(&["q_proj", "k_proj", "v_proj"]);
-        let rest_plain = !adapted(&["o_proj", "gate_proj", "up_proj", "down_proj"]);
+        let rest_plain = !ps.iter().any(|(n, _, p)| {
+            ["o_proj", "gate_proj", "up_proj", "down_proj"].contains(n) && p.lora.is_some()
+        });
         let weights = [
             &self.input_norm,
             &self.attn.qkv,
@@ -853,20 +845,15 @@ impl Block {
             && self.transposed.is_some()
             && frozen::kernels_apply(x)
             && weights.iter().all(|w| w.is_contiguous());
-        ok.then(|| {
-            (
-                frozen::FrozenLayer {
-                    input_norm: self.input_norm.clone(),
-                    transposed: self.transposed.clone().expect("checked"),
-                    qkv: self.attn.qkv.clone(),
-                    o: self.attn.o.weight.clone(),
-                    post_norm: self.post_norm.clone(),
-                    gate_up: self.mlp.gate_up.clone(),
-                    down: self.mlp.down.weight.clone(),
-                    eps: eps as f32,
-                },
-                whole,
-            )
+        ok.then(|| frozen::FrozenLayer {
+            input_norm: self.input_norm.clone(),
+            transposed: self.transposed.clone().expect("checked"),
+            qkv: self.attn.qkv.clone(),
+            o: self.attn.o.weight.clone(),
+            post_norm: self.post_norm.clone(),
+            gate_up: self.mlp.gate_up.clone(),
+            down: self.mlp.down.weight.clone(),
+            eps: eps as f32,
         })
     }
 
