@@ -775,14 +775,14 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, dim: usize) -> (Vec<f32>, Vec<f3
     (y, r)
 }
 
-/// The backward of [`rms_norm`] plus a residual gradient: `dres + r g - x r^3 mean(g x)`
-/// with `g = dy w`.
+/// The backward of [`rms_norm`] plus a residual gradient, if any:
+/// `dres + r g - x r^3 mean(g x)` with `g = dy w`.
 pub fn rms_norm_grad(
     x: &[f32],
     w: &[f32],
     r: &[f32],
     dy: &[f32],
-    dres: &[f32],
+    dres: Option<&[f32]>,
     dim: usize,
 ) -> Vec<f32> {
     let n = x.len() / dim;
@@ -791,16 +791,13 @@ pub fn rms_norm_grad(
         .enumerate()
         .with_min_len(8)
         .for_each(|(i, dx)| {
-            let (x, dy, dres) = (
-                &x[i * dim..][..dim],
-                &dy[i * dim..][..dim],
-                &dres[i * dim..][..dim],
-            );
+            let (x, dy) = (&x[i * dim..][..dim], &dy[i * dim..][..dim]);
             let r = r[i];
             let gx: f32 = dy.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum();
             let c = r * r * r * gx / dim as f32;
+            let dres = dres.map(|d| &d[i * dim..][..dim]);
             for k in 0..dim {
-                dx[k] = dres[k] + r * dy[k] * w[k] - x[k] * c;
+                dx[k] = dres.map_or(0.0, |d| d[k]) + r * dy[k] * w[k] - x[k] * c;
             }
         });
     dx
@@ -1063,7 +1060,7 @@ fn layer_after_qkv_backward(
     drop(dm);
     let dn2 = matmul_nn(&dgu, w.gate_up, n, 2 * w.inter, dim);
     drop(dgu);
-    let dh1 = rms_norm_grad(&s.h1, w.post_norm, &s.r2, &dn2, dout, dim);
+    let dh1 = rms_norm_grad(&s.h1, w.post_norm, &s.r2, &dn2, Some(dout), dim);
     drop(dn2);
     let datt = matmul_nn(&dh1, w.o, n, dim, hd);
     let s_len = a.p + a.t;
@@ -1258,7 +1255,7 @@ pub fn layer_backward(
     }
     drop(dqkv);
     (
-        rms_norm_grad(h, w.input_norm, &s.r1, &dn1, &dh1, dim),
+        rms_norm_grad(h, w.input_norm, &s.r1, &dn1, Some(&dh1), dim),
         grads,
     )
 }

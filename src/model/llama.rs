@@ -318,26 +318,15 @@ impl Proj {
 
     /// `x`: `(n, in)`.
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = frozen::matmul_t(x, &self.weight)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = &self.lora {
-            y = (y + l.delta(x, train)?)?;
-        }
-        Ok(y)
+        self.finish(frozen::matmul_t(x, &self.weight)?, x, train)
     }
 
     /// Adds this projection's bias and adapter to its part `y` of a fused product.
     fn finish(&self, y: Tensor, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = y;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+        match self.extra(x, train)? {
+            Some(e) => y + e,
+            None => Ok(y),
         }
-        if let Some(l) = &self.lora {
-            y = (y + l.delta(x, train)?)?;
-        }
-        Ok(y)
     }
 
     /// This projection's bias plus adapter output for `x`, if it has either.
