@@ -482,6 +482,31 @@ fn block_extents(mask: Option<&[f32]>, t: usize, s: usize) -> Vec<usize> {
         .collect()
 }
 
+/// Scores `q_b k^T` `(tb, se)` of a block of `tb` query rows against the first `se` keys
+/// (`q_b` `(tb, d)`, `k` `(s, d)`), on the calling thread (the blocks run in parallel).
+fn block_scores(qb: &[f32], k: &[f32], tb: usize, se: usize, d: usize) -> Vec<f32> {
+    assert!(qb.len() >= tb * d && k.len() >= se * d);
+    let mut p = uninit(tb * se);
+    unsafe {
+        gemm_raw(
+            tb,
+            se,
+            d,
+            p.as_mut_ptr(),
+            se,
+            false,
+            qb.as_ptr(),
+            d,
+            1,
+            k.as_ptr(),
+            1,
+            d,
+            gemm::Parallelism::None,
+        )
+    };
+    p
+}
+
 /// `softmax(q k^T + mask) v` for grouped queries. `q` `(b, h, t, d)` (already scaled),
 /// `k`, `v` `(b, hk, s, d)`, `mask` `(t, s)` additive. Returns the output `(b, t, h d)`
 /// (the layout the output projection reads) and each row's log-sum-exp `(b, h, t)`.
@@ -525,25 +550,7 @@ pub fn attention(
             }
             return;
         }
-        let mut p = uninit(tb * se);
-        // Scores (tb, se) = q_b (tb, d) @ k^T.
-        unsafe {
-            gemm_raw(
-                tb,
-                se,
-                d,
-                p.as_mut_ptr(),
-                se,
-                false,
-                qb.as_ptr(),
-                d,
-                1,
-                kb.as_ptr(),
-                1,
-                d,
-                gemm::Parallelism::None,
-            )
-        };
+        let mut p = block_scores(qb, kb, tb, se, d);
         let mut inv = [0f32; BLOCK];
         for r in 0..tb {
             let row = &mut p[r * se..][..se];
@@ -634,24 +641,9 @@ pub fn attention_grad(
                 return (kvh, 0, Vec::new(), Vec::new());
             }
             // P (tb, se) recomputed; dP = dO V^T; dS = P (dP - rowsum(dO O)).
-            let mut p = uninit(tb * se);
+            let mut p = block_scores(qb, kb, tb, se, d);
             let mut dp = uninit(tb * se);
             unsafe {
-                gemm_raw(
-                    tb,
-                    se,
-                    d,
-                    p.as_mut_ptr(),
-                    se,
-                    false,
-                    qb.as_ptr(),
-                    d,
-                    1,
-                    kb.as_ptr(),
-                    1,
-                    d,
-                    gemm::Parallelism::None,
-                );
                 gemm_raw(
                     tb,
                     se,
