@@ -247,24 +247,13 @@ fn fused_layers_match_the_op_by_op_path() {
         .unwrap()
         .cos()
         .unwrap();
+    let pos = Positions {
+        ids: None,
+        mask: Some(&mask),
+    };
+    let at: Vec<usize> = (0..t).collect();
     let mut run = |fused: bool| {
-        llm.model.set_fused(fused);
-        let mut cache = llm.model.new_cache();
-        let pre = llm.model.embed(&prefix).unwrap().unsqueeze(0).unwrap();
-        llm.model
-            .forward(&pre, &mut cache, &Positions::default(), &[])
-            .unwrap();
-        let x = Var::from_tensor(&llm.model.embed(&ids).unwrap().unsqueeze(0).unwrap()).unwrap();
-        let pos = Positions {
-            ids: None,
-            mask: Some(&mask),
-        };
-        let at: Vec<usize> = (0..t).collect();
-        let l = llm
-            .model
-            .forward(x.as_tensor(), &mut cache, &pos, &at)
-            .unwrap()
-            .unwrap();
+        let (l, x) = forward_after_prefix(&mut llm, fused, &prefix, &ids, &pos, &at);
         let g = (&l * &w).unwrap().sum_all().unwrap().backward().unwrap();
         (l, g.get(&x).unwrap().clone())
     };

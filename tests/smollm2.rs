@@ -118,20 +118,8 @@ fn fused_layers_match_the_op_by_op_path_on_smollm2() {
     let ids: Vec<u32> = (0..90).map(|i| (i * 53 + 7) % 49000).collect();
     let at: Vec<usize> = vec![70, 85, 89];
     let mut run = |fused: bool| {
-        llm.model.set_fused(fused);
-        let mut cache = llm.model.new_cache();
-        let pre = llm.model.embed(&prefix).unwrap().unsqueeze(0).unwrap();
-        llm.model
-            .forward(&pre, &mut cache, &Positions::default(), &[])
-            .unwrap();
-        let x =
-            candle_core::Var::from_tensor(&llm.model.embed(&ids).unwrap().unsqueeze(0).unwrap())
-                .unwrap();
-        let l = llm
-            .model
-            .forward(x.as_tensor(), &mut cache, &Positions::default(), &at)
-            .unwrap()
-            .unwrap();
+        let pos = Positions::default();
+        let (l, x) = forward_after_prefix(&mut llm, fused, &prefix, &ids, &pos, &at);
         let lp = farcer::model::llama::log_softmax(&l).unwrap();
         let loss = lp.i((0, .., 1000)).unwrap().sum_all().unwrap();
         let g = loss.backward().unwrap();

@@ -244,15 +244,7 @@ fn projection_learns_labels_only_the_images_show() {
     let test = synthetic(&dir.join("test"), "test", 6, 2);
     // farcer's own seeded, untrained ViT (the one the demo uses), written in HF layout.
     let vit_dir = dir.join("vit");
-    farcer::vision::VisionEncoder::write_random(
-        &vit_dir,
-        0,
-        &farcer::vision::demo_vit_config(),
-        &farcer::vision::demo_preprocess(),
-    )
-    .unwrap();
-    let enc = farcer::vision::VisionEncoder::load(vit_dir.to_str().unwrap(), &Device::Cpu, false)
-        .unwrap();
+    let enc = demo_vit(&vit_dir, 0);
     let llm_dir = dir.join("llm");
     write_steerable_llama(&llm_dir, 7);
     let load =
@@ -548,15 +540,7 @@ fn lora_training_reaches_at_least_the_base_score() {
     let train = synthetic(&dir.join("train"), "train", 8, 1);
     let test = synthetic(&dir.join("test"), "test", 4, 2);
     let vit_dir = dir.join("vit");
-    farcer::vision::VisionEncoder::write_random(
-        &vit_dir,
-        0,
-        &farcer::vision::demo_vit_config(),
-        &farcer::vision::demo_preprocess(),
-    )
-    .unwrap();
-    let enc = farcer::vision::VisionEncoder::load(vit_dir.to_str().unwrap(), &Device::Cpu, false)
-        .unwrap();
+    let enc = demo_vit(&vit_dir, 0);
     let llm_dir = dir.join("llm");
     write_steerable_llama(&llm_dir, 7);
     let load =

@@ -84,14 +84,7 @@ fn real_pretrained_vit_matches_its_reference_outputs() {
 #[test]
 fn demo_images_are_separable_through_the_demo_vit() {
     let dir = std::env::temp_dir().join(format!("farcer-demo-vit-{}", std::process::id()));
-    farcer::vision::VisionEncoder::write_random(
-        &dir.join("vit"),
-        0,
-        &farcer::vision::demo_vit_config(),
-        &farcer::vision::demo_preprocess(),
-    )
-    .unwrap();
-    let enc = VisionEncoder::load(dir.join("vit").to_str().unwrap(), &Device::Cpu, false).unwrap();
+    let enc = demo_vit(&dir.join("vit"), 0);
     let vectors = |split: &str| -> Vec<(usize, Vec<f32>)> {
         let mut d = farcer::data::demo::load(split);
         farcer::data::demo::attach_images(&mut d, &dir.join(split)).unwrap();
@@ -166,19 +159,12 @@ fn demo_images_are_separable_through_the_demo_vit() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// The fused CPU layers against the op-by-op path on the demo ViT (65 tokens: more than
-/// one attention block) and on the shared DINOv2-S.
+/// The fused CPU layers against the op-by-op path on a demo-shaped ViT (65 tokens: more
+/// than one attention block).
 #[test]
 fn fused_vit_layers_match_the_op_by_op_path() {
     let dir = std::env::temp_dir().join(format!("farcer-fused-vit-{}", std::process::id()));
-    farcer::vision::VisionEncoder::write_random(
-        &dir,
-        3,
-        &farcer::vision::demo_vit_config(),
-        &farcer::vision::demo_preprocess(),
-    )
-    .unwrap();
-    let mut enc = VisionEncoder::load(dir.to_str().unwrap(), &Device::Cpu, false).unwrap();
+    let mut enc = demo_vit(&dir, 3);
     let px = candle_core::Tensor::randn(0f32, 1.0, (3, 3, 64, 64), &Device::Cpu).unwrap();
     let fused = enc.vit.cls(&px, false).unwrap();
     enc.vit.set_fused(false);

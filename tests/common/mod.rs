@@ -151,3 +151,42 @@ pub fn write_steerable_llama(dir: &std::path::Path, seed: u64) {
     );
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
 }
+
+/// farcer's seeded, untrained demo ViT (the encoder `farcer demo` uses), written to `dir`
+/// in Hugging Face layout and loaded (CLS before the final norm).
+pub fn demo_vit(dir: &std::path::Path, seed: u64) -> farcer::vision::VisionEncoder {
+    farcer::vision::VisionEncoder::write_random(
+        dir,
+        seed,
+        &farcer::vision::demo_vit_config(),
+        &farcer::vision::demo_preprocess(),
+    )
+    .unwrap();
+    farcer::vision::VisionEncoder::load(dir.to_str().unwrap(), &Device::Cpu, false).unwrap()
+}
+
+/// With the fused layers on or off: `prefix` into a fresh cache (no graph), then `ids` as
+/// a variable at positions `pos`. Returns the logits at `at` and that variable.
+pub fn forward_after_prefix(
+    llm: &mut farcer::model::Llm,
+    fused: bool,
+    prefix: &[u32],
+    ids: &[u32],
+    pos: &farcer::model::llama::Positions,
+    at: &[usize],
+) -> (Tensor, candle_core::Var) {
+    llm.model.set_fused(fused);
+    let mut cache = llm.model.new_cache();
+    let pre = llm.model.embed(prefix).unwrap().unsqueeze(0).unwrap();
+    llm.model
+        .forward(&pre, &mut cache, &Default::default(), &[])
+        .unwrap();
+    let x = llm.model.embed(ids).unwrap().unsqueeze(0).unwrap();
+    let x = candle_core::Var::from_tensor(&x).unwrap();
+    let l = llm
+        .model
+        .forward(x.as_tensor(), &mut cache, pos, at)
+        .unwrap()
+        .unwrap();
+    (l, x)
+}
