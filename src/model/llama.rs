@@ -568,24 +568,13 @@ impl Llama {
             if let Some(fl) = layer.frozen(x, eps).filter(|_| self.fused) {
                 let a = &layer.attn;
                 let past = cache.kvs[i].take();
-                let fits = mask.as_ref().is_none_or(|m| {
-                    m.dims() == [t, past.as_ref().map_or(0, |c| c.0.dims()[2]) + t]
-                });
-                let untracked = past
-                    .as_ref()
-                    .is_none_or(|(k, v)| !k.track_op() && !v.track_op());
-                if fits && untracked {
+                if kernels_take(past.as_ref(), mask.as_ref(), t) {
                     let args = frozen::AttendArgs {
-                        heads: Heads {
-                            batch: b,
-                            heads: a.num_heads,
-                            kv_heads: a.num_kv_heads,
-                            head_dim: a.head_dim,
-                        },
+                        heads: a.heads(b),
                         t,
                         cos: &cos,
                         sin: &sin,
-                        scale: (1.0 / (a.head_dim as f64).sqrt()) as f32,
+                        scale: a.scale(),
                         past: past.as_ref(),
                         mask: mask.as_ref(),
                     };
@@ -860,6 +849,20 @@ impl Block {
 }
 
 impl Attention {
+    fn heads(&self, batch: usize) -> Heads {
+        Heads {
+            batch,
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
+    /// `1 / sqrt(head_dim)`, applied to q.
+    fn scale(&self) -> f32 {
+        (1.0 / (self.head_dim as f64).sqrt()) as f32
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -873,27 +876,17 @@ impl Attention {
         let (h, hk, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let flat = x.reshape((b * t, d))?;
         let qkv = frozen::matmul_t(&flat, &self.qkv)?;
-        let past_tracked = kv
-            .as_ref()
-            .is_some_and(|(k, v)| k.track_op() || v.track_op());
-        let mask_fits =
-            mask.is_none_or(|m| m.dims() == [t, kv.as_ref().map_or(0, |c| c.0.dims()[2]) + t]);
-        if frozen::kernels_apply(x) && !past_tracked && mask_fits {
+        if frozen::kernels_apply(x) && kernels_take(kv.as_ref(), mask, t) {
             let qkv = add_extras(qkv, &flat, &[&self.q, &self.k, &self.v], train)?;
             let past = kv.take();
             let (out, k, v) = frozen::attend(
                 &qkv,
                 &frozen::AttendArgs {
-                    heads: Heads {
-                        batch: b,
-                        heads: h,
-                        kv_heads: hk,
-                        head_dim: hd,
-                    },
+                    heads: self.heads(b),
                     t,
                     cos,
                     sin,
-                    scale: (1.0 / (hd as f64).sqrt()) as f32,
+                    scale: self.scale(),
                     past: past.as_ref(),
                     mask,
                 },
@@ -947,6 +940,14 @@ impl Mlp {
         let u = self.up.finish(gu.narrow(1, i, i)?, &flat, train)?;
         self.down.forward(&(g * u)?, train)?.reshape((b, t, d))
     }
+}
+
+/// Whether the fused attention kernels can take a layer's cache and mask: the cached
+/// keys and values carry no graph, and the mask is `(t, past + t)`.
+fn kernels_take(past: Option<&(Tensor, Tensor)>, mask: Option<&Tensor>, t: usize) -> bool {
+    let p = past.map_or(0, |(k, _)| k.dims()[2]);
+    past.is_none_or(|(k, v)| !k.track_op() && !v.track_op())
+        && mask.is_none_or(|m| m.dims() == [t, p + t])
 }
 
 /// Adds the parts' biases and adapters to their columns of the fused product `y`.
