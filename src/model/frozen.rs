@@ -7,11 +7,11 @@
 //! backward that returns only the input's gradient. The forward values are therefore
 //! bit-identical to inference, and nothing is computed or kept for frozen weights.
 
-use super::kernels::{self, Heads};
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
     D,
 };
+use farcer_kernels::{self as kernels, Heads};
 use std::sync::Mutex;
 
 type Backward = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;

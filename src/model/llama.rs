@@ -290,7 +290,7 @@ pub struct Positions<'a> {
     pub mask: Option<&'a Tensor>,
 }
 
-use super::kernels::Heads;
+use farcer_kernels::Heads;
 use frozen::{rms_norm, rope};
 
 /// A projection `x W^T (+ b)` whose weight is frozen, with an optional LoRA adapter.

@@ -3,7 +3,6 @@
 
 pub mod frozen;
 pub mod gguf;
-pub mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod projection;

@@ -1,0 +1,366 @@
+//! Blocked causal attention over grouped-query heads (forward with log-sum-exp, and
+//! backward), skipping key blocks a causal mask hides.
+
+use crate::gemm::gemm_raw;
+use crate::math::exp_approx;
+use crate::rope::Heads;
+use crate::util::{uninit, SendPtr};
+use rayon::prelude::*;
+
+multiversion! {
+    /// `row <- exp(row + mask - shift)`, returning the sum of the new row.
+    pub(crate) fn exp_shift_sum(row: &mut [f32], shift: f32) -> f32 {
+        let mut acc = [0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+                *v = exp_approx(*v - shift);
+                *a += *v;
+            }
+        }
+        let mut sum = 0f32;
+        for v in chunks.into_remainder() {
+            *v = exp_approx(*v - shift);
+            sum += *v;
+        }
+        sum + acc.iter().sum::<f32>()
+    }
+}
+
+multiversion! {
+    /// `row += mask`, returning the maximum of the new row.
+    pub(crate) fn add_max(row: &mut [f32], mask: &[f32]) -> f32 {
+        let mut m = [f32::NEG_INFINITY; 16];
+        let n = row.len() / 16 * 16;
+        for (c, mc) in row[..n].chunks_exact_mut(16).zip(mask[..n].chunks_exact(16)) {
+            for i in 0..16 {
+                c[i] += mc[i];
+                m[i] = m[i].max(c[i]);
+            }
+        }
+        let mut best = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for i in n..row.len() {
+            row[i] += mask[i];
+            best = best.max(row[i]);
+        }
+        best
+    }
+}
+
+multiversion! {
+    /// Row maximum.
+    pub(crate) fn row_max(row: &[f32]) -> f32 {
+        let mut m = [f32::NEG_INFINITY; 16];
+        let n = row.len() / 16 * 16;
+        for c in row[..n].chunks_exact(16) {
+            for i in 0..16 {
+                m[i] = m[i].max(c[i]);
+            }
+        }
+        let best = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        row[n..].iter().fold(best, |a, &b| a.max(b))
+    }
+}
+
+multiversion! {
+    /// `p <- exp(p + mask - lse)` (probabilities recomputed from the saved log-sum-exp),
+    /// then `dp <- p * (dp - d)`.
+    pub(crate) fn softmax_grad_row(p: &mut [f32], mask: Option<&[f32]>, lse: f32, dp: &mut [f32], d: f32) {
+        if let Some(m) = mask {
+            for (v, &mv) in p.iter_mut().zip(m) {
+                *v += mv;
+            }
+        }
+        for (v, g) in p.iter_mut().zip(dp.iter_mut()) {
+            *v = exp_approx(*v - lse);
+            *g = *v * (*g - d);
+        }
+    }
+}
+
+/// Query rows per attention task.
+pub(crate) const BLOCK: usize = 64;
+
+/// For each block of `BLOCK` query rows, how many leading key columns any of its rows
+/// may see (a causal mask hides the rest, so they are never computed).
+pub(crate) fn block_extents(mask: Option<&[f32]>, t: usize, s: usize) -> Vec<usize> {
+    (0..t.div_ceil(BLOCK))
+        .map(|blk| match mask {
+            None => s,
+            Some(m) => (blk * BLOCK..((blk + 1) * BLOCK).min(t))
+                .map(|r| {
+                    let row = &m[r * s..][..s];
+                    row.iter()
+                        .rposition(|&x| x != f32::NEG_INFINITY)
+                        .map_or(0, |p| p + 1)
+                })
+                .max()
+                .unwrap_or(0),
+        })
+        .collect()
+}
+
+/// Scores `q_b k^T` `(tb, se)` of a block of `tb` query rows against the first `se` keys
+/// (`q_b` `(tb, d)`, `k` `(s, d)`), on the calling thread (the blocks run in parallel).
+pub(crate) fn block_scores(qb: &[f32], k: &[f32], tb: usize, se: usize, d: usize) -> Vec<f32> {
+    assert!(qb.len() >= tb * d && k.len() >= se * d);
+    let mut p = uninit(tb * se);
+    unsafe {
+        gemm_raw(
+            tb,
+            se,
+            d,
+            p.as_mut_ptr(),
+            se,
+            false,
+            qb.as_ptr(),
+            d,
+            1,
+            k.as_ptr(),
+            1,
+            d,
+            gemm::Parallelism::None,
+        )
+    };
+    p
+}
+
+/// `softmax(q k^T + mask) v` for grouped queries. `q` `(b, h, t, d)` (already scaled),
+/// `k`, `v` `(b, hk, s, d)`, `mask` `(t, s)` additive. Returns the output `(b, t, h d)`
+/// (the layout the output projection reads) and each row's log-sum-exp `(b, h, t)`.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&[f32]>,
+    hs: Heads,
+    t: usize,
+    s: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let Heads {
+        batch: b,
+        heads: h,
+        kv_heads: hk,
+        head_dim: d,
+    } = hs;
+    let rep = h / hk;
+    let ext = block_extents(mask, t, s);
+    let nblk = ext.len();
+    let mut out = uninit(b * t * h * d);
+    let mut lse = uninit(b * h * t);
+    let (op, lp) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    (0..b * h * nblk).into_par_iter().for_each(|job| {
+        let (bh, blk) = (job / nblk, job % nblk);
+        let (bi, hi) = (bh / h, bh % h);
+        let kvh = bi * hk + hi / rep;
+        let t0 = blk * BLOCK;
+        let tb = BLOCK.min(t - t0);
+        let se = ext[blk];
+        let qb = &q[((bi * h + hi) * t + t0) * d..];
+        let (kb, vb) = (&k[kvh * s * d..], &v[kvh * s * d..]);
+        let dst = unsafe { op.get().add((bi * t + t0) * h * d + hi * d) };
+        let lse_b =
+            unsafe { std::slice::from_raw_parts_mut(lp.get().add((bi * h + hi) * t + t0), tb) };
+        if se == 0 {
+            for (r, l) in lse_b.iter_mut().enumerate() {
+                unsafe { std::ptr::write_bytes(dst.add(r * h * d), 0, d) };
+                *l = f32::NEG_INFINITY;
+            }
+            return;
+        }
+        let mut p = block_scores(qb, kb, tb, se, d);
+        let mut inv = [0f32; BLOCK];
+        for r in 0..tb {
+            let row = &mut p[r * se..][..se];
+            let max = match mask {
+                Some(m) => add_max(row, &m[(t0 + r) * s..][..se]),
+                None => row_max(row),
+            };
+            if max == f32::NEG_INFINITY {
+                row.fill(0.0);
+                inv[r] = 0.0;
+                lse_b[r] = f32::NEG_INFINITY;
+                continue;
+            }
+            let sum = exp_shift_sum(row, max);
+            inv[r] = 1.0 / sum;
+            lse_b[r] = max + sum.ln();
+        }
+        // Output rows (tb, d) = p @ v, written with the row stride of (b, t, h d).
+        unsafe {
+            gemm_raw(
+                tb,
+                d,
+                se,
+                dst,
+                h * d,
+                false,
+                p.as_ptr(),
+                se,
+                1,
+                vb.as_ptr(),
+                d,
+                1,
+                gemm::Parallelism::None,
+            );
+            for (r, &iv) in inv.iter().enumerate().take(tb) {
+                let row = std::slice::from_raw_parts_mut(dst.add(r * h * d), d);
+                row.iter_mut().for_each(|x| *x *= iv);
+            }
+        }
+    });
+    (out, lse)
+}
+
+/// The backward of [`attention`] (FlashAttention-2 style: probabilities recomputed per
+/// block from the log-sum-exp). `out`, `dout` `(b, t, h d)`. Returns `dq` `(b, h, t, d)`,
+/// `dk`, `dv` `(b, hk, s, d)`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_grad(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&[f32]>,
+    out: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+    hs: Heads,
+    t: usize,
+    s: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Heads {
+        batch: b,
+        heads: h,
+        kv_heads: hk,
+        head_dim: d,
+    } = hs;
+    let rep = h / hk;
+    let ext = block_extents(mask, t, s);
+    let nblk = ext.len();
+    let hd = h * d;
+    let mut dq = uninit(b * h * t * d);
+    let dqp = SendPtr(dq.as_mut_ptr());
+    // Each job returns its partial dk, dv (se, d) for its key head; summed below.
+    let parts: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = (0..b * h * nblk)
+        .into_par_iter()
+        .map(|job| {
+            let (bh, blk) = (job / nblk, job % nblk);
+            let (bi, hi) = (bh / h, bh % h);
+            let kvh = bi * hk + hi / rep;
+            let t0 = blk * BLOCK;
+            let tb = BLOCK.min(t - t0);
+            let se = ext[blk];
+            let qb = &q[((bi * h + hi) * t + t0) * d..];
+            let (kb, vb) = (&k[kvh * s * d..], &v[kvh * s * d..]);
+            let row0 = (bi * t + t0) * hd + hi * d;
+            let dqb = unsafe { dqp.get().add(((bi * h + hi) * t + t0) * d) };
+            if se == 0 {
+                unsafe { std::ptr::write_bytes(dqb, 0, tb * d) };
+                return (kvh, 0, Vec::new(), Vec::new());
+            }
+            // P (tb, se) recomputed; dP = dO V^T; dS = P (dP - rowsum(dO O)).
+            let mut p = block_scores(qb, kb, tb, se, d);
+            let mut dp = uninit(tb * se);
+            unsafe {
+                gemm_raw(
+                    tb,
+                    se,
+                    d,
+                    dp.as_mut_ptr(),
+                    se,
+                    false,
+                    dout.as_ptr().add(row0),
+                    hd,
+                    1,
+                    vb.as_ptr(),
+                    1,
+                    d,
+                    gemm::Parallelism::None,
+                );
+            }
+            let mut dv = uninit(se * d);
+            for r in 0..tb {
+                let o = &out[row0 + r * hd..][..d];
+                let g = &dout[row0 + r * hd..][..d];
+                let dsum: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
+                let l = lse[(bi * h + hi) * t + t0 + r];
+                let (pr, dpr) = (&mut p[r * se..][..se], &mut dp[r * se..][..se]);
+                if l == f32::NEG_INFINITY {
+                    pr.fill(0.0);
+                    dpr.fill(0.0);
+                    continue;
+                }
+                // dv needs P itself; keep it by computing P first, dS into dp.
+                softmax_grad_row(pr, mask.map(|m| &m[(t0 + r) * s..][..se]), l, dpr, dsum);
+            }
+            let mut dk = uninit(se * d);
+            unsafe {
+                // dV (se, d) = P^T dO.
+                gemm_raw(
+                    se,
+                    d,
+                    tb,
+                    dv.as_mut_ptr(),
+                    d,
+                    false,
+                    p.as_ptr(),
+                    1,
+                    se,
+                    dout.as_ptr().add(row0),
+                    hd,
+                    1,
+                    gemm::Parallelism::None,
+                );
+                // dQ (tb, d) = dS K.
+                gemm_raw(
+                    tb,
+                    d,
+                    se,
+                    dqb,
+                    d,
+                    false,
+                    dp.as_ptr(),
+                    se,
+                    1,
+                    kb.as_ptr(),
+                    d,
+                    1,
+                    gemm::Parallelism::None,
+                );
+                // dK (se, d) = dS^T Q.
+                gemm_raw(
+                    se,
+                    d,
+                    tb,
+                    dk.as_mut_ptr(),
+                    d,
+                    false,
+                    dp.as_ptr(),
+                    1,
+                    se,
+                    qb.as_ptr(),
+                    d,
+                    1,
+                    gemm::Parallelism::None,
+                );
+            }
+            (kvh, se, dk, dv)
+        })
+        .collect();
+    let mut dk = vec![0f32; b * hk * s * d];
+    let mut dv = vec![0f32; b * hk * s * d];
+    dk.par_chunks_mut(s * d)
+        .zip(dv.par_chunks_mut(s * d))
+        .enumerate()
+        .for_each(|(kvh, (dk, dv))| {
+            for (_, se, pk, pv) in parts.iter().filter(|p| p.0 == kvh) {
+                for (a, b) in dk[..se * d].iter_mut().zip(pk) {
+                    *a += b;
+                }
+                for (a, b) in dv[..se * d].iter_mut().zip(pv) {
+                    *a += b;
+                }
+            }
+        });
+    (dq, dk, dv)
+}
