@@ -9,6 +9,7 @@ use crate::decode::{Decode, LabelTokens};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalOptions};
 use crate::farcer::{Farcer, Kind};
+use crate::model::dropout::Dropout;
 use crate::model::llama::Positions;
 use crate::model::lora::LoraConfig;
 use crate::model::projection::{Projection, ProjectionConfig};
@@ -180,7 +181,8 @@ pub fn sweep(llm_path: &str, meld: &std::path::Path, reps: usize) -> Result<Vec<
             Ok(median(ts))
         };
         let train_seconds = time(&mut || {
-            sample_loss(&f, &ps, &ctx, None, &gold, &w, true, true)?.backward()?;
+            let mut d = Dropout::new(0);
+            sample_loss(&f, &ps, &ctx, None, &gold, &w, true, Some(&mut d))?.backward()?;
             Ok(())
         })?;
         let predict_seconds = time(&mut || {
@@ -207,7 +209,8 @@ fn step_with_image(
 ) -> Result<()> {
     let dev = llm.model.device();
     let img = Tensor::ones((1, proj.config.in_dim), candle_core::DType::F32, dev)?;
-    let v = proj.forward(&img, true)?;
+    let mut dropout = Dropout::new(0);
+    let v = proj.forward(&img, Some(&mut dropout))?;
     let before = llm.model.embed(&ids[..image_pos])?;
     let after = llm.model.embed(&ids[image_pos + 1..])?;
     let x = Tensor::cat(&[&before, &v, &after], 0)?.unsqueeze(0)?;
@@ -216,7 +219,7 @@ fn step_with_image(
     let mut cache = llm.model.new_cache();
     let logits = llm
         .model
-        .forward(&x, &mut cache, &Positions::default(), &at)?
+        .forward_train(&x, &mut cache, &Positions::default(), &at, &mut dropout)?
         .expect("logits")
         .squeeze(0)?;
     let lp = crate::model::llama::log_softmax(&logits)?;
@@ -347,7 +350,6 @@ pub fn run_case(
         "lora-step-512" => {
             let mut llm = llm;
             llm.model.add_lora(&LoraConfig::default(), 0)?;
-            llm.model.set_train(true);
             // B starts at zero; give it values so every path carries gradient.
             for (_, v) in llm.model.lora_vars() {
                 v.set(&(v.as_tensor().ones_like()? * 0.01)?)?;
@@ -421,7 +423,7 @@ pub fn run_case(
                             data.gold(s),
                             &w,
                             use_cache,
-                            true,
+                            Some(&mut Dropout::new(0)),
                         )?;
                         loss.backward()?;
                     }

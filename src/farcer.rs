@@ -7,6 +7,7 @@
 use crate::data::Utterance;
 use crate::error::{Error, IoContext, Result};
 use crate::eval::InputBuilder;
+use crate::model::dropout::Dropout;
 use crate::model::lora::LoraConfig;
 use crate::model::projection::{Projection, ProjectionConfig};
 use crate::model::Llm;
@@ -133,9 +134,14 @@ impl Farcer {
         u.image.as_ref().and_then(|p| self.vectors.get(p))
     }
 
-    /// Prompt-suffix embeddings `(1, len, hidden)`; with `train` the projection's dropout
-    /// is on and the result carries the graph back to the projection.
-    pub fn embeds(&self, enc: &Encoded, context: &[Utterance], train: bool) -> Result<Tensor> {
+    /// Prompt-suffix embeddings `(1, len, hidden)`; with `train` (`Some`) the
+    /// projection's dropout is on and the result carries the graph back to the projection.
+    pub fn embeds(
+        &self,
+        enc: &Encoded,
+        context: &[Utterance],
+        train: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
         let dev = self.llm.model.device();
         let slots = enc.images();
         let projected = if slots.is_empty() {
@@ -262,7 +268,7 @@ impl InputBuilder for Farcer {
         self.image_of(u).is_some()
     }
     fn suffix_embeds(&self, enc: &Encoded, context: &[Utterance]) -> Result<Tensor> {
-        self.embeds(enc, context, false)
+        self.embeds(enc, context, None)
     }
     fn kind(&self) -> String {
         self.kind.label().to_string()

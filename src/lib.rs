@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod plot;
 pub mod prompt;
 pub mod report;
+pub mod selftest;
 pub mod train;
 pub mod util;
 pub mod vision;

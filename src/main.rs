@@ -71,6 +71,19 @@ enum Cmd {
     /// LoRA adapters in PEFT's layout.
     #[command(subcommand)]
     Adapter(AdapterCmd),
+    /// Check that this build computes on a device what the CPU kernels compute: a small
+    /// random Llama with LoRA, logits and gradients (run it first after a GPU build).
+    Selftest {
+        /// cpu, cuda, cuda:N or metal.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -353,6 +366,11 @@ fn main() {
             out,
         } => baseline(&data, &split, scope, &out),
         Cmd::Adapter(a) => adapter(a),
+        Cmd::Selftest {
+            device,
+            dtype,
+            json,
+        } => selftest(&device, &dtype, json.as_deref()),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -362,6 +380,33 @@ fn main() {
 
 fn log(s: &str) {
     eprintln!("{s}");
+}
+
+fn selftest(device: &str, dtype: &str, json: Option<&Path>) -> Result<()> {
+    let dev = model::device(device)?;
+    let dt = model::dtype(dtype)?;
+    let r = farcer::selftest::run(&dev, dt)?;
+    println!("selftest: {device}, {dtype}, against the f32 CPU kernels");
+    for c in &r.checks {
+        println!(
+            "  {:<4} {:<48} max |diff| {:.3e} of {:.3e} (relative {:.1e}, tolerance {:.0e})",
+            if c.passed { "ok" } else { "FAIL" },
+            c.name,
+            c.max_abs_diff,
+            c.scale,
+            c.max_abs_diff / c.scale.max(1e-12),
+            c.tolerance
+        );
+    }
+    if let Some(p) = json {
+        let text = serde_json::to_string_pretty(&r)?;
+        farcer::util::write_atomic(p, text.as_bytes())?;
+    }
+    if !r.passed() {
+        bail!("selftest failed on {device} in {dtype}");
+    }
+    println!("selftest passed");
+    Ok(())
 }
 
 fn fetch(wheel: Option<PathBuf>) -> Result<()> {

@@ -14,6 +14,7 @@ use crate::decode::Decode;
 use crate::error::{Error, IoContext, Result};
 use crate::eval::{self, EvalOptions, PreparedSet};
 use crate::farcer::{Farcer, Kind, Manifest};
+use crate::model::dropout::Dropout;
 use crate::model::llama::{log_softmax, Positions};
 use crate::model::lora::LoraConfig;
 use crate::prompt::{PromptConfig, PromptSet};
@@ -422,12 +423,12 @@ pub fn sample_loss(
     gold: &str,
     weights: &TokenWeights,
     use_cache: bool,
-    train: bool,
+    mut train: Option<&mut Dropout>,
 ) -> Result<Tensor> {
     let llm = &f.llm;
     let has_image = |i: usize| crate::eval::InputBuilder::has_image(f, &context[i]);
     let enc = ps.prompter.encode(context, &has_image, past)?;
-    let x = f.embeds(&enc, context, train)?;
+    let x = f.embeds(&enc, context, train.as_deref_mut())?;
     let t = x.dim(1)?;
     let target = target_tokens(f, gold)?;
     let n = target.len();
@@ -443,11 +444,13 @@ pub fn sample_loss(
         (llm.model.new_cache(), p.len())
     };
     let at: Vec<usize> = (0..n).map(|i| offset + t - 1 + i).collect();
-    let logits = llm
-        .model
-        .forward(&inp, &mut cache, &Positions::default(), &at)?
-        .expect("logits asked")
-        .squeeze(0)?;
+    let pos = Positions::default();
+    let logits = match train {
+        Some(d) => llm.model.forward_train(&inp, &mut cache, &pos, &at, d)?,
+        None => llm.model.forward(&inp, &mut cache, &pos, &at)?,
+    }
+    .expect("logits asked")
+    .squeeze(0)?;
     let lp = log_softmax(&logits)?;
     let dev = llm.model.device();
     let ids = Tensor::new(target.as_slice(), dev)?.unsqueeze(1)?;
@@ -640,7 +643,6 @@ pub fn train(
         let mut order: Vec<usize> = (0..samples.len()).collect();
         Rng::derive(cfg.seed, &format!("epoch-{epoch}")).shuffle(&mut order);
         obs.epoch_start(epoch, order.len());
-        f.llm.model.set_train(true);
         let mut acc: HashMap<String, Tensor> = HashMap::new();
         let mut in_acc = 0;
         let mut loss_sum = 0.0;
@@ -665,8 +667,7 @@ pub fn train(
             let ps = prepared[set_i].as_ref().expect("prepared");
             // Dropout masks depend on (seed, step) only, so a resumed run repeats them.
             let step_seed = cfg.seed ^ (st.sample_step as u64).wrapping_mul(0x9E3779B97F4A7C15);
-            f.projection.reseed(step_seed);
-            f.llm.model.reseed_lora(step_seed);
+            let mut dropout = Dropout::new(step_seed);
             let smp = &samples[si];
             let ctx = data.train.context(smp);
             let loss = sample_loss(
@@ -677,7 +678,7 @@ pub fn train(
                 data.train.gold(smp),
                 &weights,
                 use_cache,
-                true,
+                Some(&mut dropout),
             )?;
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
@@ -718,7 +719,6 @@ pub fn train(
             )?;
             obs.step(epoch, k + 1, lv);
         }
-        f.llm.model.set_train(false);
 
         // Validation: weighted F1 on the validation split with the evaluation prompt set.
         let vopts = EvalOptions {

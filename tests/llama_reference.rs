@@ -221,12 +221,12 @@ fn training_path_gives_the_same_logits_and_input_gradients() {
     }
 }
 
-/// Each frozen layer as one fused op (the default on the CPU) against the op-by-op path:
+/// Each frozen layer as one fused op (the default on the CPU) against candle's op-by-op path:
 /// logits and input gradients, after a cached prefix and with a non-causal mask (rows may
 /// see one later position, as packed label scoring does).
 #[test]
 fn fused_layers_match_the_op_by_op_path() {
-    let mut llm = tiny();
+    let llm = tiny();
     let dev = Device::Cpu;
     let prefix: Vec<u32> = (0..5).map(|i| (i * 11 + 3) % 260).collect();
     let ids: Vec<u32> = (0..9).map(|i| (i * 7 + 1) % 260).collect();
@@ -252,8 +252,8 @@ fn fused_layers_match_the_op_by_op_path() {
         mask: Some(&mask),
     };
     let at: Vec<usize> = (0..t).collect();
-    let mut run = |fused: bool| {
-        let (l, x) = forward_after_prefix(&mut llm, fused, &prefix, &ids, &pos, &at);
+    let run = |fused: bool| {
+        let (l, x) = forward_after_prefix(&llm, fused, &prefix, &ids, &pos, &at);
         let g = (&l * &w).unwrap().sum_all().unwrap().backward().unwrap();
         (l, g.get(&x).unwrap().clone())
     };

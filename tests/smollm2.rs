@@ -113,13 +113,13 @@ fn tokenizer_ids_follow_smollm_rules_and_round_trip() {
 /// input gradients within 1e-4.
 #[test]
 fn fused_layers_match_the_op_by_op_path_on_smollm2() {
-    let Some(mut llm) = llm() else { return };
+    let Some(llm) = llm() else { return };
     let prefix: Vec<u32> = (0..150).map(|i| (i * 37 + 11) % 49000).collect();
     let ids: Vec<u32> = (0..90).map(|i| (i * 53 + 7) % 49000).collect();
     let at: Vec<usize> = vec![70, 85, 89];
-    let mut run = |fused: bool| {
+    let run = |fused: bool| {
         let pos = Positions::default();
-        let (l, x) = forward_after_prefix(&mut llm, fused, &prefix, &ids, &pos, &at);
+        let (l, x) = forward_after_prefix(&llm, fused, &prefix, &ids, &pos, &at);
         let lp = farcer::model::llama::log_softmax(&l).unwrap();
         let loss = lp.i((0, .., 1000)).unwrap().sum_all().unwrap();
         let g = loss.backward().unwrap();

@@ -9,6 +9,7 @@ use farcer::data::{Dataset, Dialogue, Scope, Utterance};
 use farcer::decode::Decode;
 use farcer::eval::{self, EvalOptions};
 use farcer::farcer::{Farcer, Kind};
+use farcer::model::dropout::Dropout;
 use farcer::model::projection::{Projection, ProjectionConfig};
 use farcer::prompt::{PromptConfig, PromptSet};
 use farcer::train::{sample_loss, target_tokens, TokenWeights};
@@ -131,7 +132,17 @@ fn projection_gradient_matches_finite_differences() {
     let ps = eval::prepare_set(&f.llm, &d.labels, &cfg, PromptSet::empty(0), None).unwrap();
     let ctx = &d.dialogues[0].utterances;
     let w = TokenWeights::balanced(&[target_tokens(&f, "on").unwrap()], f.llm.end_of_turn);
-    let loss = sample_loss(&f, &ps, ctx, None, "on", &w, true, true).unwrap();
+    let loss = sample_loss(
+        &f,
+        &ps,
+        ctx,
+        None,
+        "on",
+        &w,
+        true,
+        Some(&mut Dropout::new(0)),
+    )
+    .unwrap();
     let grads = loss.backward().unwrap();
     let mut checked = 0;
     for (name, var) in f.projection.vars() {
@@ -155,10 +166,19 @@ fn projection_gradient_matches_finite_differences() {
                 p[k] += delta;
                 var.set(&candle_core::Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap())
                     .unwrap();
-                let l = sample_loss(&f, &ps, ctx, None, "on", &w, true, true)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap() as f64;
+                let l = sample_loss(
+                    &f,
+                    &ps,
+                    ctx,
+                    None,
+                    "on",
+                    &w,
+                    true,
+                    Some(&mut Dropout::new(0)),
+                )
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
                 var.set(
                     &candle_core::Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu)
                         .unwrap(),
@@ -204,8 +224,28 @@ fn prefix_cache_changes_neither_loss_nor_gradient_and_frozen_weights_get_none() 
     assert!(ps.prompter.prefix.len() > 100 && ps.cache.len() == ps.prompter.prefix.len());
     let ctx = &d.dialogues[0].utterances;
     let w = TokenWeights::balanced(&[target_tokens(&f, "he").unwrap()], f.llm.end_of_turn);
-    let a = sample_loss(&f, &ps, ctx, None, "he", &w, true, true).unwrap();
-    let b = sample_loss(&f, &ps, ctx, None, "he", &w, false, true).unwrap();
+    let a = sample_loss(
+        &f,
+        &ps,
+        ctx,
+        None,
+        "he",
+        &w,
+        true,
+        Some(&mut Dropout::new(0)),
+    )
+    .unwrap();
+    let b = sample_loss(
+        &f,
+        &ps,
+        ctx,
+        None,
+        "he",
+        &w,
+        false,
+        Some(&mut Dropout::new(0)),
+    )
+    .unwrap();
     let (la, lb) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
     assert!((la - lb).abs() <= 1e-5 * la.abs().max(1.0), "{la} vs {lb}");
     let ga = a.backward().unwrap();

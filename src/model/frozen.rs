@@ -136,9 +136,34 @@ fn output(
     })
 }
 
-/// Whether the fused CPU kernels of [`kernels`] apply to `x` (f32 on the CPU).
-pub fn kernels_apply(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+/// Which ops a model runs, chosen once when it is loaded: the fused f32 CPU kernels of
+/// [`farcer_kernels`], or candle's ops (any device and dtype; on the CPU, the
+/// independent path that tests hold the kernels against).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Kernels,
+    Candle,
+}
+
+impl Backend {
+    /// The fastest backend for weights on `device` in `dtype`.
+    pub fn auto(device: &candle_core::Device, dtype: DType) -> Self {
+        if device.is_cpu() && dtype == DType::F32 {
+            Backend::Kernels
+        } else {
+            Backend::Candle
+        }
+    }
+
+    /// Fails when this backend cannot run weights on `device` in `dtype`.
+    pub fn check(self, device: &candle_core::Device, dtype: DType) -> Result<()> {
+        if self == Backend::Kernels && Backend::auto(device, dtype) != Backend::Kernels {
+            candle_core::bail!(
+                "the fused kernels run f32 on the CPU only, not {dtype:?} on {device:?}"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A contiguous f32 CPU tensor's values, borrowed.
@@ -172,8 +197,8 @@ fn view(t: &Tensor) -> Result<View<impl std::ops::Deref<Target = Storage> + '_>>
 
 /// `x @ w^T` for a 2-D `x` `(n, in)` and a frozen `w` `(out, in)`; the backward returns
 /// `dx = dy w` only.
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if kernels_apply(x) && w.is_contiguous() {
+pub fn matmul_t(be: Backend, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if be == Backend::Kernels && w.is_contiguous() {
         let x = x.contiguous()?;
         let ((n, k), m) = (x.dims2()?, w.dim(0)?);
         let y = kernels::matmul_nt(view(&x)?.s(), view(w)?.s(), n, k, m);
@@ -196,8 +221,8 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// RMSNorm with a frozen weight: `x / rms(x) * w`. Backward (input only), with
 /// `r = 1 / rms(x)` and `g = dy * w`: `dx = r g - x r^3 mean(g x)`.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if kernels_apply(x) && w.is_contiguous() {
+pub fn rms_norm(be: Backend, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if be == Backend::Kernels && w.is_contiguous() {
         let x = x.contiguous()?;
         let dim = w.dim(0)?;
         let (y, r) = kernels::rms_norm(view(&x)?.s(), view(w)?.s(), eps as f32, dim);
@@ -943,10 +968,12 @@ mod tests {
         };
         // RMSNorm.
         let w = Tensor::from_vec(seq(8, 0.7), 8, &dev)?.affine(0.5, 1.0)?;
-        check(
-            rms_norm(x.as_tensor(), &w, 1e-5)?,
-            candle_nn::ops::rms_norm_slow(x.as_tensor(), &w, 1e-5)?,
-        )?;
+        for be in [Backend::Kernels, Backend::Candle] {
+            check(
+                rms_norm(be, x.as_tensor(), &w, 1e-5)?,
+                candle_nn::ops::rms_norm_slow(x.as_tensor(), &w, 1e-5)?,
+            )?;
+        }
         // RoPE.
         let cos = Tensor::from_vec(seq(5 * 4, 0.3), (5, 4), &dev)?.cos()?;
         let sin = Tensor::from_vec(seq(5 * 4, 0.3), (5, 4), &dev)?.sin()?;
@@ -998,13 +1025,15 @@ mod tests {
         let a = Var::from_vec(seq(12, 0.37), (3, 4), &dev)?;
         let wm = Tensor::from_vec(seq(20, 0.9), (5, 4), &dev)?;
         let wv = Var::from_tensor(&wm)?;
-        let fast = matmul_t(a.as_tensor(), &wm)?;
-        let plain = a.as_tensor().matmul(&wv.as_tensor().t()?)?;
-        close(&fast, &plain, 1e-6);
-        let g = fast.sum_all()?.backward()?;
-        let gp = plain.sum_all()?.backward()?;
-        close(g.get(&a).unwrap(), gp.get(&a).unwrap(), 1e-5);
-        assert!(g.get(&wm).is_none() && gp.get(&wv).is_some());
+        for be in [Backend::Kernels, Backend::Candle] {
+            let fast = matmul_t(be, a.as_tensor(), &wm)?;
+            let plain = a.as_tensor().matmul(&wv.as_tensor().t()?)?;
+            close(&fast, &plain, 1e-6);
+            let g = fast.sum_all()?.backward()?;
+            let gp = plain.sum_all()?.backward()?;
+            close(g.get(&a).unwrap(), gp.get(&a).unwrap(), 1e-5);
+            assert!(g.get(&wm).is_none() && gp.get(&wv).is_some());
+        }
         Ok(())
     }
 

@@ -9,9 +9,12 @@
 //! (all candidate labels scored in one pass), logits only at the positions asked for, and
 //! a training path where gradients flow to the inputs and LoRA adapters but are never
 //! computed for the frozen weights. Fused kernels (RMSNorm, RoPE, softmax) record no
-//! backward in candle, so each op picks the fused form only when no graph is recorded.
+//! backward in candle, so the ops in `frozen.rs` attach their own. Which ops run (the
+//! fused f32 CPU kernels or candle's) is a [`Backend`] chosen once at load; training is
+//! an argument ([`Llama::forward_train`]), so one `&Llama` serves many callers at once.
 
-use super::frozen;
+use super::dropout::Dropout;
+use super::frozen::{self, Backend};
 use super::lora::{LoraConfig, LoraLinear};
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -245,32 +248,6 @@ impl Cache {
         self.len == 0
     }
 
-    /// Drops the graph from every cached tensor (a prefix reused across training steps
-    /// must not drag the step that made it along).
-    pub fn detach(&self) -> Cache {
-        Cache {
-            kvs: self
-                .kvs
-                .iter()
-                .map(|kv| kv.as_ref().map(|(k, v)| (k.detach(), v.detach())))
-                .collect(),
-            len: self.len,
-        }
-    }
-
-    /// Repeats a batch-1 cache `n` times along the batch dimension.
-    pub fn repeat_batch(&self, n: usize) -> Result<Cache> {
-        let kvs = self
-            .kvs
-            .iter()
-            .map(|kv| match kv {
-                Some((k, v)) => Ok(Some((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?))),
-                None => Ok(None),
-            })
-            .collect::<Result<_>>()?;
-        Ok(Cache { kvs, len: self.len })
-    }
-
     /// Bytes held by the cached keys and values.
     pub fn bytes(&self) -> usize {
         self.kvs
@@ -292,6 +269,17 @@ pub struct Positions<'a> {
 
 use farcer_kernels::Heads;
 use frozen::{rms_norm, rope};
+
+/// PEFT's name for projection `name` (`q_proj`, ..., `down_proj`) of layer `layer`:
+/// `{PEFT_PREFIX}model.layers.{layer}.{self_attn|mlp}.{name}`.
+fn peft_name(layer: usize, name: &str) -> String {
+    let group = if matches!(name, "q_proj" | "k_proj" | "v_proj" | "o_proj") {
+        "self_attn"
+    } else {
+        "mlp"
+    };
+    format!("{PEFT_PREFIX}model.layers.{layer}.{group}.{name}")
+}
 
 /// A projection `x W^T (+ b)` whose weight is frozen, with an optional LoRA adapter.
 #[derive(Debug, Clone)]
@@ -317,12 +305,12 @@ impl Proj {
     }
 
     /// `x`: `(n, in)`.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.finish(frozen::matmul_t(x, &self.weight)?, x, train)
+    fn forward(&self, be: Backend, x: &Tensor, train: Option<&mut Dropout>) -> Result<Tensor> {
+        self.finish(frozen::matmul_t(be, x, &self.weight)?, x, train)
     }
 
     /// Adds this projection's bias and adapter to its part `y` of a fused product.
-    fn finish(&self, y: Tensor, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn finish(&self, y: Tensor, x: &Tensor, train: Option<&mut Dropout>) -> Result<Tensor> {
         match self.extra(x, train)? {
             Some(e) => y + e,
             None => Ok(y),
@@ -330,7 +318,7 @@ impl Proj {
     }
 
     /// This projection's bias plus adapter output for `x`, if it has either.
-    fn extra(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+    fn extra(&self, x: &Tensor, train: Option<&mut Dropout>) -> Result<Option<Tensor>> {
         let mut e = self
             .bias
             .as_ref()
@@ -352,6 +340,7 @@ impl Proj {
     }
 }
 
+#[derive(Debug, Clone)]
 struct Attention {
     /// q, k and v weights stacked: one GEMM instead of three (k and v alone are narrow
     /// and use the CPU poorly). `q`, `k`, `v` hold row views of it.
@@ -365,6 +354,7 @@ struct Attention {
     head_dim: usize,
 }
 
+#[derive(Debug, Clone)]
 struct Mlp {
     /// gate and up weights stacked (one GEMM); `gate`, `up` hold row views of it.
     gate_up: Tensor,
@@ -373,6 +363,7 @@ struct Mlp {
     down: Proj,
 }
 
+#[derive(Debug, Clone)]
 struct Block {
     input_norm: Tensor,
     attn: Attention,
@@ -384,6 +375,7 @@ struct Block {
 }
 
 /// The Llama model: embeddings, decoder blocks, final norm and the LM head.
+#[derive(Debug, Clone)]
 pub struct Llama {
     embed: Tensor,
     layers: Vec<Block>,
@@ -394,15 +386,22 @@ pub struct Llama {
     sin: Tensor,
     pub config: Config,
     device: Device,
-    /// Dropout of LoRA adapters and the like is active.
-    train: bool,
-    /// Frozen layers run as one fused op each where the CPU kernels apply.
-    fused: bool,
+    /// The ops every forward runs, chosen at load.
+    backend: Backend,
 }
 
 impl Llama {
-    /// Loads weights named as in Hugging Face (`model.layers.N.self_attn.q_proj.weight`).
+    /// Loads weights named as in Hugging Face (`model.layers.N.self_attn.q_proj.weight`),
+    /// with the fastest backend for their device and dtype.
     pub fn load(vb: VarBuilder, config: &Config) -> Result<Self> {
+        let backend = Backend::auto(vb.device(), vb.dtype());
+        Self::load_with(vb, config, backend)
+    }
+
+    /// [`Llama::load`] with a chosen backend (candle's ops on the CPU, say, to check the
+    /// path every other device runs).
+    pub fn load_with(vb: VarBuilder, config: &Config, backend: Backend) -> Result<Self> {
+        backend.check(vb.device(), vb.dtype())?;
         let c = config;
         let m = vb.pp("model");
         let embed = m
@@ -444,7 +443,7 @@ impl Llama {
                 mlp,
                 transposed: None,
             };
-            block.transpose()?;
+            block.transpose(backend)?;
             layers.push(block);
         }
         let norm = m.pp("norm").get(c.hidden_size, "weight")?;
@@ -467,9 +466,22 @@ impl Llama {
             sin,
             config: config.clone(),
             device,
-            train: false,
-            fused: true,
+            backend,
         })
+    }
+
+    /// The same weights with another backend.
+    pub fn with_backend(mut self, backend: Backend) -> Result<Self> {
+        backend.check(&self.device, self.dtype())?;
+        self.backend = backend;
+        for l in &mut self.layers {
+            l.transpose(backend)?;
+        }
+        Ok(self)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     pub fn device(&self) -> &Device {
@@ -488,17 +500,6 @@ impl Llama {
         Cache::new(self.config.num_layers)
     }
 
-    /// Turns dropout (of LoRA adapters) on or off.
-    /// Turns the fused per-layer op off (op by op, as on other devices) or back on; for
-    /// tests and benchmarks.
-    pub fn set_fused(&mut self, on: bool) {
-        self.fused = on;
-    }
-
-    pub fn set_train(&mut self, train: bool) {
-        self.train = train;
-    }
-
     /// Token embeddings `(n, hidden)`; they carry no graph.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let ids = Tensor::new(ids, &self.device)?;
@@ -509,7 +510,8 @@ impl Llama {
     ///
     /// `x`: input embeddings `(batch, new, hidden)`. Returns the logits `(batch,
     /// logits_at.len(), vocab)` at the listed indices into the new positions, or `None`
-    /// when `logits_at` is empty (a prefix pass that only fills the cache).
+    /// when `logits_at` is empty (a prefix pass that only fills the cache). Inference:
+    /// no dropout, and no graph for the adapters' weights.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -517,7 +519,31 @@ impl Llama {
         pos: &Positions,
         logits_at: &[usize],
     ) -> Result<Option<Tensor>> {
-        let h = self.hidden(x, cache, pos)?;
+        self.run(x, cache, pos, logits_at, None)
+    }
+
+    /// [`Llama::forward`] for training: adapters' dropout draws from `dropout`, and the
+    /// result carries the graph back to the adapters and to `x`.
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        cache: &mut Cache,
+        pos: &Positions,
+        logits_at: &[usize],
+        dropout: &mut Dropout,
+    ) -> Result<Option<Tensor>> {
+        self.run(x, cache, pos, logits_at, Some(dropout))
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        cache: &mut Cache,
+        pos: &Positions,
+        logits_at: &[usize],
+        train: Option<&mut Dropout>,
+    ) -> Result<Option<Tensor>> {
+        let h = self.hidden(x, cache, pos, train)?;
         if logits_at.is_empty() {
             return Ok(None);
         }
@@ -525,7 +551,13 @@ impl Llama {
     }
 
     /// The final hidden states (before the last norm) of the new positions.
-    pub fn hidden(&self, x: &Tensor, cache: &mut Cache, pos: &Positions) -> Result<Tensor> {
+    fn hidden(
+        &self,
+        x: &Tensor,
+        cache: &mut Cache,
+        pos: &Positions,
+        mut train: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let past = cache.len;
         let ids: Vec<u32> = match pos.ids {
@@ -565,7 +597,7 @@ impl Llama {
         let mut h = x.clone();
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
-            if let Some(fl) = layer.frozen(x, eps).filter(|_| self.fused) {
+            if let Some(fl) = layer.frozen(self.backend, eps) {
                 let a = &layer.attn;
                 let past = cache.kvs[i].take();
                 if kernels_take(past.as_ref(), mask.as_ref(), t) {
@@ -585,14 +617,14 @@ impl Llama {
                         .into_iter()
                         .filter_map(|(p, col, width)| {
                             p.lora.as_ref().map(|l| {
-                                let (la, lb) = l.weights(self.train);
+                                let (la, lb) = l.weights(train.is_some());
                                 frozen::LoraInput {
                                     col,
                                     width,
                                     a: la,
                                     b: lb,
                                     scale: l.scale as f32,
-                                    mask: l.dropout_mask(n, self.train),
+                                    mask: l.dropout_mask(n, train.as_deref_mut()),
                                 }
                             })
                         })
@@ -605,14 +637,16 @@ impl Llama {
                 cache.kvs[i] = past;
             }
             let residual = &h;
-            let n = rms_norm(&h, &layer.input_norm, self.config.rms_norm_eps)?;
+            let be = self.backend;
+            let n = rms_norm(be, &h, &layer.input_norm, eps)?;
+            let kv = &mut cache.kvs[i];
             let a =
                 layer
                     .attn
-                    .forward(&n, &cos, &sin, mask.as_ref(), &mut cache.kvs[i], self.train)?;
+                    .forward(be, &n, &cos, &sin, mask.as_ref(), kv, train.as_deref_mut())?;
             let h1 = (residual + a)?;
-            let n = rms_norm(&h1, &layer.post_norm, self.config.rms_norm_eps)?;
-            let m = layer.mlp.forward(&n, self.train)?;
+            let n = rms_norm(be, &h1, &layer.post_norm, eps)?;
+            let m = layer.mlp.forward(be, &n, train.as_deref_mut())?;
             h = (h1 + m)?;
         }
         cache.len = past + t;
@@ -634,10 +668,10 @@ impl Llama {
             )?;
             h.index_select(&idx, 1)?
         };
-        let n = rms_norm(&sel, &self.norm, self.config.rms_norm_eps)?;
+        let n = rms_norm(self.backend, &sel, &self.norm, self.config.rms_norm_eps)?;
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
         let flat = n.reshape((b * at.len(), d))?;
-        frozen::matmul_t(&flat, w)?.reshape((b, at.len(), self.config.vocab_size))
+        frozen::matmul_t(self.backend, &flat, w)?.reshape((b, at.len(), self.config.vocab_size))
     }
 
     /// Adds LoRA adapters (B = 0, so the model is unchanged) to the named projections
@@ -655,12 +689,7 @@ impl Llama {
                     continue;
                 }
                 let (out_dim, in_dim) = proj.weight.dims2()?;
-                let group = if matches!(name, "q_proj" | "k_proj" | "v_proj" | "o_proj") {
-                    "self_attn"
-                } else {
-                    "mlp"
-                };
-                let prefix = format!("{PEFT_PREFIX}model.layers.{i}.{group}.{name}");
+                let prefix = peft_name(i, name);
                 let lora = LoraLinear::new(cfg, in_dim, out_dim, seed, &prefix, &self.device)?;
                 vars.push((format!("{prefix}.lora_A.weight"), lora.a.clone()));
                 vars.push((format!("{prefix}.lora_B.weight"), lora.b.clone()));
@@ -680,13 +709,13 @@ impl Llama {
             a.qkv = stack(&mut [&mut a.q, &mut a.k, &mut a.v])?;
             let m = &mut l.mlp;
             m.gate_up = stack(&mut [&mut m.gate, &mut m.up])?;
-            l.transpose()?;
+            l.transpose(self.backend)?;
         }
         Ok(())
     }
 
     /// Attaches an adapter to projection `name` of layer `layer`.
-    pub fn set_lora(&mut self, layer: usize, name: &str, lora: LoraLinear) -> Result<()> {
+    pub fn set_lora(&mut self, layer: usize, name: &str, mut lora: LoraLinear) -> Result<()> {
         let l = self
             .layers
             .get_mut(layer)
@@ -704,6 +733,7 @@ impl Llama {
                 lora.b.dims()
             );
         }
+        lora.site = format!("lora-dropout:{}", peft_name(layer, name));
         p.lora = Some(lora);
         Ok(())
     }
@@ -712,26 +742,15 @@ impl Llama {
     pub fn lora_vars(&self) -> Vec<(String, candle_core::Var)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            for (name, group, p) in l.projections() {
+            for (name, _, p) in l.projections() {
                 if let Some(lora) = &p.lora {
-                    let prefix = format!("{PEFT_PREFIX}model.layers.{i}.{group}.{name}");
+                    let prefix = peft_name(i, name);
                     out.push((format!("{prefix}.lora_A.weight"), lora.a.clone()));
                     out.push((format!("{prefix}.lora_B.weight"), lora.b.clone()));
                 }
             }
         }
         out
-    }
-
-    /// Restarts every adapter's dropout stream from `seed`.
-    pub fn reseed_lora(&self, seed: u64) {
-        for (i, l) in self.layers.iter().enumerate() {
-            for (k, (_, _, p)) in l.projections().into_iter().enumerate() {
-                if let Some(lora) = &p.lora {
-                    lora.reseed(seed, &format!("{i}.{k}"));
-                }
-            }
-        }
     }
 
     /// Whether any LoRA adapter is attached (then the prompt prefix depends on trained
@@ -772,10 +791,9 @@ impl Llama {
 }
 
 impl Block {
-    /// Refreshes the transposed copies of the fused weights (CPU, f32 only).
-    fn transpose(&mut self) -> Result<()> {
-        let w = &self.attn.qkv;
-        self.transposed = if w.device().is_cpu() && w.dtype() == DType::F32 {
+    /// Refreshes the transposed copies of the fused weights (the kernels' backend only).
+    fn transpose(&mut self, be: Backend) -> Result<()> {
+        self.transposed = if be == Backend::Kernels {
             let t = |w: &Tensor| w.t()?.contiguous();
             Some([
                 t(&self.attn.qkv)?,
@@ -802,9 +820,9 @@ impl Block {
         ]
     }
 
-    /// The layer as one fused frozen op, when the fused CPU kernels apply to `x`, no
-    /// projection has a bias, and adapters sit on q, k, v only (the op adds those).
-    fn frozen(&self, x: &Tensor, eps: f64) -> Option<frozen::FrozenLayer> {
+    /// The layer as one fused frozen op, on the kernels' backend when no projection has
+    /// a bias and adapters sit on q, k, v only (the op adds those).
+    fn frozen(&self, be: Backend, eps: f64) -> Option<frozen::FrozenLayer> {
         let ps = self.projections();
         let no_bias = ps.iter().all(|(_, _, p)| p.bias.is_none());
         let rest_plain = !ps.iter().any(|(n, _, p)| {
@@ -820,8 +838,8 @@ impl Block {
         ];
         let ok = no_bias
             && rest_plain
+            && be == Backend::Kernels
             && self.transposed.is_some()
-            && frozen::kernels_apply(x)
             && weights.iter().all(|w| w.is_contiguous());
         ok.then(|| frozen::FrozenLayer {
             input_norm: self.input_norm.clone(),
@@ -863,21 +881,24 @@ impl Attention {
         (1.0 / (self.head_dim as f64).sqrt()) as f32
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
+        be: Backend,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
         kv: &mut Option<(Tensor, Tensor)>,
-        train: bool,
+        mut train: Option<&mut Dropout>,
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let (h, hk, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let flat = x.reshape((b * t, d))?;
-        let qkv = frozen::matmul_t(&flat, &self.qkv)?;
-        if frozen::kernels_apply(x) && kernels_take(kv.as_ref(), mask, t) {
-            let qkv = add_extras(qkv, &flat, &[&self.q, &self.k, &self.v], train)?;
+        let qkv = frozen::matmul_t(be, &flat, &self.qkv)?;
+        if be == Backend::Kernels && kernels_take(kv.as_ref(), mask, t) {
+            let parts = [&self.q, &self.k, &self.v];
+            let qkv = add_extras(qkv, &flat, &parts, train.as_deref_mut())?;
             let past = kv.take();
             let (out, k, v) = frozen::attend(
                 &qkv,
@@ -892,12 +913,18 @@ impl Attention {
                 },
             )?;
             *kv = Some((k, v));
-            return self.o.forward(&out, train)?.reshape((b, t, d));
+            return self.o.forward(be, &out, train)?.reshape((b, t, d));
         }
         let (nq, nk) = (h * hd, hk * hd);
-        let q = self.q.finish(qkv.narrow(1, 0, nq)?, &flat, train)?;
-        let k = self.k.finish(qkv.narrow(1, nq, nk)?, &flat, train)?;
-        let v = self.v.finish(qkv.narrow(1, nq + nk, nk)?, &flat, train)?;
+        let q = self
+            .q
+            .finish(qkv.narrow(1, 0, nq)?, &flat, train.as_deref_mut())?;
+        let k = self
+            .k
+            .finish(qkv.narrow(1, nq, nk)?, &flat, train.as_deref_mut())?;
+        let v = self
+            .v
+            .finish(qkv.narrow(1, nq + nk, nk)?, &flat, train.as_deref_mut())?;
         let q = q.reshape((b, t, h, hd))?.transpose(1, 2)?;
         let k = k.reshape((b, t, hk, hd))?.transpose(1, 2)?;
         let v = v.reshape((b, t, hk, hd))?.transpose(1, 2)?.contiguous()?;
@@ -919,26 +946,31 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b * t, h * hd))?;
-        self.o.forward(&out, train)?.reshape((b, t, d))
+        self.o.forward(be, &out, train)?.reshape((b, t, d))
     }
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward(&self, be: Backend, x: &Tensor, mut train: Option<&mut Dropout>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let flat = x.reshape((b * t, d))?;
-        let gu = frozen::matmul_t(&flat, &self.gate_up)?;
-        if frozen::kernels_apply(x) {
-            let gu = add_extras(gu, &flat, &[&self.gate, &self.up], train)?;
+        let gu = frozen::matmul_t(be, &flat, &self.gate_up)?;
+        if be == Backend::Kernels {
+            let gu = add_extras(gu, &flat, &[&self.gate, &self.up], train.as_deref_mut())?;
             return self
                 .down
-                .forward(&frozen::swiglu(&gu)?, train)?
+                .forward(be, &frozen::swiglu(&gu)?, train)?
                 .reshape((b, t, d));
         }
         let i = gu.dim(1)? / 2;
-        let g = candle_nn::ops::silu(&self.gate.finish(gu.narrow(1, 0, i)?, &flat, train)?)?;
-        let u = self.up.finish(gu.narrow(1, i, i)?, &flat, train)?;
-        self.down.forward(&(g * u)?, train)?.reshape((b, t, d))
+        let g = self
+            .gate
+            .finish(gu.narrow(1, 0, i)?, &flat, train.as_deref_mut())?;
+        let g = candle_nn::ops::silu(&g)?;
+        let u = self
+            .up
+            .finish(gu.narrow(1, i, i)?, &flat, train.as_deref_mut())?;
+        self.down.forward(be, &(g * u)?, train)?.reshape((b, t, d))
     }
 }
 
@@ -951,10 +983,15 @@ fn kernels_take(past: Option<&(Tensor, Tensor)>, mask: Option<&Tensor>, t: usize
 }
 
 /// Adds the parts' biases and adapters to their columns of the fused product `y`.
-fn add_extras(y: Tensor, x: &Tensor, parts: &[&Proj], train: bool) -> Result<Tensor> {
+fn add_extras(
+    y: Tensor,
+    x: &Tensor,
+    parts: &[&Proj],
+    mut train: Option<&mut Dropout>,
+) -> Result<Tensor> {
     let extras = parts
         .iter()
-        .map(|p| p.extra(x, train))
+        .map(|p| p.extra(x, train.as_deref_mut()))
         .collect::<Result<Vec<_>>>()?;
     if extras.iter().all(Option::is_none) {
         return Ok(y);

@@ -2,10 +2,10 @@
 //! A `(r, in)` initialised like PEFT (Kaiming-uniform, bound 1/sqrt(in)), B `(out, r)`
 //! zero, so a fresh adapter leaves the model unchanged.
 
+use super::dropout::Dropout;
 use crate::util::Rng;
 use candle_core::{Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,11 +58,14 @@ pub struct LoraLinear {
     pub b: Var,
     pub scale: f64,
     pub dropout: f64,
-    rng: Arc<Mutex<Rng>>,
+    /// This adapter's dropout stream (see [`Dropout`]); the model sets it to the
+    /// adapter's PEFT name when the adapter is attached.
+    pub site: String,
 }
 
 impl LoraLinear {
-    /// A fresh adapter; `name` seeds its own RNG stream so adapters do not share draws.
+    /// A fresh adapter; `name` seeds its initialisation and names its dropout stream, so
+    /// adapters do not share draws.
     pub fn new(
         cfg: &LoraConfig,
         in_dim: usize,
@@ -87,10 +90,7 @@ impl LoraLinear {
             b,
             scale: cfg.scale(),
             dropout: cfg.dropout,
-            rng: Arc::new(Mutex::new(Rng::derive(
-                seed,
-                &format!("lora-dropout:{name}"),
-            ))),
+            site: format!("lora-dropout:{name}"),
         })
     }
 
@@ -101,41 +101,34 @@ impl LoraLinear {
             b: Var::from_tensor(&b)?,
             scale,
             dropout,
-            rng: Arc::new(Mutex::new(Rng::new(0))),
+            site: "lora-dropout".into(),
         })
     }
 
-    /// Restarts this adapter's dropout stream.
-    pub fn reseed(&self, seed: u64, name: &str) {
-        *self.rng.lock().expect("lora rng") = Rng::derive(seed, &format!("lora-dropout:{name}"));
-    }
-
-    /// `scale * dropout(x) A^T B^T` for `x` of shape `(n, in)`.
-    pub fn delta(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = if train && self.dropout > 0.0 {
-            let mut rng = self.rng.lock().expect("lora rng");
-            dropout(x, self.dropout, &mut rng)?
-        } else {
-            x.clone()
+    /// `scale * dropout(x) A^T B^T` for `x` of shape `(n, in)`; `train` (`Some`) turns
+    /// dropout on and attaches the weights to their variables.
+    pub fn delta(&self, x: &Tensor, train: Option<&mut Dropout>) -> Result<Tensor> {
+        let training = train.is_some();
+        let x = match train {
+            Some(d) => d.apply(&self.site, x, self.dropout)?,
+            None => x.clone(),
         };
+        // The adapter computes in its own dtype (f32) and answers in the model's.
+        let model_dtype = x.dtype();
         let x = x.to_dtype(self.a.dtype())?;
         // Outside training the weights are read detached, so inference records no graph.
-        let (a, b) = if train {
-            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
-        } else {
-            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
-        };
+        let (a, b) = self.weights(training);
         let h = x.matmul(&a.t()?)?;
-        (h.matmul(&b.t()?)? * self.scale)?.to_dtype(x.dtype())
+        (h.matmul(&b.t()?)? * self.scale)?.to_dtype(model_dtype)
     }
 
     /// The dropout mask `delta` would draw for `n` values (the same stream, so the fused
     /// path and the op-by-op path train alike); `None` when dropout is off.
-    pub fn dropout_mask(&self, n: usize, train: bool) -> Option<Vec<f32>> {
-        (train && self.dropout > 0.0).then(|| {
-            let mut rng = self.rng.lock().expect("lora rng");
-            mask_values(n, self.dropout, &mut rng)
-        })
+    pub fn dropout_mask(&self, n: usize, train: Option<&mut Dropout>) -> Option<Vec<f32>> {
+        match train {
+            Some(d) if self.dropout > 0.0 => Some(d.mask(&self.site, n, self.dropout)),
+            _ => None,
+        }
     }
 
     /// `A` and `B`, attached to their variables when training, detached otherwise.
@@ -151,30 +144,6 @@ impl LoraLinear {
     pub fn delta_weight(&self) -> Result<Tensor> {
         self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale
     }
-}
-
-/// Inverted dropout with a seeded mask (candle's own RNG cannot be seeded on the CPU).
-pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    let mask = mask_values(x.elem_count(), p, rng);
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
-}
-
-/// `n` inverted-dropout multipliers: `1 / (1 - p)` kept, 0 dropped.
-fn mask_values(n: usize, p: f64, rng: &mut Rng) -> Vec<f32> {
-    let keep = 1.0 - p;
-    (0..n)
-        .map(|_| {
-            if rng.uniform() < keep {
-                (1.0 / keep) as f32
-            } else {
-                0.0
-            }
-        })
-        .collect()
 }
 
 /// PEFT's `adapter_config.json` (the fields PEFT needs to load a LoRA adapter).

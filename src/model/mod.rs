@@ -1,6 +1,7 @@
 //! Models: the Llama LLM (our own forward), its tokenizer and chat template, and where
 //! they come from (a Hugging Face folder, a GGUF file, or a hub id).
 
+pub mod dropout;
 pub mod frozen;
 pub mod gguf;
 pub mod llama;
@@ -316,24 +317,55 @@ fn finish(
     })
 }
 
-/// The compute device: `cpu`, `cuda[:N]` or `metal` (the last two need the cargo feature).
+/// A model dtype by name: `f32`, `bf16` or `f16`.
+pub fn dtype(spec: &str) -> Result<DType> {
+    match spec {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(Error::input(
+            "--dtype",
+            format!("`{other}`: expected f32, bf16 or f16"),
+        )),
+    }
+}
+
+/// The compute device: `cpu`, `cuda[:N]` or `metal`. A GPU needs a binary built with
+/// its cargo feature and a machine with its driver; the error says which is missing.
 pub fn device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
-        s if s.starts_with("cuda") => {
-            let n = s
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n = match s.strip_prefix("cuda:") {
+                None => 0,
+                Some(n) => n.parse().map_err(|_| {
+                    Error::input("--device", format!("`{s}`: the GPU index must be a number"))
+                })?,
+            };
+            if !cfg!(feature = "cuda") {
+                return Err(Error::input(
+                    "--device",
+                    format!("`{s}`: this farcer was built without the `cuda` feature; build it with scripts/build-cuda (or `cargo build --release --features cuda` where a CUDA toolkit is installed)"),
+                ));
+            }
             Device::new_cuda(n).map_err(|e| {
-                Error::msg(format!("--device {s}: {e} (build with `--features cuda`)"))
+                Error::input(
+                    "--device",
+                    format!("`{s}`: no usable CUDA device {n} (is the NVIDIA driver installed and the GPU visible?): {e}"),
+                )
             })
         }
-        "metal" => Device::new_metal(0).map_err(|e| {
-            Error::msg(format!(
-                "--device metal: {e} (build with `--features metal`)"
-            ))
-        }),
+        "metal" => {
+            if !cfg!(feature = "metal") {
+                return Err(Error::input(
+                    "--device",
+                    "`metal`: this farcer was built without the `metal` feature; build it on macOS with `cargo build --release --features metal`",
+                ));
+            }
+            Device::new_metal(0).map_err(|e| {
+                Error::input("--device", format!("`metal`: no usable Metal device: {e}"))
+            })
+        }
         other => Err(Error::input(
             "--device",
             format!("`{other}`: expected cpu, cuda, cuda:N or metal"),

@@ -3,12 +3,11 @@
 //! `[Linear(p, p), GELU, Dropout] * (L - 1)` then `Linear(p, q)` (three-layer FARCER).
 //! Initialised like PyTorch's `nn.Linear` (uniform in +-1/sqrt(fan_in)) from a seeded RNG.
 
-use super::lora::dropout;
+use super::dropout::Dropout;
 use crate::util::Rng;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProjectionConfig {
@@ -26,7 +25,6 @@ pub struct Projection {
     pub config: ProjectionConfig,
     /// `(weight (out, in), bias (out))` per layer.
     layers: Vec<(Var, Var)>,
-    rng: Mutex<Rng>,
 }
 
 impl Projection {
@@ -55,26 +53,17 @@ impl Projection {
             let b = Var::from_tensor(&Tensor::from_vec(u(out), out, device)?)?;
             layers.push((w, b));
         }
-        Ok(Projection {
-            config,
-            layers,
-            rng: Mutex::new(Rng::derive(seed, "projection-dropout")),
-        })
+        Ok(Projection { config, layers })
     }
 
-    /// Restarts the dropout stream (training reseeds it each step, so a resumed run
-    /// draws the same masks as an uninterrupted one).
-    pub fn reseed(&self, seed: u64) {
-        *self.rng.lock().expect("dropout rng") = Rng::derive(seed, "projection-dropout");
-    }
-
-    /// `x`: `(n, p)` image vectors; returns `(n, q)`. With `train`, dropout is on and the
-    /// result carries the graph back to the weights; without, neither.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// `x`: `(n, p)` image vectors; returns `(n, q)`. With `train` (`Some`), dropout is
+    /// on and the result carries the graph back to the weights; without, neither.
+    pub fn forward(&self, x: &Tensor, mut train: Option<&mut Dropout>) -> Result<Tensor> {
+        let training = train.is_some();
         let mut h = x.to_dtype(DType::F32)?;
         for (i, (w, b)) in self.layers.iter().enumerate() {
             // Outside training the weights are read detached: inference records no graph.
-            let (w, b) = if train {
+            let (w, b) = if training {
                 (w.as_tensor().clone(), b.as_tensor().clone())
             } else {
                 (w.as_tensor().detach(), b.as_tensor().detach())
@@ -82,9 +71,8 @@ impl Projection {
             h = h.matmul(&w.t()?)?.broadcast_add(&b)?;
             if i + 1 < self.layers.len() {
                 h = h.gelu_erf()?;
-                if train && self.config.dropout > 0.0 {
-                    let mut rng = self.rng.lock().expect("dropout rng");
-                    h = dropout(&h, self.config.dropout, &mut rng)?;
+                if let Some(d) = train.as_deref_mut() {
+                    h = d.apply("projection-dropout", &h, self.config.dropout)?;
                 }
             }
         }

@@ -9,6 +9,7 @@
 //! CLS of `last_hidden_state` instead. The encoder is frozen, so only the inference path
 //! exists here.
 
+use super::frozen::{self, Backend};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -65,7 +66,7 @@ impl Lin {
     fn load(vb: &VarBuilder, i: usize, o: usize, bias: bool) -> Result<Self> {
         let w = vb.get((o, i), "weight")?;
         Ok(Lin {
-            wt: transposed(&w)?,
+            wt: None,
             w,
             b: if bias { Some(vb.get(o, "bias")?) } else { None },
         })
@@ -80,9 +81,9 @@ impl Lin {
     }
 }
 
-/// `w` transposed and contiguous, for the fused CPU path (CPU, f32 only).
-fn transposed(w: &Tensor) -> Result<Option<Tensor>> {
-    if w.device().is_cpu() && w.dtype() == DType::F32 {
+/// `w` transposed and contiguous, for the kernels' backend (none for candle's).
+fn transposed(w: &Tensor, be: Backend) -> Result<Option<Tensor>> {
+    if be == Backend::Kernels {
         Ok(Some(w.t()?.contiguous()?))
     } else {
         Ok(None)
@@ -130,17 +131,20 @@ pub struct ViT {
     layers: Vec<Layer>,
     final_norm: Norm,
     pub config: ViTConfig,
-    /// Layers run as fused CPU ops where they apply.
-    fused: bool,
+    /// The ops the encoder runs, chosen at load.
+    backend: Backend,
 }
 
 impl ViT {
-    /// Turns the fused layers off (op by op, as on other devices) or back on; for tests.
-    pub fn set_fused(&mut self, on: bool) {
-        self.fused = on;
+    /// Loads a ViT with the fastest backend for its device and dtype.
+    pub fn load(vb: VarBuilder, c: &ViTConfig) -> Result<Self> {
+        let backend = Backend::auto(vb.device(), vb.dtype());
+        Self::load_with(vb, c, backend)
     }
 
-    pub fn load(vb: VarBuilder, c: &ViTConfig) -> Result<Self> {
+    /// [`ViT::load`] with a chosen backend.
+    pub fn load_with(vb: VarBuilder, c: &ViTConfig, be: Backend) -> Result<Self> {
+        be.check(vb.device(), vb.dtype())?;
         if let Some(t) = &c.model_type {
             if t != "vit" {
                 candle_core::bail!("model_type `{t}` is not a ViT");
@@ -168,24 +172,12 @@ impl ViT {
             let l = root.pp("encoder").pp("layer").pp(i);
             let a = l.pp("attention");
             // The fused path reads q, k, v stacked; their own transposed copies go.
-            let mut q = Lin::load(&a.pp("attention").pp("query"), d, d, c.qkv_bias)?;
-            let mut k = Lin::load(&a.pp("attention").pp("key"), d, d, c.qkv_bias)?;
-            let mut v = Lin::load(&a.pp("attention").pp("value"), d, d, c.qkv_bias)?;
-            (q.wt, k.wt, v.wt) = (None, None, None);
-            let bias = |l: &Lin| match &l.b {
-                Some(b) => Ok(b.clone()),
-                None => Tensor::zeros(d, l.w.dtype(), l.w.device()),
-            };
-            let qkv = match transposed(&Tensor::cat(&[&q.w, &k.w, &v.w], 0)?)? {
-                Some(wt) => Some((wt, Tensor::cat(&[bias(&q)?, bias(&k)?, bias(&v)?], 0)?)),
-                None => None,
-            };
-            layers.push(Layer {
-                qkv,
+            let mut layer = Layer {
+                qkv: None,
                 ln1: Norm::load(&l.pp("layernorm_before"), d, c.layer_norm_eps)?,
-                q,
-                k,
-                v,
+                q: Lin::load(&a.pp("attention").pp("query"), d, d, c.qkv_bias)?,
+                k: Lin::load(&a.pp("attention").pp("key"), d, d, c.qkv_bias)?,
+                v: Lin::load(&a.pp("attention").pp("value"), d, d, c.qkv_bias)?,
                 o: Lin::load(&a.pp("output").pp("dense"), d, d, true)?,
                 ln2: Norm::load(&l.pp("layernorm_after"), d, c.layer_norm_eps)?,
                 fc1: Lin::load(
@@ -195,7 +187,9 @@ impl ViT {
                     true,
                 )?,
                 fc2: Lin::load(&l.pp("output").pp("dense"), c.intermediate_size, d, true)?,
-            });
+            };
+            layer.prepare(be)?;
+            layers.push(layer);
         }
         Ok(ViT {
             patch_w: patch_w.reshape((d, c.num_channels * c.patch_size * c.patch_size))?,
@@ -205,8 +199,18 @@ impl ViT {
             layers,
             final_norm: Norm::load(&root.pp("layernorm"), d, c.layer_norm_eps)?,
             config: c.clone(),
-            fused: true,
+            backend: be,
         })
+    }
+
+    /// The same weights with another backend.
+    pub fn with_backend(mut self, be: Backend) -> Result<Self> {
+        be.check(self.device(), self.dtype())?;
+        for l in &mut self.layers {
+            l.prepare(be)?;
+        }
+        self.backend = be;
+        Ok(self)
     }
 
     pub fn device(&self) -> &Device {
@@ -246,13 +250,12 @@ impl ViT {
         let mut x = Tensor::cat(&[&cls, &emb], 1)?.broadcast_add(&self.pos)?;
         let heads = c.num_attention_heads;
         let fused: Option<Vec<_>> = self.layers.iter().map(|l| l.fused(heads)).collect();
-        if let (true, Some(fused)) = (self.fused && crate::model::frozen::kernels_apply(&x), fused)
-        {
+        if let (Backend::Kernels, Some(fused)) = (self.backend, fused) {
             // The residual stream stays one vector through all layers.
             let dims = x.dims3()?;
             let mut v = x.flatten_all()?.to_vec1::<f32>()?;
             for l in &fused {
-                v = crate::model::frozen::vit_layer(v, dims, l)?;
+                v = frozen::vit_layer(v, dims, l)?;
             }
             return Tensor::from_vec(v, dims, x.device());
         }
@@ -283,14 +286,33 @@ impl ViT {
 }
 
 impl Layer {
+    /// The kernels' copies of the weights: q, k, v (transposed) and their biases stacked,
+    /// the other linears transposed; none for candle's backend.
+    fn prepare(&mut self, be: Backend) -> Result<()> {
+        let (q, k, v) = (&self.q, &self.k, &self.v);
+        let d = q.w.dim(0)?;
+        let bias = |l: &Lin| match &l.b {
+            Some(b) => Ok(b.clone()),
+            None => Tensor::zeros(d, l.w.dtype(), l.w.device()),
+        };
+        self.qkv = match transposed(&Tensor::cat(&[&q.w, &k.w, &v.w], 0)?, be)? {
+            Some(wt) => Some((wt, Tensor::cat(&[bias(q)?, bias(k)?, bias(v)?], 0)?)),
+            None => None,
+        };
+        for l in [&mut self.o, &mut self.fc1, &mut self.fc2] {
+            l.wt = transposed(&l.w, be)?;
+        }
+        Ok(())
+    }
+
     /// The weights of the fused CPU path, when it applies.
-    fn fused(&self, heads: usize) -> Option<crate::model::frozen::VitLayer<'_>> {
+    fn fused(&self, heads: usize) -> Option<frozen::VitLayer<'_>> {
         let (Some(qkv), Some(o), Some(fc1), Some(fc2)) =
             (&self.qkv, &self.o.wt, &self.fc1.wt, &self.fc2.wt)
         else {
             return None;
         };
-        Some(crate::model::frozen::VitLayer {
+        Some(frozen::VitLayer {
             ln1: (&self.ln1.w, &self.ln1.b, self.ln1.eps as f32),
             qkv: (&qkv.0, &qkv.1),
             o: (o, self.o.b.as_ref()),

@@ -51,6 +51,18 @@ pub fn default_llm() -> Option<PathBuf> {
     }
 }
 
+/// The largest absolute value of `t`.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
@@ -165,26 +177,35 @@ pub fn demo_vit(dir: &std::path::Path, seed: u64) -> farcer::vision::VisionEncod
     farcer::vision::VisionEncoder::load(dir.to_str().unwrap(), &Device::Cpu, false).unwrap()
 }
 
-/// With the fused layers on or off: `prefix` into a fresh cache (no graph), then `ids` as
-/// a variable at positions `pos`. Returns the logits at `at` and that variable.
+/// The backend a test asks for: the fused kernels, or candle's ops (the independent
+/// op-by-op path, the one every other device runs).
+pub fn backend(fused: bool) -> farcer::model::frozen::Backend {
+    if fused {
+        farcer::model::frozen::Backend::Kernels
+    } else {
+        farcer::model::frozen::Backend::Candle
+    }
+}
+
+/// On the fused kernels or candle's ops: `prefix` into a fresh cache (no graph), then
+/// `ids` as a variable at positions `pos`. Returns the logits at `at` and that variable.
 pub fn forward_after_prefix(
-    llm: &mut farcer::model::Llm,
+    llm: &farcer::model::Llm,
     fused: bool,
     prefix: &[u32],
     ids: &[u32],
     pos: &farcer::model::llama::Positions,
     at: &[usize],
 ) -> (Tensor, candle_core::Var) {
-    llm.model.set_fused(fused);
-    let mut cache = llm.model.new_cache();
-    let pre = llm.model.embed(prefix).unwrap().unsqueeze(0).unwrap();
-    llm.model
+    let model = llm.model.clone().with_backend(backend(fused)).unwrap();
+    let mut cache = model.new_cache();
+    let pre = model.embed(prefix).unwrap().unsqueeze(0).unwrap();
+    model
         .forward(&pre, &mut cache, &Default::default(), &[])
         .unwrap();
-    let x = llm.model.embed(ids).unwrap().unsqueeze(0).unwrap();
+    let x = model.embed(ids).unwrap().unsqueeze(0).unwrap();
     let x = candle_core::Var::from_tensor(&x).unwrap();
-    let l = llm
-        .model
+    let l = model
         .forward(x.as_tensor(), &mut cache, pos, at)
         .unwrap()
         .unwrap();
