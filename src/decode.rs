@@ -8,7 +8,7 @@
 //! label see the prompt and its own earlier tokens only, with the positions it would have
 //! on its own. Exact, and one pass instead of one per label.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metrics::{parse_answer, INVALID};
 use crate::model::llama::{argmax, log_softmax, mask_from_allowed, Cache, Positions};
 use crate::model::Llm;
@@ -164,6 +164,12 @@ pub fn constrained(
             }
         }
     }
+    if let Some(j) = scores.iter().position(|s| s.is_nan()) {
+        return Err(Error::msg(format!(
+            "the model scored label `{}` as NaN: its logits are not finite (check the weights and the inputs)",
+            cands.labels[j]
+        )));
+    }
     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
     let z: f64 = exps.iter().sum();
@@ -171,7 +177,7 @@ pub fn constrained(
     let best = probs
         .iter()
         .enumerate()
-        .max_by(|a, b| a.1.partial_cmp(b.1).unwrap())
+        .max_by(|a, b| a.1.total_cmp(b.1))
         .map(|(i, _)| i);
     Ok(Prediction {
         label: best
@@ -202,6 +208,12 @@ pub fn constrained_plain(llm: &Llm, prompt: &Tensor, cands: &LabelTokens) -> Res
             s += lp.i((k, tok as usize))?.to_scalar::<f32>()? as f64;
         }
         scores.push(s);
+    }
+    if let Some(j) = scores.iter().position(|s| s.is_nan()) {
+        return Err(Error::msg(format!(
+            "the model scored label `{}` as NaN: its logits are not finite (check the weights and the inputs)",
+            cands.labels[j]
+        )));
     }
     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();

@@ -254,6 +254,57 @@ impl TrainConfig {
                 return bad("projection.layers must be at least 1".into());
             }
         }
+        if self.prompt.eval_set >= 10 {
+            return bad(format!(
+                "prompt.eval_set = {}: the prompt sets are 0..=9",
+                self.prompt.eval_set
+            ));
+        }
+        if let Some(lr) = self.optim.lr {
+            if !(lr.is_finite() && lr >= 0.0) {
+                return bad(format!("optim.lr = {lr}: it must be a finite number >= 0"));
+            }
+        }
+        let wd = self.optim.weight_decay;
+        if !(wd.is_finite() && wd >= 0.0) {
+            return bad(format!(
+                "optim.weight_decay = {wd}: it must be a finite number >= 0"
+            ));
+        }
+        let mut dropouts = vec![("projection.dropout", self.projection.dropout)];
+        if let Some(l) = &self.lora {
+            dropouts.push(("lora.dropout", l.dropout));
+            if l.r == 0 {
+                return bad("lora.r must be at least 1".into());
+            }
+            if !(l.alpha.is_finite() && l.alpha > 0.0) {
+                return bad(format!(
+                    "lora.alpha = {}: it must be a finite number > 0",
+                    l.alpha
+                ));
+            }
+            if l.target_modules.is_empty() {
+                return bad("lora.target_modules is empty: name at least one projection".into());
+            }
+        }
+        for (name, p) in dropouts {
+            if !(0.0..1.0).contains(&p) {
+                return bad(format!("{name} = {p}: a dropout must be in [0, 1)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a warm-up that outlasts the run (the learning rate would never reach its
+    /// value); `total_steps` is known only once the data is read.
+    pub fn check_warmup(&self, total_steps: usize, origin: &str) -> Result<()> {
+        let w = self.optim.warmup_steps;
+        if w > 0 && w >= total_steps {
+            return Err(Error::input(
+                origin,
+                format!("optim.warmup_steps = {w} is not shorter than the run's {total_steps} optimiser steps"),
+            ));
+        }
         Ok(())
     }
 
@@ -589,6 +640,7 @@ pub fn train(
 
     let steps_per_epoch = samples.len().div_ceil(cfg.optim.grad_accum);
     let total_steps = steps_per_epoch * cfg.optim.epochs;
+    cfg.check_warmup(total_steps, "the training config")?;
     let last_dir = out.join("last");
     let best_dir = out.join("best");
     let log_path = out.join("metrics.jsonl");

@@ -137,6 +137,71 @@ fn packed_constrained_scoring_equals_scoring_each_label_alone() {
         assert!((a - b).abs() <= 1e-4, "{probs:?} vs {plain:?}");
     }
     assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+
+    // Non-finite logits (a NaN in the last position's logits) are an error naming a
+    // label, not a panic and not an arbitrary answer.
+    let nan = (logits.i((0, 0)).unwrap() * f64::NAN).unwrap();
+    let e = decode::constrained(&llm, &cache, &nan, &cands).unwrap_err();
+    assert!(e.to_string().contains("NaN"), "{e}");
+}
+
+/// Model configs whose sizes would divide by zero or index out of range in a forward are
+/// refused when read: zero or inconsistent heads, odd head sizes, bad patch sizes.
+#[test]
+fn unusable_model_configs_are_refused_when_read() {
+    let llama = |extra: &str| {
+        let text = format!(
+            r#"{{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "vocab_size": 32{extra}}}"#
+        );
+        serde_json::from_str::<farcer::model::llama::LlamaConfig>(&text)
+            .unwrap()
+            .into_config()
+    };
+    assert!(llama(r#", "num_attention_heads": 4, "num_key_value_heads": 2"#).is_ok());
+    for (extra, want) in [
+        (r#", "num_attention_heads": 0"#, "num_attention_heads is 0"),
+        (
+            r#", "num_attention_heads": 4, "num_key_value_heads": 0"#,
+            "num_key_value_heads is 0",
+        ),
+        (
+            r#", "num_attention_heads": 4, "num_key_value_heads": 3"#,
+            "not a multiple",
+        ),
+        (r#", "num_attention_heads": 5"#, "not a multiple"),
+        (r#", "num_attention_heads": 4, "head_dim": 15"#, "odd"),
+        (
+            r#", "num_attention_heads": 4, "rope_theta": -1.0"#,
+            "rope_theta",
+        ),
+    ] {
+        let e = llama(extra).unwrap_err();
+        assert!(e.contains(want), "{extra}: {e}");
+    }
+    let vit = |extra: &str| {
+        let text = format!(
+            r#"{{"hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 128{extra}}}"#
+        );
+        serde_json::from_str::<farcer::model::vit::ViTConfig>(&text)
+            .unwrap()
+            .validate()
+    };
+    assert!(vit(r#", "num_attention_heads": 4"#).is_ok());
+    for (extra, want) in [
+        (r#", "num_attention_heads": 0"#, "num_attention_heads is 0"),
+        (r#", "num_attention_heads": 5"#, "not a multiple"),
+        (
+            r#", "num_attention_heads": 4, "patch_size": 0"#,
+            "patch_size is 0",
+        ),
+        (
+            r#", "num_attention_heads": 4, "image_size": 30, "patch_size": 16"#,
+            "not a multiple of patch_size",
+        ),
+    ] {
+        let e = vit(extra).unwrap_err();
+        assert!(e.contains(want), "{extra}: {e}");
+    }
 }
 
 #[test]

@@ -572,6 +572,52 @@ fn nan_loss_stops_with_a_clear_message_and_bad_configs_are_named() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Every numeric training setting outside its range is refused when the config is read,
+/// naming the file, the field and the value.
+#[test]
+fn out_of_range_training_settings_are_refused_by_name() {
+    let cases = [
+        ("[optim]\nlr = -1e-4", "optim.lr"),
+        ("[optim]\nlr = nan", "optim.lr"),
+        ("[optim]\nlr = inf", "optim.lr"),
+        ("[optim]\nweight_decay = -0.1", "optim.weight_decay"),
+        ("[optim]\nweight_decay = nan", "optim.weight_decay"),
+        ("[projection]\ndropout = 1.0", "projection.dropout"),
+        ("[projection]\ndropout = -0.1", "projection.dropout"),
+        ("[projection]\ndropout = nan", "projection.dropout"),
+        ("[prompt]\neval_set = 10", "prompt.eval_set"),
+    ];
+    for (section, field) in cases {
+        let text = format!("kind = \"base\"\ndata = \"demo\"\n{section}\n");
+        let e = farcer::train::TrainConfig::from_toml(&text, "cfg.toml")
+            .expect_err(section)
+            .to_string();
+        assert!(
+            e.contains("cfg.toml") && e.contains(field),
+            "{section}: {e}"
+        );
+    }
+    let lora = |body: &str| format!("kind = \"finetuned\"\ndata = \"demo\"\n[lora]\n{body}\n");
+    for (body, field) in [
+        ("dropout = 1.5", "lora.dropout"),
+        ("r = 0", "lora.r"),
+        ("alpha = -16.0", "lora.alpha"),
+        ("target_modules = []", "lora.target_modules"),
+    ] {
+        let e = farcer::train::TrainConfig::from_toml(&lora(body), "cfg.toml")
+            .expect_err(body)
+            .to_string();
+        assert!(e.contains(field), "{body}: {e}");
+    }
+    // In range, all accepted.
+    let ok = "kind = \"base\"\ndata = \"demo\"\n[optim]\nlr = 1e-4\nweight_decay = 0.0\nwarmup_steps = 3\n[projection]\ndropout = 0.0\n";
+    let cfg = farcer::train::TrainConfig::from_toml(ok, "cfg.toml").unwrap();
+    // A warm-up as long as the run is refused once the run's length is known.
+    assert!(cfg.check_warmup(4, "cfg.toml").is_ok());
+    let e = cfg.check_warmup(3, "cfg.toml").unwrap_err().to_string();
+    assert!(e.contains("optim.warmup_steps = 3"), "{e}");
+}
+
 /// Fine-tuned FARCER (LoRA on q, k, v + projection; the prefix recomputed each step)
 /// reaches at least the base model's held-out accuracy on the image-only set.
 #[test]

@@ -94,7 +94,7 @@ pub fn config(ct: &gguf_file::Content) -> Result<Config> {
         _ => None,
     };
     let tied = !ct.tensor_infos.contains_key("output.weight");
-    Ok(Config {
+    Config {
         hidden_size: hidden,
         intermediate_size: meta_usize(ct, &k("feed_forward_length"))?,
         num_layers: meta_usize(ct, &k("block_count"))?,
@@ -102,7 +102,7 @@ pub fn config(ct: &gguf_file::Content) -> Result<Config> {
         num_kv_heads: kv_heads,
         head_dim: meta_usize(ct, &k("rope.dimension_count"))
             .or_else(|_| meta_usize(ct, &k("attention.key_length")))
-            .unwrap_or(hidden / heads),
+            .unwrap_or(hidden / heads.max(1)),
         vocab_size: vocab,
         rms_norm_eps: meta_f64(ct, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         rope_theta: meta_f64(ct, &k("rope.freq_base")).unwrap_or(10000.0),
@@ -112,7 +112,9 @@ pub fn config(ct: &gguf_file::Content) -> Result<Config> {
         attention_bias: ct.tensor_infos.contains_key("blk.0.attn_q.bias"),
         mlp_bias: false,
         rope_freq_divisors: None,
-    })
+    }
+    .validated()
+    .map_err(|e| Error::model("GGUF", e))
 }
 
 /// Hugging Face name of a GGUF tensor.
@@ -147,7 +149,10 @@ fn hf_name(name: &str) -> Option<String> {
 /// Undoes llama.cpp's row permutation of a q or k weight `(heads * head_dim, in)`.
 pub fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let shape = w.dims().to_vec();
-    let out = shape[0];
+    let out = shape.first().copied().unwrap_or(0);
+    if heads == 0 || out == 0 || out % (2 * heads) != 0 {
+        candle_core::bail!("a q/k weight of shape {shape:?} does not split into {heads} heads");
+    }
     let rest: usize = shape[1..].iter().product();
     w.reshape((heads, out / heads / 2, 2, rest))?
         .transpose(1, 2)?

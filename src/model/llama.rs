@@ -132,10 +132,13 @@ impl LlamaConfig {
             }
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if self.num_attention_heads % num_kv_heads != 0 {
+        if self.num_attention_heads == 0 {
+            return Err("num_attention_heads is 0".into());
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
             return Err(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
-                self.num_attention_heads
+                "hidden_size {} is not a multiple of num_attention_heads {} (and no head_dim is given)",
+                self.hidden_size, self.num_attention_heads
             ));
         }
         let (rope_theta, rope_scaling) = match self.rope_parameters {
@@ -145,7 +148,7 @@ impl LlamaConfig {
             ),
             None => (self.rope_theta, self.rope_scaling),
         };
-        Ok(Config {
+        Config {
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
             num_layers: self.num_hidden_layers,
@@ -163,11 +166,64 @@ impl LlamaConfig {
             attention_bias: self.attention_bias,
             mlp_bias: self.mlp_bias,
             rope_freq_divisors: None,
-        })
+        }
+        .validated()
     }
 }
 
 impl Config {
+    /// The configuration, if every size the model divides or indexes by is usable (a
+    /// zero or inconsistent one would panic deep inside a forward instead).
+    pub fn validated(self) -> std::result::Result<Config, String> {
+        let c = &self;
+        let positive = [
+            ("hidden_size", c.hidden_size),
+            ("intermediate_size", c.intermediate_size),
+            ("num_attention_heads", c.num_heads),
+            ("num_key_value_heads", c.num_kv_heads),
+            ("head_dim", c.head_dim),
+            ("vocab_size", c.vocab_size),
+            ("max_position_embeddings", c.max_position_embeddings),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} is 0"));
+        }
+        if c.num_heads % c.num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                c.num_heads, c.num_kv_heads
+            ));
+        }
+        if c.head_dim % 2 != 0 {
+            return Err(format!(
+                "head_dim {} is odd (rotary embeddings rotate pairs)",
+                c.head_dim
+            ));
+        }
+        if !(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0) {
+            return Err(format!(
+                "rms_norm_eps {} is not a finite number >= 0",
+                c.rms_norm_eps
+            ));
+        }
+        if !(c.rope_theta.is_finite() && c.rope_theta > 0.0) {
+            return Err(format!(
+                "rope_theta {} is not a finite number > 0",
+                c.rope_theta
+            ));
+        }
+        if let Some(d) = &c.rope_freq_divisors {
+            if d.len() != c.head_dim / 2 {
+                return Err(format!(
+                    "{} rope frequency divisors for head_dim {}",
+                    d.len(),
+                    c.head_dim
+                ));
+            }
+        }
+        Ok(self)
+    }
+
     /// Inverse frequencies of the rotary embedding, with `rope_scaling` applied
     /// (`llama3` and `linear`), computed as transformers does in f32.
     pub fn inv_freq(&self) -> std::result::Result<Vec<f32>, String> {
@@ -402,6 +458,10 @@ impl Llama {
     /// path every other device runs).
     pub fn load_with(vb: VarBuilder, config: &Config, backend: Backend) -> Result<Self> {
         backend.check(vb.device(), vb.dtype())?;
+        let config = &config
+            .clone()
+            .validated()
+            .map_err(candle_core::Error::Msg)?;
         let c = config;
         let m = vb.pp("model");
         let embed = m

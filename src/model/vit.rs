@@ -55,6 +55,42 @@ fn default_true() -> bool {
     true
 }
 
+impl ViTConfig {
+    /// Refuses sizes the encoder divides or indexes by that would panic in a forward.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let positive = [
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+            ("num_channels", self.num_channels),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} is 0"));
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.image_size % self.patch_size != 0 {
+            return Err(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                self.image_size, self.patch_size
+            ));
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0) {
+            return Err(format!(
+                "layer_norm_eps {} is not a finite number >= 0",
+                self.layer_norm_eps
+            ));
+        }
+        Ok(())
+    }
+}
+
 struct Lin {
     w: Tensor,
     /// `w` transposed, `(in, out)`, on the CPU in f32 (what the fused path reads).
@@ -145,6 +181,7 @@ impl ViT {
     /// [`ViT::load`] with a chosen backend.
     pub fn load_with(vb: VarBuilder, c: &ViTConfig, be: Backend) -> Result<Self> {
         be.check(vb.device(), vb.dtype())?;
+        c.validate().map_err(candle_core::Error::Msg)?;
         if let Some(t) = &c.model_type {
             if t != "vit" {
                 candle_core::bail!("model_type `{t}` is not a ViT");
