@@ -498,12 +498,7 @@ pub const BENCH_SAMPLES: usize = 5;
 /// The exact inputs of every case, for the PyTorch reference.
 pub fn shared_inputs(llm: &Llm, meld: Option<&std::path::Path>) -> Result<SharedInputs> {
     let ids_512 = synthetic_ids(512, llm.model.config.vocab_size);
-    let targets = llm
-        .tokenizer
-        .encode("neutral")?
-        .into_iter()
-        .chain([llm.end_of_turn])
-        .collect::<Vec<_>>();
+    let targets = llm.answer_tokens("neutral")?;
     let mut out = SharedInputs {
         ids_512,
         image_pos: 40,
@@ -553,8 +548,7 @@ pub fn shared_inputs(llm: &Llm, meld: Option<&std::path::Path>) -> Result<Shared
         };
         for s in data.samples(Scope::Last) {
             let e = p.encode(data.context(&s), &|_| true, None)?;
-            let mut t = llm.tokenizer.encode(data.gold(&s))?;
-            t.push(llm.end_of_turn);
+            let t = llm.answer_tokens(data.gold(&s))?;
             out.farcer_samples.push((flat(&e), t));
             out.eval_samples.push(flat(&e));
         }
@@ -567,8 +561,7 @@ pub fn shared_inputs(llm: &Llm, meld: Option<&std::path::Path>) -> Result<Shared
                 .last()
                 .and_then(|u| u.label.clone())
                 .unwrap_or_else(|| "neutral".into());
-            let mut t = llm.tokenizer.encode(&gold)?;
-            t.push(llm.end_of_turn);
+            let t = llm.answer_tokens(&gold)?;
             out.sweep.push((n, flat(&e), t));
         }
     }

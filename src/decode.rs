@@ -57,11 +57,7 @@ impl LabelTokens {
     pub fn new(llm: &Llm, labels: &[String]) -> Result<Self> {
         let seqs = labels
             .iter()
-            .map(|l| {
-                let mut t = llm.tokenizer.encode(l)?;
-                t.push(llm.end_of_turn);
-                Ok(t)
-            })
+            .map(|l| llm.answer_tokens(l))
             .collect::<Result<Vec<_>>>()?;
         Ok(LabelTokens {
             labels: labels.to_vec(),

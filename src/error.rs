@@ -27,6 +27,9 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    /// `--resume` on a run whose training finished (callers may treat it as done).
+    #[error("{0} already finished; nothing to resume")]
+    AlreadyFinished(PathBuf),
     #[error("{0}")]
     Msg(String),
 }

@@ -248,15 +248,7 @@ pub fn evaluate(
     let per_set = opts.limit.unwrap_or(usize::MAX).min(all_samples.len());
     let total = per_set * opts.prompt_sets.len();
     for &s in &opts.prompt_sets {
-        let set = match (opts.prompt.shots, pool) {
-            (0, _) => PromptSet::empty(s),
-            (k, Some(p)) => PromptSet::draw(p, k, s)?,
-            (_, None) => {
-                return Err(Error::msg(
-                    "few-shot prompts need a pool of example dialogues; this data has no dev/train split to draw from (use --shots 0 or a folder with dev.jsonl)",
-                ))
-            }
-        };
+        let set = PromptSet::for_shots(pool, opts.prompt.shots, s)?;
         // Dialogues shown as examples are not scored when the pool is the evaluated split.
         let same_split = pool.is_some_and(|p| p.corpus == data.corpus && p.split == data.split);
         let excluded = if same_split {

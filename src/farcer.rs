@@ -246,6 +246,40 @@ pub fn read_manifest(dir: &Path) -> Result<(PathBuf, Manifest)> {
     Ok((d, m))
 }
 
+impl Farcer {
+    /// Sets the trained weights from checkpoint folder `d` (as [`read_manifest`] resolves
+    /// it): the projection, and with `adapters` every attached LoRA adapter. A missing
+    /// file, tensor or shape is an error naming the file. The one place weights come back
+    /// from disk into a model that already has them (resume, `--init`).
+    pub fn restore(&self, d: &Path, adapters: bool) -> Result<()> {
+        let dev = self.llm.model.device();
+        let p = d.join("projection.safetensors");
+        let bad = |p: &Path, e: String| Error::input(p.display().to_string(), e);
+        let t = candle_core::safetensors::load(&p, dev).map_err(|e| bad(&p, e.to_string()))?;
+        self.projection
+            .load_tensors(&t)
+            .map_err(|e| bad(&p, e.to_string()))?;
+        let vars = self.llm.model.lora_vars();
+        if adapters && !vars.is_empty() {
+            let p = d.join("adapter_model.safetensors");
+            let t = candle_core::safetensors::load(&p, dev).map_err(|e| bad(&p, e.to_string()))?;
+            for (k, v) in &vars {
+                let saved = t
+                    .get(k)
+                    .ok_or_else(|| bad(&p, format!("no adapter weight `{k}`")))?;
+                if saved.dims() != v.dims() {
+                    return Err(bad(
+                        &p,
+                        format!("`{k}` is {:?}, the model's {:?}", saved.dims(), v.dims()),
+                    ));
+                }
+                v.set(&saved.to_dtype(v.dtype())?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Loads the projection (and LoRA adapters) of a checkpoint onto an already loaded LLM.
 pub fn load_checkpoint(dir: &Path, mut llm: Llm, device: &Device) -> Result<(Farcer, Manifest)> {
     let (d, m) = read_manifest(dir)?;

@@ -435,10 +435,6 @@ fn ticker(b: &indicatif::ProgressBar) -> impl Fn(usize, usize) + '_ {
     }
 }
 
-fn pool_for(spec: &DataSpec, shots: usize, seed: u64) -> Result<Option<Dataset>> {
-    Ok(pipeline::pool_for(spec, shots, seed)?)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn evaluate_and_write(
     b: &dyn InputBuilder,
@@ -482,7 +478,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 max_tokens: a.max_tokens,
                 past_source: a.past_labels_from,
             };
-            let pool = pool_for(&spec, shots, a.model.seed)?;
+            let pool = pipeline::pool_for(&spec, shots, a.model.seed)?;
             let name = format!(
                 "{} {} - {shots} shot{}",
                 llm.kind(),
@@ -539,7 +535,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 max_tokens: a.max_tokens,
                 past_source: a.past_labels_from,
             };
-            let pool = pool_for(&spec, shots, a.model.seed)?;
+            let pool = pipeline::pool_for(&spec, shots, a.model.seed)?;
             let name = pipeline::row_name(m.kind, shots, prompt.past_labels);
             let extra = serde_json::json!({"checkpoint": ck, "vision": enc.name, "epoch": m.epoch});
             evaluate_and_write(&f, name, &spec, &data, pool.as_ref(), &opts, extra, &a.out)?
@@ -743,7 +739,7 @@ fn train(a: TrainArgs) -> Result<()> {
     let obs = TrainBars {
         bar: bar("training"),
     };
-    let s = farcer::train::train(
+    let s = match farcer::train::train(
         &mut run.farcer,
         &cfg,
         &run.data,
@@ -751,7 +747,14 @@ fn train(a: TrainArgs) -> Result<()> {
         &a.out,
         a.resume,
         &obs,
-    )?;
+    ) {
+        Err(e @ farcer::Error::AlreadyFinished(_)) => {
+            obs.bar.finish_and_clear();
+            println!("{e}");
+            return Ok(());
+        }
+        other => other?,
+    };
     obs.bar.finish_and_clear();
     farcer::util::write_json_atomic(&a.out.join("summary.json"), &s)?;
     println!(
@@ -821,19 +824,16 @@ fn predict(a: PredictArgs) -> Result<()> {
             .collect(),
         None => labels,
     };
-    let set = if cfg.shots > 0 {
-        let pool_spec: DataSpec = a
-            .pool
-            .as_deref()
-            .context(
-                "few-shot prompts need --pool <data spec> to draw examples from (or --shots 0)",
-            )?
-            .parse()?;
-        let pool = pool_spec.load(pool_spec.pool_split().unwrap_or("dev"), a.model.seed)?;
-        farcer::prompt::PromptSet::draw(&pool, cfg.shots, a.prompt_set)?
-    } else {
-        farcer::prompt::PromptSet::empty(a.prompt_set)
+    // `predict`'s input has no splits: the examples come from --pool.
+    let pool = match (&a.pool, cfg.shots) {
+        (Some(p), k) if k > 0 => {
+            let pool_spec: DataSpec = p.parse()?;
+            Some(pool_spec.load(pool_spec.pool_split().unwrap_or("dev"), a.model.seed)?)
+        }
+        _ => None,
     };
+    let set = farcer::prompt::PromptSet::for_shots(pool.as_ref(), cfg.shots, a.prompt_set)
+        .context("use --pool <data spec> to draw few-shot examples from (or --shots 0)")?;
     let ps = eval::prepare_set(builder.llm(), &labels, &cfg, set, None)?;
     let cands = farcer::decode::LabelTokens::new(builder.llm(), &labels)?;
     for d in &ds.dialogues {
@@ -868,10 +868,8 @@ fn show_prompt(a: PromptArgs) -> Result<()> {
     let data = spec.load(&a.split, a.model.seed)?;
     let device = model::device(&a.model.device)?;
     let llm = pipeline::load_llm(a.model.llm.as_deref(), &device, &log)?;
-    let set = match pool_for(&spec, a.shots, a.model.seed)? {
-        Some(pool) => farcer::prompt::PromptSet::draw(&pool, a.shots, a.prompt_set)?,
-        None => farcer::prompt::PromptSet::empty(a.prompt_set),
-    };
+    let pool = pipeline::pool_for(&spec, a.shots, a.model.seed)?;
+    let set = farcer::prompt::PromptSet::for_shots(pool.as_ref(), a.shots, a.prompt_set)?;
     let cfg = PromptConfig {
         shots: a.shots,
         past_labels: a.past_labels,
@@ -945,7 +943,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     // 1. Text-only baseline.
     let llm = pipeline::load_llm(Some(&llm_path), &device, &log)?;
     let test = spec.load("test", a.model.seed)?;
-    let pool = pool_for(&spec, a.shots, a.model.seed)?;
+    let pool = pipeline::pool_for(&spec, a.shots, a.model.seed)?;
     let opts = |images: bool| EvalOptions {
         scope: Scope::Last,
         prompt: PromptConfig {

@@ -303,15 +303,9 @@ pub fn build_run(
     let spec: DataSpec = cfg.data.parse()?;
     let mut train = spec.load(&cfg.train_split, cfg.seed)?;
     let mut val = spec.load(&cfg.val_split, cfg.seed)?;
-    let pool = match (cfg.prompt.shots, spec.pool_split()) {
-        (0, _) => None,
-        (_, Some(p)) => Some(spec.load(p, cfg.seed)?),
-        (_, None) => {
-            return Err(Error::msg(format!(
-                "{spec} has no split to draw few-shot examples from"
-            )))
-        }
-    };
+    let pool = pool_for(&spec, cfg.prompt.shots, cfg.seed)?;
+    // Refused here, before any training, rather than at the first prompt.
+    crate::prompt::PromptSet::for_shots(pool.as_ref(), cfg.prompt.shots, 0)?;
     let mut lora = None;
     if let Some(l) = &cfg.lora {
         llm.model.add_lora(l, cfg.seed)?;
@@ -397,22 +391,8 @@ fn init_from(f: &mut Farcer, dir: &Path) -> Result<()> {
             f.projection.config.out_dim
         )));
     }
-    let p = d.join("projection.safetensors");
-    let t = candle_core::safetensors::load(&p, f.llm.model.device())
-        .map_err(|e| Error::input(p.display().to_string(), e.to_string()))?;
-    f.projection.load_tensors(&t)?;
-    let vars = f.llm.model.lora_vars();
-    if m.lora.is_some() && !vars.is_empty() {
-        let ap = d.join("adapter_model.safetensors");
-        let t = candle_core::safetensors::load(&ap, f.llm.model.device())
-            .map_err(|e| Error::input(ap.display().to_string(), e.to_string()))?;
-        for (k, v) in vars {
-            if let Some(s) = t.get(&k) {
-                v.set(s)?;
-            }
-        }
-    }
-    Ok(())
+    // A checkpoint without adapters gives the projection only; the adapters start fresh.
+    f.restore(&d, m.lora.is_some())
 }
 
 /// A checkpoint with everything its manifest names: the LLM, the vision encoder, the
@@ -494,16 +474,12 @@ pub fn evaluate_to(
     Ok(rep)
 }
 
-/// The few-shot pool of a data spec (None for 0 shots).
+/// The few-shot pool of a data spec: None for 0 shots, or when the data has no split to
+/// draw from (then [`PromptSet::for_shots`](crate::prompt::PromptSet::for_shots) says so).
 pub fn pool_for(spec: &DataSpec, shots: usize, seed: u64) -> Result<Option<Dataset>> {
-    if shots == 0 {
-        return Ok(None);
-    }
-    match spec.pool_split() {
-        Some(p) => Ok(Some(spec.load(p, seed)?)),
-        None => Err(Error::msg(format!(
-            "{spec} has no split to draw few-shot examples from; use 0 shots or a folder with dev.jsonl / train.jsonl"
-        ))),
+    match (shots, spec.pool_split()) {
+        (0, _) | (_, None) => Ok(None),
+        (_, Some(p)) => Ok(Some(spec.load(p, seed)?)),
     }
 }
 
@@ -601,7 +577,7 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
                         resume,
                         p.train(),
                     ) {
-                        Err(Error::Msg(m)) if m.contains("already finished") => None,
+                        Err(Error::AlreadyFinished(_)) => None,
                         other => Some(other?),
                     };
                     if let Some(s) = s {

@@ -455,9 +455,7 @@ impl TokenWeights {
 
 /// Target token ids of a label: its tokens, then end-of-turn.
 pub fn target_tokens(f: &Farcer, label: &str) -> Result<Vec<u32>> {
-    let mut t = f.llm.tokenizer.encode(label)?;
-    t.push(f.llm.end_of_turn);
-    Ok(t)
+    f.llm.answer_tokens(label)
 }
 
 /// Teacher-forced weighted cross-entropy of one sample:
@@ -625,15 +623,7 @@ pub fn train(
     // One prompt set per training step, cycling through the seeded draws.
     let mut sets = Vec::new();
     for s in 0..cfg.prompt.sets {
-        let set = match (&data.pool, prompt_cfg.shots) {
-            (_, 0) => PromptSet::empty(s),
-            (Some(p), k) => PromptSet::draw(p, k, s)?,
-            (None, _) => {
-                return Err(Error::msg(
-                    "few-shot prompts need a pool split (use prompt.shots = 0)",
-                ))
-            }
-        };
+        let set = PromptSet::for_shots(data.pool.as_ref(), prompt_cfg.shots, s)?;
         sets.push(set);
     }
     let mut prepared: Vec<Option<PreparedSet>> = (0..sets.len()).map(|_| None).collect();
@@ -658,29 +648,13 @@ pub fn train(
         let state_path = d.join("state.json");
         st = serde_json::from_str(&std::fs::read_to_string(&state_path).at(&state_path)?)
             .map_err(|e| Error::input(state_path.display().to_string(), e.to_string()))?;
-        let p =
-            candle_core::safetensors::load(d.join("projection.safetensors"), f.llm.model.device())?;
-        f.projection.load_tensors(&p)?;
-        if !lora_vars.is_empty() {
-            let t = candle_core::safetensors::load(
-                d.join("adapter_model.safetensors"),
-                f.llm.model.device(),
-            )?;
-            for (k, v) in &lora_vars {
-                let saved = t
-                    .get(k)
-                    .ok_or_else(|| Error::msg(format!("checkpoint lacks `{k}`")))?;
-                v.set(saved)?;
-            }
-        }
-        let os =
-            candle_core::safetensors::load(d.join("optimizer.safetensors"), f.llm.model.device())?;
+        f.restore(&d, true)?;
+        let op = d.join("optimizer.safetensors");
+        let os = candle_core::safetensors::load(&op, f.llm.model.device())
+            .map_err(|e| Error::input(op.display().to_string(), e.to_string()))?;
         opt.load_state(&os, st.opt_step)?;
         if st.finished {
-            return Err(Error::msg(format!(
-                "{} already finished; nothing to resume",
-                out.display()
-            )));
+            return Err(Error::AlreadyFinished(out.to_path_buf()));
         }
         // Lines logged after the checkpoint belong to the epoch that is redone.
         truncate_log(&log_path, st.sample_step)?;

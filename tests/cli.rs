@@ -329,6 +329,11 @@ fn init_starts_from_a_checkpoint() {
         saved.contains("init = "),
         "the run's config records where it started"
     );
+    // Resuming a finished run says so and succeeds, changing nothing.
+    let before = std::fs::read(run.join("summary.json")).unwrap();
+    let (ok, out, e) = farcer(&["train", "--resume", "--out", run.to_str().unwrap()]);
+    assert!(ok && out.contains("already finished"), "{out}{e}");
+    assert_eq!(std::fs::read(run.join("summary.json")).unwrap(), before);
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -50,6 +50,16 @@ pub struct Llm {
     pub stop_tokens: Vec<u32>,
 }
 
+impl Llm {
+    /// The tokens of an answer naming `label`: its tokens, then end-of-turn (what training
+    /// targets, constrained decoding scores and the benchmarks feed PyTorch).
+    pub fn answer_tokens(&self, label: &str) -> Result<Vec<u32>> {
+        let mut t = self.tokenizer.encode(label)?;
+        t.push(self.end_of_turn);
+        Ok(t)
+    }
+}
+
 /// Loads an LLM from a path (folder or `.gguf`) or a hub id.
 pub fn load_llm(spec: &str, device: &Device, dtype: DType) -> Result<Llm> {
     let path = Path::new(spec);

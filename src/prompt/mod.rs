@@ -63,12 +63,31 @@ impl PromptSet {
             .collect()
     }
 
+    /// Prompt set `index` for `shots` examples: none for 0 shots, else drawn from `pool`,
+    /// which few-shot prompts cannot do without (the one place that says so).
+    pub fn for_shots(pool: Option<&Dataset>, shots: usize, index: u64) -> Result<Self> {
+        match (shots, pool) {
+            (0, _) => Ok(PromptSet::empty(index)),
+            (k, Some(p)) => PromptSet::draw(p, k, index),
+            (_, None) => Err(Error::input(
+                "few-shot prompts",
+                "they need a pool of example dialogues, and this data has no dev or train split to draw them from: use 0 shots, or data with a dev or train split",
+            )),
+        }
+    }
+
     /// Draws `k` examples from `pool` with the RNG seeded by `index`: k distinct labels at
     /// random (cycling through all labels again when k exceeds their number), for each a
     /// dialogue of 2-12 utterances ending in that label; then the examples are shuffled.
     pub fn draw(pool: &Dataset, k: usize, index: u64) -> Result<Self> {
         if k == 0 {
             return Ok(PromptSet::empty(index));
+        }
+        if pool.labels.is_empty() {
+            return Err(Error::input(
+                format!("few-shot pool {}:{}", pool.corpus, pool.split),
+                "it has no labels to draw examples for",
+            ));
         }
         let mut rng = Rng::derive(index, "prompt-set");
         let mut labels: Vec<&String> = Vec::new();
@@ -441,11 +460,6 @@ impl Prompter {
             dropped += 1;
         }
     }
-
-    /// Token ids of a label answer (without the end-of-turn token).
-    pub fn label_tokens(&self, label: &str) -> Result<Vec<u32>> {
-        self.tokenizer.encode(label)
-    }
 }
 
 #[cfg(test)]
@@ -512,6 +526,30 @@ mod tests {
             dialogues,
             max_context: None,
         }
+    }
+
+    /// The one rule for few-shot sets: none for 0 shots, drawn from a pool otherwise, one
+    /// error without a pool; a pool without labels is an error, not an endless loop.
+    #[test]
+    fn prompt_sets_for_shots() {
+        let p = pool();
+        assert!(PromptSet::for_shots(None, 0, 4)
+            .unwrap()
+            .examples
+            .is_empty());
+        assert_eq!(
+            PromptSet::for_shots(Some(&p), 3, 2).unwrap(),
+            PromptSet::draw(&p, 3, 2).unwrap()
+        );
+        let e = PromptSet::for_shots(None, 3, 0).unwrap_err().to_string();
+        assert!(
+            e.contains("few-shot prompts") && e.contains("use 0 shots"),
+            "{e}"
+        );
+        let mut unlabelled = pool();
+        unlabelled.labels.clear();
+        let e = PromptSet::draw(&unlabelled, 3, 0).unwrap_err().to_string();
+        assert!(e.contains("no labels"), "{e}");
     }
 
     #[test]
