@@ -15,7 +15,7 @@ use crate::model::Llm;
 use candle_core::{IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decode {
     Greedy,
@@ -28,6 +28,18 @@ impl std::fmt::Display for Decode {
             Decode::Greedy => "greedy",
             Decode::Constrained => "constrained",
         })
+    }
+}
+
+impl std::str::FromStr for Decode {
+    type Err = String;
+    /// The name as written in configs and on the command line.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "greedy" => Ok(Decode::Greedy),
+            "constrained" => Ok(Decode::Constrained),
+            other => Err(format!("`{other}`: decoding is greedy or constrained")),
+        }
     }
 }
 

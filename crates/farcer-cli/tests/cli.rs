@@ -2,6 +2,7 @@
 //! checkpoint (JSON lines and a single JSON object), adapters out and back in, and errors
 //! that name the file.
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 use candle_core::{DType, Device};
 use common::*;
@@ -9,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn farcer(args: &[&str]) -> (bool, String, String) {
+    // From the repository's root, as a user runs it.
     let out = Command::new(env!("CARGO_BIN_EXE_farcer"))
+        .current_dir(root())
         .args(args)
         .output()
         .unwrap();

@@ -63,7 +63,8 @@ enum Cmd {
         data: String,
         #[arg(long, default_value = "test")]
         split: String,
-        #[arg(long, value_enum, default_value_t = Scope::Last)]
+        /// last (each dialogue's last labelled utterance) or all.
+        #[arg(long, default_value_t = Scope::Last)]
         scope: Scope,
         #[arg(long)]
         out: PathBuf,
@@ -268,12 +269,14 @@ struct EvalArgs {
     data: String,
     #[arg(long, default_value = "test")]
     split: String,
-    #[arg(long, value_enum, default_value_t = Scope::Last)]
+    /// last (each dialogue's last labelled utterance) or all.
+    #[arg(long, default_value_t = Scope::Last)]
     scope: Scope,
     /// Few-shot examples (default 7; a checkpoint's own by default).
     #[arg(long)]
     shots: Option<usize>,
-    #[arg(long, value_enum, default_value_t = Decode::Greedy)]
+    /// greedy or constrained.
+    #[arg(long, default_value_t = Decode::Greedy)]
     decode: Decode,
     /// One of the ten seeded few-shot draws (0-9), or `all` for mean and standard deviation.
     #[arg(long, default_value = "0")]
@@ -281,9 +284,9 @@ struct EvalArgs {
     /// Past labels: earlier utterances carry their label.
     #[arg(long)]
     past_labels: bool,
-    /// Where past labels come from: the gold ones (the paper) or the model's own
+    /// Where past labels come from: `gold` (the paper) or `predicted`, the model's own
     /// earlier predictions (what a deployed system has).
-    #[arg(long, value_enum, default_value_t = eval::PastSource::Gold)]
+    #[arg(long, default_value_t = eval::PastSource::Gold)]
     past_labels_from: eval::PastSource,
     /// Fold LoRA adapters into the weights before evaluating (same results, faster).
     #[arg(long)]
@@ -329,7 +332,8 @@ struct PromptArgs {
     data: String,
     #[arg(long, default_value = "test")]
     split: String,
-    #[arg(long, value_enum, default_value_t = Scope::Last)]
+    /// last (each dialogue's last labelled utterance) or all.
+    #[arg(long, default_value_t = Scope::Last)]
     scope: Scope,
     /// Which sample of the split.
     #[arg(long, default_value_t = 0)]
