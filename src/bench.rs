@@ -567,3 +567,75 @@ pub fn shared_inputs(llm: &Llm, meld: Option<&std::path::Path>) -> Result<Shared
     }
     Ok(out)
 }
+
+/// One utterance of a live session, as timed by [`session_curve`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionPoint {
+    /// Utterances in the conversation, this one included.
+    pub utterances: usize,
+    /// Tokens this utterance ran through the model.
+    pub tokens: usize,
+    pub seconds: f64,
+    /// Positions in the session's KV cache after it.
+    pub cache_tokens: usize,
+    pub dropped: usize,
+    /// Seconds `predict` takes on the same conversation, recomputing it all (measured at
+    /// a few lengths only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recompute_seconds: Option<f64>,
+}
+
+/// A text-only session over `n` MELD test utterances in order (3-shot prompt from dev):
+/// the time and tokens of each new utterance, and at a few lengths the time of
+/// answering the same conversation from scratch.
+pub fn session_curve(
+    llm_path: &str,
+    meld: &std::path::Path,
+    n: usize,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Vec<SessionPoint>> {
+    use crate::infer::{Engine, PredictOptions, Predictor, SessionOptions};
+    let llm = crate::model::load_llm(llm_path, &Device::Cpu, candle_core::DType::F32)?;
+    let spec = DataSpec::Meld(meld.to_path_buf());
+    let test = spec.load("test", 0)?;
+    let pool = spec.load("dev", 0)?;
+    let prompt = PromptConfig {
+        shots: 3,
+        past_labels: false,
+        images: false,
+    };
+    let p = Predictor::new(
+        Engine::Text(Box::new(llm)),
+        test.labels.clone(),
+        prompt,
+        Some(pool),
+        None,
+    )?;
+    let mut conv = sweep_dialogue(&test, n);
+    for u in &mut conv {
+        u.image = None;
+    }
+    let mut s = p.session(&SessionOptions::default())?;
+    let recompute_at = [1usize, 5, 25, 50, 100, 150, 200];
+    let mut out = Vec::new();
+    for (i, u) in conv.iter().enumerate() {
+        let a = p.add(&mut s, u.clone(), None)?;
+        let recompute_seconds = if recompute_at.contains(&(i + 1)) {
+            let t = Instant::now();
+            p.predict(&conv[..=i], &Default::default(), &PredictOptions::default())?;
+            Some(t.elapsed().as_secs_f64())
+        } else {
+            None
+        };
+        out.push(SessionPoint {
+            utterances: i + 1,
+            tokens: a.tokens,
+            seconds: a.seconds,
+            cache_tokens: s.cache_tokens(),
+            dropped: a.dropped,
+            recompute_seconds,
+        });
+        progress(i + 1, conv.len());
+    }
+    Ok(out)
+}

@@ -2,9 +2,9 @@
 //!
 //! `greedy` is the paper's: up to a few new tokens, stopping at end-of-turn; the text is
 //! trimmed and lower-cased and must equal a label, else it is `invalid`.
-//! `constrained` scores every label: the sum of the log-probabilities of its tokens and
-//! the end-of-turn token. All labels go through the model in *one* pass after the shared
-//! prompt: their tokens are packed into a single sequence whose attention mask lets each
+//! `score_labels` (constrained decoding) scores every label: the sum of the log-probabilities of its tokens and
+//! the end-of-turn token. All labels go through the model in *one* pass with the sample's
+//! own prompt tokens: their tokens are packed into a single sequence whose attention mask lets each
 //! label see the prompt and its own earlier tokens only, with the positions it would have
 //! on its own. Exact, and one pass instead of one per label.
 
@@ -111,67 +111,94 @@ pub fn greedy(
     })
 }
 
-/// Scores every label after the prompt held in `cache`; `last_logits` are the logits at
-/// the last prompt position (they give each label's first token).
-pub fn constrained(
+/// Scores every label after a query: `cache` holds what all branches share (the prompt
+/// prefix, or a live conversation so far) and `query` `(1, m, hidden)` the sample's own
+/// tokens. The query and every label's tokens go through the model in one pass, packed
+/// into one sequence whose mask lets the query see the cache and itself (causally) and each
+/// label see the cache, the query and its own earlier tokens, at the positions it would
+/// have on its own. Nothing is added to `cache`: this is the one mechanism behind
+/// constrained decoding and a live session's label queries.
+pub fn score_labels(
     llm: &Llm,
     cache: &Cache,
-    last_logits: &Tensor,
+    query: &Tensor,
     cands: &LabelTokens,
 ) -> Result<Prediction> {
     let past = cache.len();
-    let first_lp = log_softmax(last_logits)?.to_vec1::<f32>()?;
+    let m = query.dim(1)?;
+    if m == 0 {
+        return Err(Error::msg("a label query needs at least one token"));
+    }
     // Pack every label's tokens but the last (whose log-prob no later token needs).
     let mut tokens = Vec::new();
-    let mut pos = Vec::new();
+    let mut pos: Vec<u32> = (0..m).map(|k| (past + k) as u32).collect();
     let mut owner = Vec::new();
     for (j, seq) in cands.seqs.iter().enumerate() {
         for (k, &t) in seq[..seq.len() - 1].iter().enumerate() {
             tokens.push(t);
-            pos.push((past + k) as u32);
+            pos.push((past + m + k) as u32);
             owner.push(j);
         }
     }
+    let n = m + tokens.len();
+    let allowed: Vec<Vec<bool>> = (0..n)
+        .map(|r| {
+            (0..past + n)
+                .map(|c| {
+                    if c < past {
+                        return true;
+                    }
+                    let c = c - past;
+                    if r < m {
+                        c <= r
+                    } else {
+                        c < m || (c <= r && owner[c - m] == owner[r - m])
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let mask = mask_from_allowed(&allowed, llm.model.device(), llm.model.dtype())?;
+    let x = if tokens.is_empty() {
+        query.clone()
+    } else {
+        let labels = llm.model.embed(&tokens)?.unsqueeze(0)?;
+        Tensor::cat(&[query, &labels.to_dtype(query.dtype())?], 1)?
+    };
+    let at: Vec<usize> = (m - 1..n).collect();
+    let mut c = cache.clone();
+    let logits = llm
+        .model
+        .forward(
+            &x,
+            &mut c,
+            &Positions {
+                ids: Some(&pos),
+                mask: Some(&mask),
+            },
+            &at,
+        )?
+        .expect("logits asked");
+    let lp = log_softmax(&logits.i(0)?)?.to_dtype(candle_core::DType::F32)?;
+    let first = lp.i(0)?.to_vec1::<f32>()?;
     let mut scores: Vec<f64> = cands
         .seqs
         .iter()
-        .map(|s| first_lp[s[0] as usize] as f64)
+        .map(|s| first[s[0] as usize] as f64)
         .collect();
-    if !tokens.is_empty() {
-        let n = tokens.len();
-        let allowed: Vec<Vec<bool>> = (0..n)
-            .map(|r| {
-                (0..past + n)
-                    .map(|c| c < past || (c - past <= r && owner[c - past] == owner[r]))
-                    .collect()
-            })
-            .collect();
-        let mask = mask_from_allowed(&allowed, llm.model.device(), llm.model.dtype())?;
-        let x = llm.model.embed(&tokens)?.unsqueeze(0)?;
-        let at: Vec<usize> = (0..n).collect();
-        let mut c = cache.clone();
-        let logits = llm
-            .model
-            .forward(
-                &x,
-                &mut c,
-                &Positions {
-                    ids: Some(&pos),
-                    mask: Some(&mask),
-                },
-                &at,
-            )?
-            .expect("logits asked");
-        let lp = log_softmax(&logits.i(0)?)?;
-        // Each packed position predicts the next token of its own label.
-        let mut r = 0;
-        for (j, seq) in cands.seqs.iter().enumerate() {
-            for &tok in &seq[1..] {
-                scores[j] += lp.i((r, tok as usize))?.to_scalar::<f32>()? as f64;
-                r += 1;
-            }
+    // Packed row r (output row r + 1) predicts the next token of its own label.
+    let mut r = 1;
+    for (j, seq) in cands.seqs.iter().enumerate() {
+        for &tok in &seq[1..] {
+            scores[j] += lp.i((r, tok as usize))?.to_scalar::<f32>()? as f64;
+            r += 1;
         }
     }
+    probabilities(scores, cands)
+}
+
+/// The softmax over label scores, and the best label; a NaN score is an error naming it.
+fn probabilities(scores: Vec<f64>, cands: &LabelTokens) -> Result<Prediction> {
     if let Some(j) = scores.iter().position(|s| s.is_nan()) {
         return Err(Error::msg(format!(
             "the model scored label `{}` as NaN: its logits are not finite (check the weights and the inputs)",
@@ -217,14 +244,5 @@ pub fn constrained_plain(llm: &Llm, prompt: &Tensor, cands: &LabelTokens) -> Res
         }
         scores.push(s);
     }
-    if let Some(j) = scores.iter().position(|s| s.is_nan()) {
-        return Err(Error::msg(format!(
-            "the model scored label `{}` as NaN: its logits are not finite (check the weights and the inputs)",
-            cands.labels[j]
-        )));
-    }
-    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-    let z: f64 = exps.iter().sum();
-    Ok(exps.iter().map(|e| e / z).collect())
+    Ok(probabilities(scores, cands)?.probs.unwrap_or_default())
 }

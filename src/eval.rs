@@ -231,22 +231,23 @@ pub fn predict_one(
     let has_image = |i: usize| b.has_image(&context[i]);
     let enc = ps.prompter.encode(context, &has_image, past)?;
     let x = b.suffix_embeds(&enc, context)?;
-    let t = x.dim(1)?;
-    let mut cache = ps.cache.clone();
-    let logits = llm
-        .model
-        .forward(&x, &mut cache, &Positions::default(), &[t - 1])?
-        .expect("logits asked");
-    let last = logits.i((0, 0))?;
     let pred = match decoder {
-        Decode::Greedy => decode::greedy(
-            llm,
-            cache,
-            &last,
-            &ps.prompter.labels,
-            decode::GREEDY_MAX_NEW,
-        )?,
-        Decode::Constrained => decode::constrained(llm, &cache, &last, cands)?,
+        Decode::Greedy => {
+            let t = x.dim(1)?;
+            let mut cache = ps.cache.clone();
+            let logits = llm
+                .model
+                .forward(&x, &mut cache, &Positions::default(), &[t - 1])?
+                .expect("logits asked");
+            decode::greedy(
+                llm,
+                cache,
+                &logits.i((0, 0))?,
+                &ps.prompter.labels,
+                decode::GREEDY_MAX_NEW,
+            )?
+        }
+        Decode::Constrained => decode::score_labels(llm, &ps.cache, &x, cands)?,
     };
     Ok((pred, enc))
 }

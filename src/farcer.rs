@@ -130,7 +130,7 @@ impl Farcer {
         Ok(failed)
     }
 
-    fn image_of(&self, u: &Utterance) -> Option<&Vec<f32>> {
+    pub fn image_of(&self, u: &Utterance) -> Option<&Vec<f32>> {
         u.image.as_ref().and_then(|p| self.vectors.get(p))
     }
 
@@ -142,6 +142,20 @@ impl Farcer {
         context: &[Utterance],
         train: Option<&mut Dropout>,
     ) -> Result<Tensor> {
+        self.embeds_with(enc, context, train, &|u| {
+            self.image_of(u).map(|v| v.as_slice())
+        })
+    }
+
+    /// [`Farcer::embeds`] with the image vectors looked up by `vector` (a request's own
+    /// images, say), so that one loaded model serves many requests without changing.
+    pub fn embeds_with<'v>(
+        &'v self,
+        enc: &Encoded,
+        context: &[Utterance],
+        train: Option<&mut Dropout>,
+        vector: &dyn Fn(&Utterance) -> Option<&'v [f32]>,
+    ) -> Result<Tensor> {
         let dev = self.llm.model.device();
         let slots = enc.images();
         let projected = if slots.is_empty() {
@@ -149,7 +163,7 @@ impl Farcer {
         } else {
             let mut flat = Vec::with_capacity(slots.len() * self.projection.config.in_dim);
             for &i in &slots {
-                let v = self.image_of(&context[i]).ok_or_else(|| {
+                let v = vector(&context[i]).ok_or_else(|| {
                     Error::msg(format!(
                         "utterance {} has an image slot but no vector",
                         context[i].id

@@ -14,6 +14,7 @@ pub mod face;
 pub mod farcer;
 pub mod fetch;
 pub mod grid;
+pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

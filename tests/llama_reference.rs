@@ -123,25 +123,34 @@ fn packed_constrained_scoring_equals_scoring_each_label_alone() {
     );
     let prompt_ids = llm.tokenizer.encode("<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n").unwrap();
     let prompt = llm.model.embed(&prompt_ids).unwrap().unsqueeze(0).unwrap();
+    let plain = decode::constrained_plain(&llm, &prompt, &cands).unwrap();
+    // The whole prompt as the query on an empty cache, and its last tokens as the query
+    // after a cache of the rest: both equal the labels scored one by one.
     let t = prompt_ids.len();
     let mut cache = llm.model.new_cache();
-    let logits = llm
-        .model
-        .forward(&prompt, &mut cache, &Positions::default(), &[t - 1])
-        .unwrap()
+    llm.model
+        .forward(
+            &prompt.narrow(1, 0, t - 3).unwrap(),
+            &mut cache,
+            &Positions::default(),
+            &[],
+        )
         .unwrap();
-    let fast = decode::constrained(&llm, &cache, &logits.i((0, 0)).unwrap(), &cands).unwrap();
-    let plain = decode::constrained_plain(&llm, &prompt, &cands).unwrap();
-    let probs = fast.probs.unwrap();
-    for (a, b) in probs.iter().zip(&plain) {
-        assert!((a - b).abs() <= 1e-4, "{probs:?} vs {plain:?}");
+    let tail = prompt.narrow(1, t - 3, 3).unwrap();
+    for (cache, query) in [(llm.model.new_cache(), &prompt), (cache.clone(), &tail)] {
+        let fast = decode::score_labels(&llm, &cache, query, &cands).unwrap();
+        let probs = fast.probs.unwrap();
+        for (a, b) in probs.iter().zip(&plain) {
+            assert!((a - b).abs() <= 1e-4, "{probs:?} vs {plain:?}");
+        }
+        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-9);
     }
-    assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    assert_eq!(cache.len(), t - 3, "scoring adds nothing to the cache");
 
-    // Non-finite logits (a NaN in the last position's logits) are an error naming a
-    // label, not a panic and not an arbitrary answer.
-    let nan = (logits.i((0, 0)).unwrap() * f64::NAN).unwrap();
-    let e = decode::constrained(&llm, &cache, &nan, &cands).unwrap_err();
+    // Non-finite inputs (a NaN in the query) are an error naming a label, not a panic
+    // and not an arbitrary answer.
+    let nan = (tail * f64::NAN).unwrap();
+    let e = decode::score_labels(&llm, &cache, &nan, &cands).unwrap_err();
     assert!(e.to_string().contains("NaN"), "{e}");
 }
 

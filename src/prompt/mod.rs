@@ -205,41 +205,53 @@ fn dialogue_text(
     past_labels: bool,
     past: Option<&[Option<String>]>,
 ) -> String {
-    let mut s = String::from("DIALOGUE:\n");
+    let mut s = String::from(DIALOGUE_HEAD);
     let n = utts.len();
     for (i, u) in utts.iter().enumerate() {
-        s.push_str(&u.speaker);
-        s.push_str(": ");
-        match images(i) {
-            ImageText::None => {}
-            ImageText::Literal => {
-                s.push_str(IMAGE_TEXT);
-                s.push(' ');
-            }
-            ImageText::Slot => {
-                s.push(SLOT);
-                s.push(' ');
-            }
-        }
-        s.push_str(&u.text);
-        if past_labels && i + 1 < n {
-            let label = match past {
+        let label = if past_labels && i + 1 < n {
+            match past {
                 Some(p) => p.get(i).cloned().flatten(),
                 None => u.label.clone(),
-            };
-            if let Some(l) = label {
-                s.push_str(&format!(" ({}'s current emotion: {l})", u.speaker));
             }
-        }
-        s.push('\n');
+        } else {
+            None
+        };
+        s.push_str(&line_text(u, images(i), label.as_deref()));
     }
-    if past_labels {
-        if let Some(last) = utts.last() {
-            s.push_str(&format!("{}'s ", last.speaker));
-        }
-    }
-    s.push_str("EMOTION LABEL:");
+    s.push_str(&tail_text(past_labels, utts.last()));
     s
+}
+
+const DIALOGUE_HEAD: &str = "DIALOGUE:\n";
+
+/// One utterance's line of the dialogue, with its past label when one is shown.
+fn line_text(u: &Utterance, image: ImageText, label: Option<&str>) -> String {
+    let mut s = format!("{}: ", u.speaker);
+    match image {
+        ImageText::None => {}
+        ImageText::Literal => {
+            s.push_str(IMAGE_TEXT);
+            s.push(' ');
+        }
+        ImageText::Slot => {
+            s.push(SLOT);
+            s.push(' ');
+        }
+    }
+    s.push_str(&u.text);
+    if let Some(l) = label {
+        s.push_str(&format!(" ({}'s current emotion: {l})", u.speaker));
+    }
+    s.push('\n');
+    s
+}
+
+/// What ends the user turn: the question for the last speaker's label.
+fn tail_text(past_labels: bool, last: Option<&Utterance>) -> String {
+    match (past_labels, last) {
+        (true, Some(u)) => format!("{}'s EMOTION LABEL:", u.speaker),
+        _ => "EMOTION LABEL:".into(),
+    }
 }
 
 /// A piece of a tokenized prompt suffix.
@@ -313,6 +325,9 @@ pub struct Prompter {
     pub max_tokens: usize,
     /// Tokens kept free for the answer.
     pub answer_room: usize,
+    /// The chat template's text around the dialogue in the last user turn (after the
+    /// prefix, up to the generation prompt), when the template leaves the dialogue as it is.
+    frame: Option<(String, String)>,
 }
 
 impl Prompter {
@@ -362,6 +377,15 @@ impl Prompter {
             .max()
             .unwrap_or(1)
             + 6;
+        let frame = {
+            const MARK: &str = "\u{1}dialogue\u{1}";
+            let mut m = head.clone();
+            m.push(Message::user(MARK));
+            let full = template.render(&m, true)?;
+            full.strip_prefix(&prefix_text)
+                .and_then(|rest| rest.split_once(MARK))
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        };
         if prefix.len() + answer_room + 16 > max_tokens {
             return Err(Error::msg(format!(
                 "the prompt's system turn and examples take {} tokens, more than the {max_tokens} allowed: use fewer shots or a model with a longer context",
@@ -379,7 +403,94 @@ impl Prompter {
             prefix,
             max_tokens,
             answer_room,
+            frame,
         })
+    }
+
+    /// Token ids of prompt text, tokenized line by line: a line's tokens never depend on
+    /// what follows it, so a live conversation can be tokenized one utterance at a time
+    /// and give the same ids as the whole prompt at once.
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for line in text.split_inclusive('\n') {
+            ids.extend(self.tokenizer.encode(line)?);
+        }
+        Ok(ids)
+    }
+
+    /// Text with image slots as pieces; `slots` gives, in order, the utterance of each slot.
+    fn pieces(&self, text: &str, slots: &mut dyn Iterator<Item = usize>) -> Result<Vec<Piece>> {
+        let mut pieces = Vec::new();
+        for (k, part) in text.split(SLOT).enumerate() {
+            if k > 0 {
+                let u = slots
+                    .next()
+                    .ok_or_else(|| Error::msg("image slot without an image"))?;
+                pieces.push(Piece::Image(u));
+            }
+            if !part.is_empty() {
+                pieces.push(Piece::Tokens(self.tokenize(part)?));
+            }
+        }
+        Ok(pieces)
+    }
+
+    fn frame(&self) -> Result<&(String, String)> {
+        self.frame.as_ref().ok_or_else(|| {
+            Error::msg(
+                "this chat template rewrites the dialogue it is given, so a conversation cannot be extended one utterance at a time",
+            )
+        })
+    }
+
+    /// A live conversation, piece by piece: what opens the dialogue (after the prefix).
+    pub fn open(&self) -> Result<Encoded> {
+        let text = format!("{}{DIALOGUE_HEAD}", self.frame()?.0);
+        Ok(Encoded {
+            pieces: self.pieces(&text, &mut std::iter::empty())?,
+            dropped: 0,
+        })
+    }
+
+    /// The line of utterance `u` (index `index` of the conversation) as it stays in the
+    /// conversation, with its past label when the prompt shows them.
+    pub fn line(
+        &self,
+        u: &Utterance,
+        index: usize,
+        has_image: bool,
+        label: Option<&str>,
+    ) -> Result<Encoded> {
+        let label = label.filter(|_| self.config.past_labels);
+        let text = line_text(u, self.image_text(has_image), label);
+        Ok(Encoded {
+            pieces: self.pieces(&text, &mut std::iter::once(index))?,
+            dropped: 0,
+        })
+    }
+
+    /// The question after utterance `u`, which the conversation does not keep: with past
+    /// labels its line without a label (the kept line carries one), then the end of the
+    /// user turn and the generation prompt.
+    pub fn query(&self, u: &Utterance, index: usize, has_image: bool) -> Result<Encoded> {
+        let mut text = String::new();
+        if self.config.past_labels {
+            text.push_str(&line_text(u, self.image_text(has_image), None));
+        }
+        text.push_str(&tail_text(self.config.past_labels, Some(u)));
+        text.push_str(&self.frame()?.1);
+        Ok(Encoded {
+            pieces: self.pieces(&text, &mut std::iter::once(index))?,
+            dropped: 0,
+        })
+    }
+
+    fn image_text(&self, has_image: bool) -> ImageText {
+        if self.config.images && has_image {
+            ImageText::Slot
+        } else {
+            ImageText::None
+        }
     }
 
     /// The whole prompt text of a context (for display and tests).
@@ -432,19 +543,10 @@ impl Prompter {
             let shifted = |i: usize| has_image(i + dropped);
             let past_shifted = past.map(|p| &p[dropped.min(p.len())..]);
             let (_, suffix) = self.render_parts(ctx, &shifted, past_shifted)?;
-            let mut pieces = Vec::new();
-            let mut slot_utt = (0..ctx.len()).filter(|&i| self.config.images && shifted(i));
-            for (k, part) in suffix.split(SLOT).enumerate() {
-                if k > 0 {
-                    let u = slot_utt
-                        .next()
-                        .ok_or_else(|| Error::msg("image slot without an image"))?;
-                    pieces.push(Piece::Image(u + dropped));
-                }
-                if !part.is_empty() {
-                    pieces.push(Piece::Tokens(self.tokenizer.encode(part)?));
-                }
-            }
+            let mut slots = (0..ctx.len())
+                .filter(|&i| self.config.images && shifted(i))
+                .map(|u| u + dropped);
+            let pieces = self.pieces(&suffix, &mut slots)?;
             let enc = Encoded { pieces, dropped };
             if self.prefix.len() + enc.len() + self.answer_room <= self.max_tokens
                 || dropped + 1 >= context.len()

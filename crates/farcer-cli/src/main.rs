@@ -6,6 +6,7 @@ use farcer::data::{spec::DataSpec, Dataset, Scope};
 use farcer::decode::Decode;
 use farcer::eval::{self, EvalOptions, InputBuilder, PromptSets};
 use farcer::farcer::Farcer;
+use farcer::infer::{Engine, PredictOptions, Predictor};
 use farcer::model;
 use farcer::pipeline;
 use farcer::prompt::PromptConfig;
@@ -41,8 +42,11 @@ enum Cmd {
     Train(TrainArgs),
     /// Evaluate an LLM (text-only) or a checkpoint on a dataset split.
     Eval(EvalArgs),
-    /// Predict the emotion of the last speaker of each dialogue in a JSON/JSONL file.
+    /// Predict the emotion of the last speaker (or of every speaker) of each dialogue in a
+    /// JSON/JSONL file.
     Predict(PredictArgs),
+    /// Serve predictions and live conversations over HTTP (JSON), with a web page at `/`.
+    Serve(ServeArgs),
     /// Print the prompt of one sample exactly as the LLM sees it, with token counts.
     Prompt(PromptArgs),
     /// Time fixed cases (kernels and method) and their peak memory; see BENCHMARKS.md.
@@ -148,6 +152,10 @@ struct BenchArgs {
     plot: Vec<PathBuf>,
     #[arg(long, default_value = "runs/bench/sweep")]
     plot_out: PathBuf,
+    /// Time a live session of this many MELD utterances, one by one, against answering
+    /// the conversation from scratch (JSON, markdown and a PNG into --plot-out).
+    #[arg(long)]
+    session: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -301,17 +309,17 @@ struct EvalArgs {
     out: PathBuf,
 }
 
+/// What a predictor loads: a checkpoint or the LLM alone, its labels and examples.
 #[derive(Args)]
-struct PredictArgs {
-    #[command(flatten)]
-    model: ModelArgs,
+struct LoadArgs {
+    /// The LLM: a GGUF file, a Hugging Face folder or hub id (default SmolLM2-135M-Instruct).
+    #[arg(long = "llm")]
+    llm: Option<String>,
     /// A trained checkpoint; without it the LLM answers from the text alone.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
     #[arg(long)]
     vision: Option<String>,
-    /// A JSON-lines file of dialogues, or one dialogue as a JSON object.
-    input: PathBuf,
     /// Labels to choose from (comma-separated); default: the checkpoint's, else MELD's seven.
     #[arg(long)]
     labels: Option<String>,
@@ -320,8 +328,80 @@ struct PredictArgs {
     pool: Option<String>,
     #[arg(long)]
     shots: Option<usize>,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    load: LoadArgs,
+    /// A JSON-lines file of dialogues, or one dialogue as a JSON object.
+    input: PathBuf,
+    /// `last`: the last utterance of each dialogue; `all`: every utterance.
+    #[arg(long, default_value_t = Scope::Last)]
+    scope: Scope,
+    #[arg(long, default_value_t = Decode::Constrained)]
+    decode: Decode,
     #[arg(long, default_value_t = 0)]
     prompt_set: u64,
+    /// Past labels in the prompt (a checkpoint trained with them shows them anyway).
+    #[arg(long)]
+    past_labels: bool,
+    /// Where past labels come from: the input's own labels (`gold`) or the model's answers.
+    #[arg(long, default_value_t = eval::PastSource::Gold)]
+    past_labels_from: eval::PastSource,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Where to listen (loopback by default; 127.0.0.1:0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// Require `Authorization: Bearer <key>` on /v1/ and /metrics (or set FARCER_API_KEY).
+    #[arg(long, env = "FARCER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The only folder requests may name images in (`image` paths); without it only
+    /// inline `image_b64` images are read.
+    #[arg(long)]
+    image_root: Option<PathBuf>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    max_body: usize,
+    #[arg(long, default_value_t = 200)]
+    max_utterances: usize,
+    /// Longest utterance text in characters.
+    #[arg(long, default_value_t = 4000)]
+    max_text: usize,
+    #[arg(long, default_value_t = 4 << 20)]
+    max_image_bytes: usize,
+    #[arg(long, default_value_t = 4096 * 4096)]
+    max_image_pixels: u64,
+    /// Seconds a request may take before it is answered 503.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Requests waiting for or holding the model; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 32)]
+    queue: usize,
+    /// Requests on the model at once (the CPU kernels already use every core).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    #[arg(long, default_value_t = 64)]
+    max_sessions: usize,
+    /// Total KV cache of all sessions, in MiB.
+    #[arg(long, default_value_t = 2048)]
+    max_session_mib: usize,
+    /// Seconds after which an idle session ends.
+    #[arg(long, default_value_t = 900)]
+    session_idle: u64,
 }
 
 #[derive(Args)]
@@ -359,6 +439,7 @@ fn main() {
         Cmd::Train(a) => train(a),
         Cmd::Eval(a) => run_eval(a),
         Cmd::Predict(a) => predict(a),
+        Cmd::Serve(a) => serve(a),
         Cmd::Prompt(a) => show_prompt(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Grid { config, out } => grid(&config, &out),
@@ -774,7 +855,7 @@ fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
-    let device = model::device(&a.model.device)?;
+    let device = model::device(&a.device)?;
     let dialogues = farcer::data::jsonl::read(&a.input)?;
     let mut ds = Dataset {
         corpus: "jsonl".into(),
@@ -784,40 +865,110 @@ fn predict(a: PredictArgs) -> Result<()> {
         max_context: None,
     };
     let spec = DataSpec::Jsonl(a.input.clone());
-    let (builder, cfg, labels): (Box<dyn InputBuilder>, PromptConfig, Vec<String>) = match &a
-        .checkpoint
-    {
-        Some(ck) => {
-            let (mut f, enc, m) = pipeline::load_checkpoint(
-                ck,
-                &device,
-                a.model.llm.as_deref(),
-                a.vision.as_deref(),
-                &log,
-            )?;
-            let failed = pipeline::attach_images(&mut f, &enc, &spec, &mut [&mut ds], &|_, _| {})?;
-            report_failed(&failed);
-            let mut p = m.prompt.clone();
-            if let Some(s) = a.shots {
-                p.shots = s;
+    let predictor = load_predictor(&a.load, &device, a.seed, &spec, &mut [&mut ds])?;
+    let opts = PredictOptions {
+        scope: a.scope,
+        decode: a.decode,
+        shots: a.load.shots,
+        prompt_set: a.prompt_set,
+        past_labels: a.past_labels.then_some(true),
+        past_labels_from: a.past_labels_from,
+    };
+    for d in &ds.dialogues {
+        for p in predictor.predict(&d.utterances, &Default::default(), &opts)? {
+            let mut line = serde_json::json!({
+                "id": d.id,
+                "utterance_id": p.id,
+                "index": p.index,
+                "label": p.label,
+            });
+            if let Some(probs) = &p.probs {
+                line["probs"] = predictor
+                    .labels
+                    .iter()
+                    .cloned()
+                    .zip(probs.iter().map(|&v| serde_json::Value::from(v)))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
             }
-            (Box::new(f) as Box<dyn InputBuilder>, p, m.labels.clone())
+            if let Some(t) = &p.text {
+                line["text"] = t.clone().into();
+            }
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    let device = model::device(&a.device)?;
+    let predictor = load_predictor(
+        &a.load,
+        &device,
+        a.seed,
+        &DataSpec::Jsonl(PathBuf::from("requests")),
+        &mut [],
+    )?;
+    let limits = farcer_serve::Limits {
+        max_body_bytes: a.max_body,
+        max_utterances: a.max_utterances,
+        max_text_chars: a.max_text,
+        max_image_bytes: a.max_image_bytes,
+        max_image_pixels: a.max_image_pixels,
+        request_timeout: std::time::Duration::from_secs(a.timeout),
+        queue: a.queue,
+        workers: a.workers,
+        max_sessions: a.max_sessions,
+        max_session_bytes: a.max_session_mib << 20,
+        session_idle: std::time::Duration::from_secs(a.session_idle),
+    };
+    let config = farcer_serve::Config {
+        api_key: a.api_key.filter(|k| !k.is_empty()),
+        image_root: a.image_root,
+        limits,
+    };
+    let state = farcer_serve::AppState::new(predictor, config)?;
+    farcer_serve::run(&a.addr, state, |addr| {
+        log(&format!("listening on http://{addr}"));
+    })?;
+    log("stopped");
+    Ok(())
+}
+
+/// A predictor from a checkpoint (with the images `datasets` name attached) or from the
+/// LLM alone: what `predict` and `serve` load.
+fn load_predictor(
+    a: &LoadArgs,
+    device: &candle_core::Device,
+    seed: u64,
+    spec: &DataSpec,
+    datasets: &mut [&mut Dataset],
+) -> Result<Predictor> {
+    let (engine, prompt, labels) = match &a.checkpoint {
+        Some(ck) => {
+            let (mut f, enc, m) =
+                pipeline::load_checkpoint(ck, device, a.llm.as_deref(), a.vision.as_deref(), &log)?;
+            let failed = pipeline::attach_images(&mut f, &enc, spec, datasets, &|_, _| {})?;
+            report_failed(&failed);
+            let (prompt, labels) = (m.prompt.clone(), m.labels.clone());
+            let engine = Engine::Farcer {
+                model: Box::new(f),
+                vision: Box::new(enc),
+            };
+            (engine, prompt, labels)
         }
         None => {
-            let llm = pipeline::load_llm(a.model.llm.as_deref(), &device, &log)?;
+            let llm = pipeline::load_llm(a.llm.as_deref(), device, &log)?;
             let p = PromptConfig {
-                shots: a.shots.unwrap_or(0),
+                shots: 0,
                 past_labels: false,
                 images: false,
             };
-            (
-                Box::new(llm),
-                p,
-                farcer::data::MELD_LABELS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-            )
+            let labels = farcer::data::MELD_LABELS
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            (Engine::Text(Box::new(llm)), p, labels)
         }
     };
     let labels: Vec<String> = match &a.labels {
@@ -828,43 +979,23 @@ fn predict(a: PredictArgs) -> Result<()> {
             .collect(),
         None => labels,
     };
-    // `predict`'s input has no splits: the examples come from --pool.
-    let pool = match (&a.pool, cfg.shots) {
-        (Some(p), k) if k > 0 => {
-            let pool_spec: DataSpec = p.parse()?;
-            Some(pool_spec.load(pool_spec.pool_split().unwrap_or("dev"), a.model.seed)?)
-        }
-        _ => None,
-    };
-    let set = farcer::prompt::PromptSet::for_shots(pool.as_ref(), cfg.shots, a.prompt_set)
-        .context("use --pool <data spec> to draw few-shot examples from (or --shots 0)")?;
-    let ps = eval::prepare_set(builder.llm(), &labels, &cfg, set, None)?;
-    let cands = farcer::decode::LabelTokens::new(builder.llm(), &labels)?;
-    for d in &ds.dialogues {
-        let (p, _) = eval::predict_one(
-            builder.as_ref(),
-            &ps,
-            &d.utterances,
-            None,
-            Decode::Constrained,
-            &cands,
-        )?;
-        let probs: serde_json::Map<String, serde_json::Value> = labels
-            .iter()
-            .cloned()
-            .zip(
-                p.probs
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(serde_json::Value::from),
-            )
-            .collect();
-        println!(
-            "{}",
-            serde_json::json!({"id": d.id, "label": p.label, "probs": probs})
-        );
+    let mut prompt = prompt;
+    if let Some(s) = a.shots {
+        prompt.shots = s;
     }
-    Ok(())
+    // The input has no splits: few-shot examples come from --pool.
+    let pool = match &a.pool {
+        Some(p) => {
+            let pool_spec: DataSpec = p.parse()?;
+            Some(pool_spec.load(pool_spec.pool_split().unwrap_or("dev"), seed)?)
+        }
+        None if prompt.shots > 0 => bail!(
+            "{} shots need examples to draw from: use --pool <data spec> (or --shots 0)",
+            prompt.shots
+        ),
+        None => None,
+    };
+    Ok(Predictor::new(engine, labels, prompt, pool, None)?)
 }
 
 fn show_prompt(a: PromptArgs) -> Result<()> {
@@ -1124,6 +1255,57 @@ fn bench(a: BenchArgs) -> Result<()> {
             )?;
             println!("wrote {}", path.display());
         }
+        return Ok(());
+    }
+    if let Some(n) = a.session {
+        let b = bar("session");
+        let pts = farcer::bench::session_curve(&llm, &a.meld, n, &ticker(&b))?;
+        b.finish_and_clear();
+        std::fs::create_dir_all(&a.plot_out)?;
+        let mut md = String::from(
+            "| utterances | tokens | ms | cache tokens | dropped | recompute ms |\n|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for p in &pts {
+            md.push_str(&format!(
+                "| {} | {} | {:.1} | {} | {} | {} |\n",
+                p.utterances,
+                p.tokens,
+                p.seconds * 1e3,
+                p.cache_tokens,
+                p.dropped,
+                p.recompute_seconds
+                    .map(|s| format!("{:.1}", s * 1e3))
+                    .unwrap_or_default()
+            ));
+        }
+        print!("{md}");
+        farcer::util::write_json_atomic(&a.plot_out.join("session.json"), &pts)?;
+        std::fs::write(a.plot_out.join("session.md"), &md)?;
+        let series = vec![
+            (
+                "session: one utterance".to_string(),
+                image::Rgb([40, 90, 200]),
+                pts.iter()
+                    .map(|p| (p.utterances as f64, p.seconds * 1e3))
+                    .collect(),
+            ),
+            (
+                "recomputing the conversation".to_string(),
+                image::Rgb([200, 60, 40]),
+                pts.iter()
+                    .filter_map(|p| p.recompute_seconds.map(|s| (p.utterances as f64, s * 1e3)))
+                    .collect(),
+            ),
+        ];
+        let png = a.plot_out.join("session.png");
+        farcer::plot::line_chart(
+            &png,
+            "Latency per utterance of a live session (SmolLM2, 3-shot, CPU)",
+            "utterances in the conversation",
+            "ms",
+            &series,
+        )?;
+        println!("wrote {}", png.display());
         return Ok(());
     }
     if a.sweep {
