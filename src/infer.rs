@@ -88,6 +88,22 @@ pub struct UtterancePrediction {
     pub seconds: f64,
 }
 
+impl UtterancePrediction {
+    /// The probabilities by label name, as the CLI and the server print them.
+    pub fn probs_by_label(
+        &self,
+        labels: &[String],
+    ) -> Option<serde_json::Map<String, serde_json::Value>> {
+        self.probs.as_ref().map(|v| {
+            labels
+                .iter()
+                .cloned()
+                .zip(v.iter().map(|&p| serde_json::Value::from(p)))
+                .collect()
+        })
+    }
+}
+
 /// A loaded model with its labels and prompt, shared by every request.
 pub struct Predictor {
     engine: Engine,

@@ -312,6 +312,12 @@ struct EvalArgs {
 /// What a predictor loads: a checkpoint or the LLM alone, its labels and examples.
 #[derive(Args)]
 struct LoadArgs {
+    /// cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed of the few-shot pool's loading.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// The LLM: a GGUF file, a Hugging Face folder or hub id (default SmolLM2-135M-Instruct).
     #[arg(long = "llm")]
     llm: Option<String>,
@@ -332,10 +338,6 @@ struct LoadArgs {
 
 #[derive(Args)]
 struct PredictArgs {
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     #[command(flatten)]
     load: LoadArgs,
     /// A JSON-lines file of dialogues, or one dialogue as a JSON object.
@@ -357,10 +359,6 @@ struct PredictArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     #[command(flatten)]
     load: LoadArgs,
     /// Where to listen (loopback by default; 127.0.0.1:0 picks a free port).
@@ -855,7 +853,6 @@ fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
-    let device = model::device(&a.device)?;
     let dialogues = farcer::data::jsonl::read(&a.input)?;
     let mut ds = Dataset {
         corpus: "jsonl".into(),
@@ -865,7 +862,7 @@ fn predict(a: PredictArgs) -> Result<()> {
         max_context: None,
     };
     let spec = DataSpec::Jsonl(a.input.clone());
-    let predictor = load_predictor(&a.load, &device, a.seed, &spec, &mut [&mut ds])?;
+    let predictor = load_predictor(&a.load, &spec, &mut [&mut ds])?;
     let opts = PredictOptions {
         scope: a.scope,
         decode: a.decode,
@@ -882,14 +879,8 @@ fn predict(a: PredictArgs) -> Result<()> {
                 "index": p.index,
                 "label": p.label,
             });
-            if let Some(probs) = &p.probs {
-                line["probs"] = predictor
-                    .labels
-                    .iter()
-                    .cloned()
-                    .zip(probs.iter().map(|&v| serde_json::Value::from(v)))
-                    .collect::<serde_json::Map<_, _>>()
-                    .into();
+            if let Some(probs) = p.probs_by_label(&predictor.labels) {
+                line["probs"] = probs.into();
             }
             if let Some(t) = &p.text {
                 line["text"] = t.clone().into();
@@ -901,11 +892,8 @@ fn predict(a: PredictArgs) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
-    let device = model::device(&a.device)?;
     let predictor = load_predictor(
         &a.load,
-        &device,
-        a.seed,
         &DataSpec::Jsonl(PathBuf::from("requests")),
         &mut [],
     )?;
@@ -939,11 +927,11 @@ fn serve(a: ServeArgs) -> Result<()> {
 /// LLM alone: what `predict` and `serve` load.
 fn load_predictor(
     a: &LoadArgs,
-    device: &candle_core::Device,
-    seed: u64,
     spec: &DataSpec,
     datasets: &mut [&mut Dataset],
 ) -> Result<Predictor> {
+    let device = &model::device(&a.device)?;
+    let seed = a.seed;
     let (engine, prompt, labels) = match &a.checkpoint {
         Some(ck) => {
             let (mut f, enc, m) =

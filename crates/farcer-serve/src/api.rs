@@ -93,17 +93,11 @@ pub struct Answer {
 impl Answer {
     pub fn new(p: UtterancePrediction, labels: &[String]) -> Self {
         Answer {
+            probs: p.probs_by_label(labels),
             index: p.index,
             id: p.id,
             speaker: p.speaker,
             label: p.label,
-            probs: p.probs.map(|v| {
-                labels
-                    .iter()
-                    .cloned()
-                    .zip(v.into_iter().map(serde_json::Value::from))
-                    .collect()
-            }),
             text: p.text,
             dropped: p.dropped,
             tokens: p.tokens,

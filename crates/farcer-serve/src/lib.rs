@@ -356,14 +356,19 @@ async fn body_bytes(st: &AppState, body: Body) -> Result<axum::body::Bytes, ApiE
         .map_err(|_| ApiError::new(413, "body", format!("larger than the {max} bytes allowed")))
 }
 
-fn json_content(h: &HeaderMap) -> Result<(), ApiError> {
+/// A request's JSON body: the content type checked, the size bounded.
+async fn json_body(
+    st: &AppState,
+    h: &HeaderMap,
+    body: Body,
+) -> Result<axum::body::Bytes, ApiError> {
     match h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
         Some(ct) if !ct.starts_with("application/json") => Err(ApiError::new(
             415,
             "content-type",
             format!("`{ct}`: send application/json"),
         )),
-        _ => Ok(()),
+        _ => body_bytes(st, body).await,
     }
 }
 
@@ -408,8 +413,7 @@ async fn predict(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    json_content(&headers)?;
-    let bytes = body_bytes(&st, body).await?;
+    let bytes = json_body(&st, &headers, body).await?;
     let req: PredictRequest = api::parse(&bytes)?;
     let limits = &st.config.limits;
     if req.utterances.is_empty() || req.utterances.len() > limits.max_utterances {
@@ -473,8 +477,7 @@ async fn open_session(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    json_content(&headers)?;
-    let bytes = body_bytes(&st, body).await?;
+    let bytes = json_body(&st, &headers, body).await?;
     let opts: SessionRequest = if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         Default::default()
     } else {
@@ -564,8 +567,7 @@ async fn add_utterance(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    json_content(&headers)?;
-    let bytes = body_bytes(&st, body).await?;
+    let bytes = json_body(&st, &headers, body).await?;
     let u: api::InUtterance = api::parse(&bytes)?;
     let (session, events) = find(&st, &id)?;
     let index = session.lock().expect("session").len();
