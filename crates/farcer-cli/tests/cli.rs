@@ -6,28 +6,12 @@
 mod common;
 use candle_core::{DType, Device};
 use common::*;
+mod support;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn farcer(args: &[&str]) -> (bool, String, String) {
-    // From the repository's root, as a user runs it.
-    let out = Command::new(env!("CARGO_BIN_EXE_farcer"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
+use support::farcer;
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("farcer-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    support::tmpdir("cli", name)
 }
 
 #[test]
