@@ -5,13 +5,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be read or written. The OS error is part of the message, not a
+    /// `source`, so that error chains print it once.
+    #[error("{}: {err}{}", path.display(), io_hint(err))]
+    Io { path: PathBuf, err: std::io::Error },
     /// Input that is present but wrong: a bad CSV row, JSON line, config field...
     #[error("{location}: {message}")]
     Input { location: String, message: String },
@@ -30,6 +27,13 @@ pub enum Error {
     /// `--resume` on a run whose training finished (callers may treat it as done).
     #[error("{0} already finished; nothing to resume")]
     AlreadyFinished(PathBuf),
+    /// Training stopped on request (Ctrl-C) between two steps; `--resume` continues
+    /// from the last checkpoint, redoing the epoch that was cut short.
+    #[error("training in {} stopped before finishing epoch {}; its last checkpoint holds {epochs_done} epoch(s), and a resume redoes the rest", out.display(), epochs_done + 1)]
+    Interrupted { out: PathBuf, epochs_done: usize },
+    /// The run folder is held by another running process.
+    #[error("{} is in use by another farcer run (pid {pid}); wait for it to end or choose another folder", path.display())]
+    Locked { path: PathBuf, pid: String },
     #[error("{0}")]
     Msg(String),
 }
@@ -40,7 +44,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
     pub fn input(location: impl Into<String>, message: impl Into<String>) -> Self {
@@ -75,6 +79,23 @@ impl From<minijinja::Error> for Error {
             src = s.source();
         }
         Error::Template(msg)
+    }
+}
+
+/// The next step for the I/O errors a user can fix.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ReadOnlyFilesystem => {
+            " (the folder is on a read-only file system: choose another output folder)"
+        }
+        K::StorageFull | K::QuotaExceeded => {
+            " (the disk is full: free space or choose another output folder, then run again)"
+        }
+        K::PermissionDenied => " (check the file's permissions)",
+        K::NotFound => "",
+        K::FileTooLarge => " (the file system refuses a file this large)",
+        _ => "",
     }
 }
 

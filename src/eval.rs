@@ -4,7 +4,7 @@
 
 use crate::data::{Dataset, Sample, Scope, Utterance};
 use crate::decode::{self, Decode, LabelTokens, Prediction};
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::metrics::{self, Scores};
 use crate::model::llama::{Cache, Positions};
 use crate::model::Llm;
@@ -12,6 +12,7 @@ use crate::prompt::{Encoded, PromptConfig, PromptSet, Prompter};
 use crate::util::mean_std;
 use candle_core::{IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// What turns a sample's prompt into input embeddings: the LLM alone (text-only), or
@@ -261,6 +262,115 @@ pub fn evaluate(
     opts: &EvalOptions,
     progress: &dyn Fn(usize, usize),
 ) -> Result<EvalResult> {
+    evaluate_journaled(b, data, pool, opts, None, progress)
+}
+
+/// Predictions as they are made, appended to a file one line at a time and flushed, so
+/// that an evaluation killed at any moment keeps what it did and a resume continues it.
+/// The first line is a fingerprint of what is evaluated: a resume with other settings is
+/// refused instead of mixing two evaluations.
+pub struct Journal {
+    path: PathBuf,
+    file: std::fs::File,
+    done: std::collections::HashMap<(u64, String, String), PredictionRecord>,
+}
+
+impl Journal {
+    /// Opens `path`: with `resume`, keeps the predictions a previous run of the same
+    /// evaluation wrote (a line cut off by a kill is dropped); otherwise starts it empty.
+    pub fn open(path: &Path, fingerprint: &str, resume: bool) -> Result<Self> {
+        use std::io::Write;
+        let head = serde_json::json!({ "partial_evaluation": fingerprint }).to_string();
+        let mut done = std::collections::HashMap::new();
+        let mut keep = 0u64;
+        let existing = if resume && path.is_file() {
+            Some(std::fs::read_to_string(path).at(path)?)
+        } else {
+            None
+        };
+        if let Some(text) = &existing {
+            let mut lines = text.split_inclusive('\n');
+            match lines.next() {
+                Some(l) if l.trim_end() == head => keep += l.len() as u64,
+                Some(l) if l.ends_with('\n') => {
+                    return Err(Error::input(
+                        path.display().to_string(),
+                        "holds a partial evaluation with other settings (model, data or options): run without --resume to start again, or choose another --out",
+                    ))
+                }
+                _ => {}
+            }
+            if keep > 0 {
+                for l in lines {
+                    let Some(line) = l.strip_suffix('\n') else {
+                        break;
+                    };
+                    let Ok(r) = serde_json::from_str::<PredictionRecord>(line) else {
+                        break;
+                    };
+                    keep += l.len() as u64;
+                    done.insert(
+                        (r.prompt_set, r.dialogue_id.clone(), r.utterance_id.clone()),
+                        r,
+                    );
+                }
+            }
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).at(dir)?;
+        }
+        crate::util::crash_point("open the predictions journal");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .at(path)?;
+        file.set_len(keep).at(path)?;
+        if keep == 0 {
+            writeln!(file, "{head}").at(path)?;
+            file.sync_data().at(path)?;
+        }
+        Ok(Journal {
+            path: path.to_path_buf(),
+            file,
+            done,
+        })
+    }
+
+    /// Predictions kept from an earlier run.
+    pub fn resumed(&self) -> usize {
+        self.done.len()
+    }
+
+    fn take(&mut self, set: u64, dialogue: &str, utterance: &str) -> Option<PredictionRecord> {
+        self.done
+            .remove(&(set, dialogue.to_string(), utterance.to_string()))
+    }
+
+    fn record(&mut self, r: &PredictionRecord) -> Result<()> {
+        use std::io::Write;
+        crate::util::crash_point("append a prediction");
+        let line = serde_json::to_string(r).expect("prediction serialises");
+        writeln!(self.file, "{line}").at(&self.path)?;
+        self.file.flush().at(&self.path)
+    }
+
+    /// The journal's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// [`evaluate`], with each prediction kept in `journal` as it is made and those a
+/// resumed journal already holds taken from it instead of computed again.
+pub fn evaluate_journaled(
+    b: &dyn InputBuilder,
+    data: &Dataset,
+    pool: Option<&Dataset>,
+    opts: &EvalOptions,
+    mut journal: Option<&mut Journal>,
+    progress: &dyn Fn(usize, usize),
+) -> Result<EvalResult> {
     let llm = b.llm();
     let start = Instant::now();
     let cands = LabelTokens::new(llm, &data.labels)?;
@@ -294,6 +404,22 @@ pub fn evaluate(
         let mut predicted: std::collections::HashMap<(usize, usize), String> = Default::default();
         let use_predicted = opts.prompt.past_labels && opts.past_source == PastSource::Predicted;
         for smp in &chosen {
+            let d = &data.dialogues[smp.dialogue];
+            let uid = &d.utterances[smp.target].id;
+            if let Some(r) = journal.as_mut().and_then(|j| j.take(s, &d.id, uid)) {
+                if r.dropped > 0 {
+                    truncated += 1;
+                }
+                if use_predicted {
+                    predicted.insert((smp.dialogue, smp.target), r.pred.clone());
+                }
+                gold.push(r.gold.clone());
+                pred.push(r.pred.clone());
+                predictions.push(r);
+                samples_done += 1;
+                progress(samples_done, total);
+                continue;
+            }
             let ctx = data.context(smp);
             let past = if use_predicted {
                 for j in 0..smp.target {
@@ -325,10 +451,9 @@ pub fn evaluate(
             if enc.dropped > 0 {
                 truncated += 1;
             }
-            let d = &data.dialogues[smp.dialogue];
             gold.push(data.gold(smp).to_string());
             pred.push(p.label.clone());
-            predictions.push(PredictionRecord {
+            let r = PredictionRecord {
                 dialogue_id: d.id.clone(),
                 utterance_id: d.utterances[smp.target].id.clone(),
                 prompt_set: s,
@@ -339,7 +464,11 @@ pub fn evaluate(
                     metrics::indexmap_like::OrderedMap(data.labels.iter().cloned().zip(v).collect())
                 }),
                 dropped: enc.dropped,
-            });
+            };
+            if let Some(j) = journal.as_mut() {
+                j.record(&r)?;
+            }
+            predictions.push(r);
             samples_done += 1;
             progress(samples_done, total);
         }

@@ -207,13 +207,12 @@ impl Farcer {
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default();
         let tmp = parent.join(format!(".{name}.tmp{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).at(&tmp)?;
-        }
+        crate::util::remove_any(&tmp)?;
+        crate::util::crash_point("create checkpoint folder");
         std::fs::create_dir_all(&tmp).at(&tmp)?;
-        candle_core::safetensors::save(
+        crate::util::save_tensors(
             &self.projection.tensors(),
-            tmp.join("projection.safetensors"),
+            &tmp.join("projection.safetensors"),
         )?;
         if let Some(cfg) = &manifest.lora {
             crate::model::lora::save_peft(&tmp, cfg, lora, &self.projection, &self.llm.name)?;
@@ -227,17 +226,14 @@ impl Farcer {
 /// missing (never half-written); a leftover `.old` is cleaned on the next save.
 pub fn replace_dir(from: &Path, to: &Path) -> Result<()> {
     let old = to.with_extension("old");
-    if old.exists() {
-        std::fs::remove_dir_all(&old).at(&old)?;
-    }
+    crate::util::remove_any(&old)?;
     if to.exists() {
+        crate::util::crash_point("move the previous folder aside");
         std::fs::rename(to, &old).at(to)?;
     }
+    crate::util::crash_point("move the new folder in place");
     std::fs::rename(from, to).at(to)?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).at(&old)?;
-    }
-    Ok(())
+    crate::util::remove_any(&old)
 }
 
 /// Reads a checkpoint's manifest (`dir/manifest.json`, or `dir.old` after an interrupted save).

@@ -441,7 +441,10 @@ pub fn row_name(kind: Kind, shots: usize, past_labels: bool) -> String {
 }
 
 /// Evaluates `b` on `data` and writes `report.json`, `report.md`, `predictions.jsonl`
-/// and `confusion.png` into `out`.
+/// and `confusion.png` into `out`. Predictions are journaled to
+/// `out/predictions.partial.jsonl` as they are made, so an unwritable `out` fails at once
+/// and, with `resume`, a killed evaluation continues where it stopped; `report.json`
+/// comes last, so its presence means the folder is complete (and `resume` then returns it).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_to(
     b: &dyn crate::eval::InputBuilder,
@@ -452,10 +455,33 @@ pub fn evaluate_to(
     opts: &crate::eval::EvalOptions,
     extra: serde_json::Value,
     out: &Path,
+    resume: bool,
     progress: &dyn Fn(usize, usize),
 ) -> Result<crate::report::Report> {
-    let result = crate::eval::evaluate(b, data, pool, opts, progress)?;
+    let done = out.join("report.json");
+    let partial = out.join("predictions.partial.jsonl");
+    if resume && done.is_file() {
+        let text = std::fs::read_to_string(&done).at(&done)?;
+        crate::util::remove_any(&partial)?;
+        crate::util::remove_leftovers(out)?;
+        return serde_json::from_str(&text)
+            .map_err(|e| Error::input(done.display().to_string(), e.to_string()));
+    }
+    std::fs::create_dir_all(out).at(out)?;
+    crate::util::remove_leftovers(out)?;
+    if !resume {
+        crate::util::remove_any(&done)?;
+    }
     let llm = b.llm();
+    let fingerprint = crate::util::sha256_bytes(
+        serde_json::json!({"name": name, "llm": llm.name, "kind": b.kind(), "extra": extra,
+            "data": spec.to_string(), "split": data.split, "options": opts})
+        .to_string()
+        .as_bytes(),
+    );
+    let mut journal = crate::eval::Journal::open(&partial, &fingerprint, resume)?;
+    let result =
+        crate::eval::evaluate_journaled(b, data, pool, opts, Some(&mut journal), progress)?;
     let info = crate::report::RunInfo {
         name,
         model: serde_json::json!({"llm": llm.name, "source": llm.source, "kind": b.kind(), "extra": extra}),
@@ -471,6 +497,8 @@ pub fn evaluate_to(
     };
     let rep = crate::report::build(info, &result);
     crate::report::write_all(out, &rep, &result.predictions)?;
+    drop(journal);
+    crate::util::remove_any(&partial)?;
     Ok(rep)
 }
 
@@ -554,6 +582,7 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
                         &opts(s, false),
                         serde_json::json!({"seed": r.seed}),
                         &r.eval_dir(&g.split, s),
+                        true,
                         &|d, t| p.progress("eval", d, t),
                     )?;
                 }
@@ -568,7 +597,8 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
                         cfg.to_toml().as_bytes(),
                     )?;
                     let mut run = build_run(&cfg, &log, &|d, t| p.progress("vectors", d, t))?;
-                    let s = match crate::train::train(
+                    // `train` writes summary.json last, once the run is complete.
+                    match crate::train::train(
                         &mut run.farcer,
                         &cfg,
                         &run.data,
@@ -577,11 +607,10 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
                         resume,
                         p.train(),
                     ) {
-                        Err(Error::AlreadyFinished(_)) => None,
-                        other => Some(other?),
-                    };
-                    if let Some(s) = s {
-                        crate::util::write_json_atomic(&summary, &s)?;
+                        Err(Error::AlreadyFinished(_)) => {}
+                        other => {
+                            other?;
+                        }
                     }
                 }
                 let (mut f, enc, m) =
@@ -601,6 +630,7 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
                         &opts(s, true),
                         extra,
                         &r.eval_dir(&g.split, s),
+                        true,
                         &|d, t| p.progress("eval", d, t),
                     )?;
                 }

@@ -66,9 +66,11 @@ impl Canvas {
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let tmp = crate::util::tmp_sibling(path);
+        crate::util::crash_point("write a picture");
         self.img
             .save_with_format(&tmp, image::ImageFormat::Png)
             .map_err(|e| Error::msg(format!("{}: {e}", tmp.display())))?;
+        crate::util::crash_point("rename a picture");
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     }
 }

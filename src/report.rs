@@ -277,17 +277,17 @@ pub fn terminal_table(r: &Report) -> String {
     s
 }
 
-/// Writes `report.json`, `report.md`, `predictions.jsonl` and `confusion.png` to `out`.
+/// Writes `predictions.jsonl`, `report.md`, `confusion.png` and, last, `report.json` to
+/// `out`: each file atomically, so a folder with `report.json` is complete.
 pub fn write_all(out: &Path, r: &Report, predictions: &[PredictionRecord]) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
-    write_json_atomic(&out.join("report.json"), r)?;
-    write_atomic(&out.join("report.md"), markdown(r).as_bytes())?;
     let mut lines = String::new();
     for p in predictions {
         lines.push_str(&serde_json::to_string(p).expect("prediction serialises"));
         lines.push('\n');
     }
     write_atomic(&out.join("predictions.jsonl"), lines.as_bytes())?;
+    write_atomic(&out.join("report.md"), markdown(r).as_bytes())?;
     let rows: Vec<String> = r.labels.clone();
     crate::plot::confusion_png(
         &out.join("confusion.png"),
@@ -295,5 +295,6 @@ pub fn write_all(out: &Path, r: &Report, predictions: &[PredictionRecord]) -> Re
         &rows,
         &r.confusion.labels,
         &r.confusion.matrix,
-    )
+    )?;
+    write_json_atomic(&out.join("report.json"), r)
 }

@@ -543,6 +543,18 @@ pub struct RunState {
     pub best_f1: Option<f64>,
     pub epochs_since_best: usize,
     pub finished: bool,
+    /// This checkpoint is the best so far: `best/` must be a copy of it.
+    #[serde(default)]
+    pub is_best: bool,
+    /// The epoch's line for `metrics.jsonl`, kept so that a resume can log it if a kill
+    /// came between the checkpoint and the log.
+    #[serde(default)]
+    pub epoch_line: Option<LogLine>,
+    #[serde(default)]
+    pub stopped_early: bool,
+    /// Seconds spent in epochs so far (wall clock, summed over resumed runs).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// What a caller sees while training runs.
@@ -553,6 +565,11 @@ pub trait Observer {
     fn epoch_end(&self, _line: &LogLine) {}
     /// Asked after each epoch's checkpoint: true stops the run there (resumable).
     fn should_stop(&self) -> bool {
+        false
+    }
+    /// Asked after every training step (for Ctrl-C): true stops the run at once with
+    /// [`Error::Interrupted`]; `--resume` redoes the unfinished epoch.
+    fn interrupted(&self) -> bool {
         false
     }
 }
@@ -581,8 +598,13 @@ pub struct TrainSummary {
 }
 
 /// Trains `f` (its projection, and its LoRA adapters if attached) and writes the run
-/// folder `out`: `metrics.jsonl`, `last/` and `best/` checkpoints. With `resume`, continues
-/// from `out/last`.
+/// folder `out`: `metrics.jsonl`, `last/` and `best/` checkpoints, and `summary.json`
+/// once the run has finished. With `resume`, continues from `out/last`.
+///
+/// A kill at any moment loses at most the epoch in progress: `last/` (weights, optimiser
+/// and [`RunState`]) is the one commit point of an epoch, replaced in one rename; `best/`,
+/// the epoch's log line and the summary follow from it, and a resume completes whichever
+/// of them a kill cut off ([`settle`]). `out` is locked while the run holds it.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     f: &mut Farcer,
@@ -593,8 +615,9 @@ pub fn train(
     resume: bool,
     obs: &dyn Observer,
 ) -> Result<TrainSummary> {
-    let start = std::time::Instant::now();
     std::fs::create_dir_all(out).at(out)?;
+    let _lock = crate::util::DirLock::acquire(out)?;
+    recover_dirs(out)?;
     let lora_vars = f.llm.model.lora_vars();
     let mut vars = f.projection.vars();
     vars.extend(lora_vars.iter().cloned());
@@ -632,7 +655,6 @@ pub fn train(
     let total_steps = steps_per_epoch * cfg.optim.epochs;
     cfg.check_warmup(total_steps, "the training config")?;
     let last_dir = out.join("last");
-    let best_dir = out.join("best");
     let log_path = out.join("metrics.jsonl");
 
     let mut st = RunState {
@@ -642,6 +664,10 @@ pub fn train(
         best_f1: None,
         epochs_since_best: 0,
         finished: false,
+        is_best: false,
+        epoch_line: None,
+        stopped_early: false,
+        seconds: 0.0,
     };
     if resume && (last_dir.exists() || last_dir.with_extension("old").exists()) {
         let (d, _) = crate::farcer::read_manifest(&last_dir)?;
@@ -653,17 +679,17 @@ pub fn train(
         let os = candle_core::safetensors::load(&op, f.llm.model.device())
             .map_err(|e| Error::input(op.display().to_string(), e.to_string()))?;
         opt.load_state(&os, st.opt_step)?;
+        // Lines logged after the checkpoint belong to the epoch that is redone.
+        truncate_log(&log_path, st.sample_step)?;
+        settle(out, &st)?;
         if st.finished {
             return Err(Error::AlreadyFinished(out.to_path_buf()));
         }
-        // Lines logged after the checkpoint belong to the epoch that is redone.
-        truncate_log(&log_path, st.sample_step)?;
-    } else if log_path.exists() {
-        std::fs::remove_file(&log_path).at(&log_path)?;
+    } else {
+        crate::util::remove_any(&log_path)?;
+        crate::util::remove_any(&out.join("summary.json"))?;
     }
 
-    let mut stopped_early = false;
-    let mut epochs_run = st.epochs_done;
     for epoch in st.epochs_done..cfg.optim.epochs {
         let ep_start = std::time::Instant::now();
         let mut order: Vec<usize> = (0..samples.len()).collect();
@@ -744,6 +770,12 @@ pub fn train(
                 },
             )?;
             obs.step(epoch, k + 1, lv);
+            if obs.interrupted() {
+                return Err(Error::Interrupted {
+                    out: out.to_path_buf(),
+                    epochs_done: st.epochs_done,
+                });
+            }
         }
 
         // Validation: weighted F1 on the validation split with the evaluation prompt set.
@@ -762,7 +794,6 @@ pub fn train(
         let sc = &vr.sets[0].scores;
         let better = st.best_f1.is_none_or(|b| sc.weighted_f1 > b);
         st.epochs_done = epoch + 1;
-        epochs_run = epoch + 1;
         if better {
             st.best_f1 = Some(sc.weighted_f1);
             st.epochs_since_best = 0;
@@ -771,14 +802,12 @@ pub fn train(
         }
         let stop = st.epochs_since_best >= cfg.optim.patience;
         st.finished = stop || epoch + 1 == cfg.optim.epochs;
+        st.stopped_early = stop && epoch + 1 < cfg.optim.epochs;
+        st.is_best = better;
         let mut m = manifest_base.clone();
         m.epoch = epoch + 1;
         m.step = st.opt_step;
         m.val_weighted_f1 = Some(sc.weighted_f1);
-        save_run_checkpoint(f, &m, &lora_vars, &opt, &st, &last_dir)?;
-        if better {
-            save_run_checkpoint(f, &m, &lora_vars, &opt, &st, &best_dir)?;
-        }
         let line = LogLine::Epoch {
             epoch,
             step: st.sample_step,
@@ -789,26 +818,84 @@ pub fn train(
             best: better,
             seconds: ep_start.elapsed().as_secs_f64(),
         };
-        append_log(&log_path, &line)?;
+        st.seconds += ep_start.elapsed().as_secs_f64();
+        st.epoch_line = Some(line.clone());
+        // The commit point; everything after it is redone by a resume if cut off.
+        save_run_checkpoint(f, &m, &lora_vars, &opt, &st, &last_dir)?;
+        settle(out, &st)?;
         obs.epoch_end(&line);
-        if stop {
-            stopped_early = epoch + 1 < cfg.optim.epochs;
-            break;
-        }
-        if obs.should_stop() {
+        if st.finished || obs.should_stop() {
             break;
         }
     }
-    let secs = start.elapsed().as_secs_f64();
-    Ok(TrainSummary {
-        epochs_run,
+    Ok(summary_of(&st, out))
+}
+
+fn summary_of(st: &RunState, out: &Path) -> TrainSummary {
+    TrainSummary {
+        epochs_run: st.epochs_done,
         steps: st.opt_step,
         best_val_weighted_f1: st.best_f1,
-        best_dir,
-        stopped_early,
-        seconds: secs,
-        seconds_per_step: secs / st.sample_step.max(1) as f64,
-    })
+        best_dir: out.join("best"),
+        stopped_early: st.stopped_early,
+        seconds: st.seconds,
+        seconds_per_step: st.seconds / st.sample_step.max(1) as f64,
+    }
+}
+
+/// Brings `best/`, `metrics.jsonl` and `summary.json` in line with the committed
+/// checkpoint `last/` (state `st`). Each step checks before it writes, so running it again
+/// after a kill anywhere inside it finishes the job and changes nothing already done.
+fn settle(out: &Path, st: &RunState) -> Result<()> {
+    let last = out.join("last");
+    let best = out.join("best");
+    if st.is_best {
+        let same = std::fs::read(best.join("state.json")).ok()
+            == Some(std::fs::read(last.join("state.json")).at(last.join("state.json"))?);
+        if !same {
+            let tmp = out.join(format!(".best.staging{}", std::process::id()));
+            crate::util::remove_any(&tmp)?;
+            crate::util::copy_flat_dir(&last, &tmp)?;
+            crate::farcer::replace_dir(&tmp, &best)?;
+        }
+    }
+    if let Some(line @ LogLine::Epoch { epoch, .. }) = &st.epoch_line {
+        let log = out.join("metrics.jsonl");
+        let text = if log.is_file() {
+            std::fs::read_to_string(&log).at(&log)?
+        } else {
+            String::new()
+        };
+        let logged = text.lines().any(|l| {
+            matches!(serde_json::from_str::<LogLine>(l), Ok(LogLine::Epoch { epoch: e, .. }) if e == *epoch)
+        });
+        if !logged {
+            append_log(&log, line)?;
+        }
+    }
+    let summary = out.join("summary.json");
+    if st.finished && !summary.is_file() {
+        crate::util::write_json_atomic(&summary, &summary_of(st, out))?;
+    }
+    Ok(())
+}
+
+/// Undoes what a kill can leave in a run folder: a checkpoint moved aside (`last.old`
+/// without `last`) goes back; staging folders and temporary files go.
+fn recover_dirs(out: &Path) -> Result<()> {
+    for name in ["last", "best"] {
+        let d = out.join(name);
+        let old = d.with_extension("old");
+        if old.exists() {
+            if d.exists() {
+                crate::util::remove_any(&old)?;
+            } else {
+                crate::util::crash_point("move a checkpoint back");
+                std::fs::rename(&old, &d).at(&d)?;
+            }
+        }
+    }
+    crate::util::remove_leftovers(out)
 }
 
 /// A prompt set without a computed prefix cache (the prefix runs with each sample).
@@ -860,8 +947,9 @@ fn save_run_checkpoint(
     // `Farcer::save` writes a temporary folder and renames it, so add the extra files
     // through a second temporary copy done the same way.
     let tmp = dir.with_extension(format!("staging{}", std::process::id()));
+    crate::util::remove_any(&tmp)?;
     f.save(&tmp, m, lora)?;
-    candle_core::safetensors::save(&opt.state(), tmp.join("optimizer.safetensors"))?;
+    crate::util::save_tensors(&opt.state(), &tmp.join("optimizer.safetensors"))?;
     crate::util::write_json_atomic(&tmp.join("state.json"), st)?;
     crate::farcer::replace_dir(&tmp, dir)
 }
@@ -873,6 +961,7 @@ fn append_log(path: &Path, line: &LogLine) -> Result<()> {
         .append(true)
         .open(path)
         .at(path)?;
+    crate::util::crash_point("append to the log");
     writeln!(
         f,
         "{}",

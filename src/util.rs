@@ -88,12 +88,125 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::fs::create_dir_all(dir).at(dir)?;
     }
     let tmp = tmp_sibling(path);
+    crash_point("write temporary file");
     {
         let mut f = std::fs::File::create(&tmp).at(&tmp)?;
         f.write_all(bytes).at(&tmp)?;
         f.sync_all().at(&tmp)?;
     }
+    crash_point("rename temporary file");
     std::fs::rename(&tmp, path).at(path)?;
+    Ok(())
+}
+
+/// An exclusive lock on a run folder (`.lock` inside it, holding the owner's pid). The
+/// operating system drops it when the process ends, however it ends, so a killed run
+/// never leaves a stale lock behind.
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        let p = dir.join(".lock");
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .at(&p)?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = f.read_to_string(&mut pid);
+                return Err(crate::Error::Locked {
+                    path: dir.to_path_buf(),
+                    pid: pid.trim().to_string(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(crate::Error::io(&p, e)),
+        }
+        f.set_len(0).at(&p)?;
+        write!(f, "{}", std::process::id()).at(&p)?;
+        Ok(DirLock { _file: f })
+    }
+}
+
+/// A test hook for crash consistency: with `FARCER_CRASH_AT=N`, the N-th call in this
+/// process aborts it (no destructors, no flush: what `kill -9` leaves). Every write,
+/// rename and removal of a run's files calls it first, so a test can kill a run at each
+/// of them in turn. Without the variable it costs one atomic add.
+pub fn crash_point(what: &str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+    static AT: OnceLock<Option<usize>> = OnceLock::new();
+    static SEEN: AtomicUsize = AtomicUsize::new(0);
+    let at = *AT.get_or_init(|| {
+        std::env::var("FARCER_CRASH_AT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    let n = SEEN.fetch_add(1, Ordering::SeqCst) + 1;
+    if at == Some(n) {
+        eprintln!("FARCER_CRASH_AT={n}: aborting before: {what}");
+        std::process::abort();
+    }
+}
+
+/// Copies the plain files of folder `from` into a new folder `to` (not recursive: a
+/// checkpoint is flat).
+pub fn copy_flat_dir(from: &Path, to: &Path) -> Result<()> {
+    crash_point("create folder");
+    std::fs::create_dir_all(to).at(to)?;
+    for e in std::fs::read_dir(from).at(from)? {
+        let e = e.at(from)?;
+        let p = e.path();
+        if p.is_file() {
+            let dest = to.join(e.file_name());
+            crash_point("copy file");
+            std::fs::copy(&p, &dest).at(&dest)?;
+        }
+    }
+    Ok(())
+}
+
+/// Saves tensors as safetensors; unlike candle's `save`, a failure names the file.
+pub fn save_tensors<K: AsRef<str> + Ord + std::fmt::Display>(
+    tensors: &std::collections::HashMap<K, candle_core::Tensor>,
+    path: &Path,
+) -> Result<()> {
+    crash_point("write tensors");
+    candle_core::safetensors::save(tensors, path)
+        .map_err(|e| crate::Error::input(path.display().to_string(), format!("cannot write: {e}")))
+}
+
+/// Removes what an interrupted write leaves in `dir`: temporary files and folders
+/// ([`tmp_sibling`]'s `.NAME.tmpPID`) and staging folders (`NAME.stagingPID`).
+pub fn remove_leftovers(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(dir).at(dir)? {
+        let e = e.at(dir)?;
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.contains(".staging") || (n.starts_with('.') && n.contains(".tmp")) {
+            remove_any(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a file or folder tree if it is there.
+pub fn remove_any(p: &Path) -> Result<()> {
+    if p.is_dir() {
+        crash_point("remove folder");
+        std::fs::remove_dir_all(p).at(p)?;
+    } else if p.exists() {
+        crash_point("remove file");
+        std::fs::remove_file(p).at(p)?;
+    }
     Ok(())
 }
 

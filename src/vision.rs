@@ -265,7 +265,7 @@ impl VisionEncoder {
         t.insert("vit.layernorm.weight".into(), ones(d)?);
         t.insert("vit.layernorm.bias".into(), zeros(d)?);
         let tmp = crate::util::tmp_sibling(&dir.join("model.safetensors"));
-        candle_core::safetensors::save(&t, &tmp)?;
+        crate::util::save_tensors(&t, &tmp)?;
         std::fs::rename(&tmp, dir.join("model.safetensors")).at(dir)?;
         let mut cfg_json = serde_json::to_value(cfg).expect("config serialises");
         cfg_json["architectures"] = serde_json::json!(["ViTModel"]);
@@ -373,7 +373,7 @@ impl VectorStore {
             std::fs::create_dir_all(d).at(d)?;
         }
         let tmp = crate::util::tmp_sibling(&self.path);
-        candle_core::safetensors::save(&t, &tmp)?;
+        crate::util::save_tensors(&t, &tmp)?;
         std::fs::rename(&tmp, &self.path).at(&self.path)?;
         self.dirty = false;
         Ok(())

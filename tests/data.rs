@@ -168,7 +168,7 @@ fn prompt_prefix_and_suffix_tokenize_like_the_whole_and_images_take_slots() {
     };
     let p = Prompter::new(&llm.tokenizer, &llm.template, &d.labels, &cfg, set, 4096).unwrap();
     let ctx = &d.dialogues[0].utterances;
-    let has_image = |i: usize| i % 2 == 0;
+    let has_image = |i: usize| i.is_multiple_of(2);
     let enc = p.encode(ctx, &has_image, None).unwrap();
     assert_eq!(
         enc.images(),

@@ -135,7 +135,7 @@ impl LlamaConfig {
         if self.num_attention_heads == 0 {
             return Err("num_attention_heads is 0".into());
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {} (and no head_dim is given)",
                 self.hidden_size, self.num_attention_heads
@@ -188,13 +188,13 @@ impl Config {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} is 0"));
         }
-        if c.num_heads % c.num_kv_heads != 0 {
+        if !c.num_heads.is_multiple_of(c.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 c.num_heads, c.num_kv_heads
             ));
         }
-        if c.head_dim % 2 != 0 {
+        if !c.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "head_dim {} is odd (rotary embeddings rotate pairs)",
                 c.head_dim

@@ -199,7 +199,7 @@ pub fn save_peft(
     for (k, v) in projection.tensors() {
         t.insert(format!("base_model.model.{k}"), v);
     }
-    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors"))?;
+    crate::util::save_tensors(&t, &dir.join("adapter_model.safetensors"))?;
     let pc = PeftConfig {
         peft_type: "LORA".into(),
         task_type: None,

@@ -1,5 +1,7 @@
 //! The `farcer` command: argument parsing and printing over the library.
 
+mod stop;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use farcer::data::{spec::DataSpec, Dataset, Scope};
@@ -307,6 +309,10 @@ struct EvalArgs {
     max_tokens: Option<usize>,
     #[arg(long)]
     out: PathBuf,
+    /// Continue an evaluation that was stopped: keep the predictions already in --out
+    /// (same model, data and options) and make only the rest.
+    #[arg(long)]
+    resume: bool,
 }
 
 /// What a predictor loads: a checkpoint or the LLM alone, its labels and examples.
@@ -528,9 +534,21 @@ fn evaluate_and_write(
     opts: &EvalOptions,
     extra: serde_json::Value,
     out: &Path,
+    resume: bool,
 ) -> Result<report::Report> {
     let pb = bar(&format!("{} {}", spec.corpus(), data.split));
-    let rep = pipeline::evaluate_to(b, name, spec, data, pool, opts, extra, out, &ticker(&pb))?;
+    let rep = pipeline::evaluate_to(
+        b,
+        name,
+        spec,
+        data,
+        pool,
+        opts,
+        extra,
+        out,
+        resume,
+        &ticker(&pb),
+    )?;
     pb.finish_and_clear();
     Ok(rep)
 }
@@ -577,6 +595,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 &opts,
                 serde_json::json!({}),
                 &a.out,
+                a.resume,
             )?
         }
         Some(ck) => {
@@ -621,7 +640,17 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             let pool = pipeline::pool_for(&spec, shots, a.model.seed)?;
             let name = pipeline::row_name(m.kind, shots, prompt.past_labels);
             let extra = serde_json::json!({"checkpoint": ck, "vision": enc.name, "epoch": m.epoch});
-            evaluate_and_write(&f, name, &spec, &data, pool.as_ref(), &opts, extra, &a.out)?
+            evaluate_and_write(
+                &f,
+                name,
+                &spec,
+                &data,
+                pool.as_ref(),
+                &opts,
+                extra,
+                &a.out,
+                a.resume,
+            )?
         }
     };
     println!("{}", report::terminal_table(&rep));
@@ -742,6 +771,9 @@ impl Observer for TrainBars {
         self.bar.set_position(done as u64);
         self.bar.set_message(format!("loss {loss:.3}"));
     }
+    fn interrupted(&self) -> bool {
+        stop::requested()
+    }
     fn validation(&self, _epoch: usize, done: usize, total: usize) {
         self.bar.set_message("validating".to_string());
         self.bar.set_length(total as u64);
@@ -770,7 +802,30 @@ impl Observer for TrainBars {
 fn train(a: TrainArgs) -> Result<()> {
     let saved = a.out.join("config.toml");
     let mut cfg = if a.resume {
-        TrainConfig::read(&saved).with_context(|| format!("--resume needs {}", saved.display()))?
+        let changes: Vec<&str> = [
+            ("--config", a.config.is_some()),
+            ("--epochs", a.epochs.is_some()),
+            ("--limit-train", a.limit_train.is_some()),
+            ("--limit-val", a.limit_val.is_some()),
+            ("--init", a.init.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(n, given)| given.then_some(n))
+        .collect();
+        if !changes.is_empty() {
+            bail!(
+                "--resume continues the run exactly as {} configures it; {} would change it: drop {} (or start a new run in another --out)",
+                saved.display(),
+                changes.join(", "),
+                if changes.len() == 1 { "it" } else { "them" }
+            );
+        }
+        TrainConfig::read(&saved).with_context(|| {
+            format!(
+                "--resume needs {}: this folder holds no run that saved anything yet (start it again without --resume)",
+                saved.display()
+            )
+        })?
     } else {
         let c = a
             .config
@@ -791,7 +846,7 @@ fn train(a: TrainArgs) -> Result<()> {
         if let Some(i) = &a.init {
             cfg.init = Some(i.clone());
         }
-        if a.out.join("last").exists() {
+        if a.out.join("last").exists() || a.out.join("last.old").exists() {
             bail!(
                 "{} already holds a run; use --resume to continue it or choose another --out",
                 a.out.display()
@@ -822,6 +877,7 @@ fn train(a: TrainArgs) -> Result<()> {
     let obs = TrainBars {
         bar: bar("training"),
     };
+    stop::install();
     let s = match farcer::train::train(
         &mut run.farcer,
         &cfg,
@@ -836,10 +892,17 @@ fn train(a: TrainArgs) -> Result<()> {
             println!("{e}");
             return Ok(());
         }
+        Err(e @ farcer::Error::Interrupted { .. }) => {
+            obs.bar.finish_and_clear();
+            eprintln!(
+                "{e}\nto continue: farcer train --resume --out {}",
+                a.out.display()
+            );
+            std::process::exit(130);
+        }
         other => other?,
     };
     obs.bar.finish_and_clear();
-    farcer::util::write_json_atomic(&a.out.join("summary.json"), &s)?;
     println!(
         "{} epochs, {} steps, {:.2} s per sample; best validation weighted F1 {}{}; best checkpoint {}",
         s.epochs_run,
@@ -1090,6 +1153,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         &opts(false),
         serde_json::json!({}),
         &out.join("text-only"),
+        false,
     )?;
     println!("\n{}", report::terminal_table(&text));
     drop(llm);
@@ -1143,7 +1207,6 @@ fn demo(a: DemoArgs) -> Result<()> {
         &obs,
     )?;
     obs.bar.finish_and_clear();
-    farcer::util::write_json_atomic(&run_dir.join("summary.json"), &s)?;
 
     // 3. FARCER on the held-out split.
     let (mut f, enc, m) =
@@ -1160,6 +1223,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         &opts(true),
         serde_json::json!({"checkpoint": s.best_dir}),
         &out.join("farcer-base-test"),
+        false,
     )?;
     println!("\n{}", report::terminal_table(&far));
 

@@ -6,9 +6,15 @@ use std::process::Command;
 
 /// Runs `farcer args` from the repository's root: (success, stdout, stderr).
 pub fn farcer(args: &[&str]) -> (bool, String, String) {
+    farcer_env(args, &[])
+}
+
+/// [`farcer`] with extra environment variables.
+pub fn farcer_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_farcer"))
         .current_dir(crate::common::root())
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
