@@ -10,8 +10,9 @@
 
 use crate::error::{Error, Result};
 use crate::metrics::{parse_answer, INVALID};
-use crate::model::llama::{argmax, log_softmax, mask_from_allowed, Cache, Positions};
+use crate::model::llama::{argmax, log_softmax, Cache, Positions};
 use crate::model::Llm;
+use crate::pack::Packing;
 use candle_core::{IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -129,36 +130,17 @@ pub fn score_labels(
     if m == 0 {
         return Err(Error::msg("a label query needs at least one token"));
     }
-    // Pack every label's tokens but the last (whose log-prob no later token needs).
+    // The query is trunk; every label's tokens but the last (whose log-prob no later
+    // token needs) are a branch after it.
+    let mut pack = Packing::new(past);
+    pack.trunk(m);
     let mut tokens = Vec::new();
-    let mut pos: Vec<u32> = (0..m).map(|k| (past + k) as u32).collect();
-    let mut owner = Vec::new();
-    for (j, seq) in cands.seqs.iter().enumerate() {
-        for (k, &t) in seq[..seq.len() - 1].iter().enumerate() {
-            tokens.push(t);
-            pos.push((past + m + k) as u32);
-            owner.push(j);
-        }
+    for seq in &cands.seqs {
+        pack.branch(seq.len() - 1);
+        tokens.extend_from_slice(&seq[..seq.len() - 1]);
     }
-    let n = m + tokens.len();
-    let allowed: Vec<Vec<bool>> = (0..n)
-        .map(|r| {
-            (0..past + n)
-                .map(|c| {
-                    if c < past {
-                        return true;
-                    }
-                    let c = c - past;
-                    if r < m {
-                        c <= r
-                    } else {
-                        c < m || (c <= r && owner[c - m] == owner[r - m])
-                    }
-                })
-                .collect()
-        })
-        .collect();
-    let mask = mask_from_allowed(&allowed, llm.model.device(), llm.model.dtype())?;
+    let n = pack.len();
+    let mask = pack.mask(llm.model.device(), llm.model.dtype())?;
     let x = if tokens.is_empty() {
         query.clone()
     } else {
@@ -173,7 +155,7 @@ pub fn score_labels(
             &x,
             &mut c,
             &Positions {
-                ids: Some(&pos),
+                ids: Some(pack.positions()),
                 mask: Some(&mask),
             },
             &at,

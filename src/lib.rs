@@ -17,6 +17,7 @@ pub mod grid;
 pub mod infer;
 pub mod metrics;
 pub mod model;
+pub mod pack;
 pub mod pipeline;
 pub mod plot;
 pub mod prompt;

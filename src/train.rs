@@ -17,7 +17,8 @@ use crate::farcer::{Farcer, Kind, Manifest};
 use crate::model::dropout::Dropout;
 use crate::model::llama::{log_softmax, Positions};
 use crate::model::lora::LoraConfig;
-use crate::prompt::{PromptConfig, PromptSet};
+use crate::pack::Packing;
+use crate::prompt::{Encoded, Piece, PromptConfig, PromptSet};
 use crate::util::Rng;
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,13 @@ pub struct TrainConfig {
     pub train_split: String,
     #[serde(default = "default_val_split")]
     pub val_split: String,
+    /// Which utterances are training targets: `last` (one per dialogue, the paper's) or
+    /// `all` (every labelled utterance; one packed pass per dialogue).
+    #[serde(default = "default_scope")]
+    pub train_scope: Scope,
+    /// The scope validation scores.
+    #[serde(default = "default_scope")]
+    pub val_scope: Scope,
     #[serde(default = "default_device")]
     pub device: String,
     #[serde(default)]
@@ -183,6 +191,9 @@ fn default_train_split() -> String {
 }
 fn default_val_split() -> String {
     "dev".into()
+}
+fn default_scope() -> Scope {
+    Scope::Last
 }
 fn default_device() -> String {
     "cpu".into()
@@ -510,6 +521,169 @@ pub fn sample_loss(
     Ok(((picked * w)?.sum_all()?.neg()? / wsum as f64)?)
 }
 
+/// The targets of one training dialogue: its samples of the run's scope (one for `last`,
+/// every labelled utterance for `all`), scored together by [`dialogue_loss`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unit {
+    pub dialogue: usize,
+    pub samples: Vec<Sample>,
+}
+
+/// Samples (in dialogue order, as [`Dataset::samples`] gives them) grouped by dialogue.
+pub fn units(samples: Vec<Sample>) -> Vec<Unit> {
+    let mut out: Vec<Unit> = Vec::new();
+    for s in samples {
+        match out.last_mut() {
+            Some(u) if u.dialogue == s.dialogue => u.samples.push(s),
+            _ => out.push(Unit {
+                dialogue: s.dialogue,
+                samples: vec![s],
+            }),
+        }
+    }
+    out
+}
+
+/// Teacher-forced loss of every target of `unit`, summed over targets (each target's
+/// loss as [`sample_loss`] gives it), and the number of targets.
+///
+/// The targets go through the model together: the dialogue is the trunk of a packed
+/// sequence ([`crate::pack`]), and after each target's utterance its label query and
+/// answer tokens form a branch that the rest of the dialogue does not see, at the
+/// positions it would have alone. So one pass gives exactly the losses of the per-prefix
+/// samples. Each target keeps as much of its dialogue as fits, cut from the front as
+/// evaluation cuts; targets that keep the same start share a pass.
+#[allow(clippy::too_many_arguments)]
+pub fn dialogue_loss(
+    f: &Farcer,
+    ps: &PreparedSet,
+    ds: &Dataset,
+    unit: &Unit,
+    weights: &TokenWeights,
+    use_cache: bool,
+    mut train: Option<&mut Dropout>,
+) -> Result<(Tensor, usize)> {
+    let utts = &ds.dialogues[unit.dialogue].utterances;
+    let has_image = |u: &Utterance| crate::eval::InputBuilder::has_image(f, u);
+    // Where each target's context starts once cut to fit; runs of equal starts share a pass.
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    for s in &unit.samples {
+        let ctx = &utts[s.start..=s.target];
+        let enc = ps.prompter.encode(ctx, &|i| has_image(&ctx[i]), None)?;
+        let start = s.start + enc.dropped;
+        match groups.last_mut() {
+            Some((g, t)) if *g == start => t.push(s.target - start),
+            _ => groups.push((start, vec![s.target - start])),
+        }
+    }
+    let mut total: Option<Tensor> = None;
+    for (start, targets) in &groups {
+        let l = packed_loss(
+            f,
+            ps,
+            &utts[*start..],
+            targets,
+            weights,
+            use_cache,
+            train.as_deref_mut(),
+        )?;
+        total = Some(match total {
+            Some(t) => (t + l)?,
+            None => l,
+        });
+    }
+    let total = total.ok_or_else(|| Error::msg("a training dialogue without targets"))?;
+    Ok((total, unit.samples.len()))
+}
+
+/// One packed pass over `utts` (a dialogue from its context start) for the targets at
+/// the given ascending indices; the sum of their losses.
+fn packed_loss(
+    f: &Farcer,
+    ps: &PreparedSet,
+    utts: &[Utterance],
+    targets: &[usize],
+    weights: &TokenWeights,
+    use_cache: bool,
+    mut train: Option<&mut Dropout>,
+) -> Result<Tensor> {
+    let llm = &f.llm;
+    let p = &ps.prompter;
+    let past_labels = p.config.past_labels;
+    let mut pack = Packing::new(if use_cache { ps.cache.len() } else { 0 });
+    let mut pieces = Vec::new();
+    let trunk = |pack: &mut Packing, pieces: &mut Vec<Piece>, enc: Encoded| {
+        pack.trunk(enc.len());
+        pieces.extend(enc.pieces);
+    };
+    if !use_cache && !p.prefix.is_empty() {
+        trunk(
+            &mut pack,
+            &mut pieces,
+            Encoded {
+                pieces: vec![Piece::Tokens(p.prefix.clone())],
+                dropped: 0,
+            },
+        );
+    }
+    trunk(&mut pack, &mut pieces, p.open()?);
+    // Rows whose logits score an answer token, the token, and its weight within its target.
+    let (mut at, mut ids, mut w) = (Vec::new(), Vec::new(), Vec::new());
+    let last = *targets.last().ok_or_else(|| Error::msg("no targets"))?;
+    for (i, u) in utts[..=last].iter().enumerate() {
+        let img = crate::eval::InputBuilder::has_image(f, u);
+        if !past_labels {
+            trunk(&mut pack, &mut pieces, p.line(u, i, img, None)?);
+        }
+        if targets.contains(&i) {
+            let q = p.query(u, i, img)?;
+            let gold = u.label.as_deref().unwrap_or("");
+            let answer = target_tokens(f, gold)?;
+            let n = answer.len();
+            let rows = pack.branch(q.len() + n - 1);
+            at.extend(rows.start + q.len() - 1..rows.end);
+            let ws: Vec<f64> = answer.iter().map(|&t| weights.get(t)).collect();
+            let wsum: f64 = ws.iter().sum();
+            w.extend(ws.iter().map(|x| (x / wsum) as f32));
+            ids.extend_from_slice(&answer);
+            pieces.extend(q.pieces);
+            pieces.push(Piece::Tokens(answer[..n - 1].to_vec()));
+        }
+        if past_labels && i < last {
+            trunk(
+                &mut pack,
+                &mut pieces,
+                p.line(u, i, img, u.label.as_deref())?,
+            );
+        }
+    }
+    pieces.retain(|pc| !matches!(pc, Piece::Tokens(t) if t.is_empty()));
+    let enc = Encoded { pieces, dropped: 0 };
+    let x = f.embeds(&enc, utts, train.as_deref_mut())?;
+    let mut cache = if use_cache {
+        ps.cache.clone()
+    } else {
+        llm.model.new_cache()
+    };
+    let dev = llm.model.device();
+    let mask = pack.mask(dev, llm.model.dtype())?;
+    let pos = Positions {
+        ids: Some(pack.positions()),
+        mask: Some(&mask),
+    };
+    let logits = match train {
+        Some(d) => llm.model.forward_train(&x, &mut cache, &pos, &at, d)?,
+        None => llm.model.forward(&x, &mut cache, &pos, &at)?,
+    }
+    .ok_or_else(|| Error::msg("no answer tokens to score"))?
+    .squeeze(0)?;
+    let lp = log_softmax(&logits)?;
+    let ids = Tensor::new(ids.as_slice(), dev)?.unsqueeze(1)?;
+    let picked = lp.gather(&ids, 1)?.squeeze(1)?;
+    let w = Tensor::new(w, dev)?;
+    Ok((picked * w)?.sum_all()?.neg()?)
+}
+
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "lowercase")]
@@ -627,7 +801,7 @@ pub fn train(
     let max_tokens = (cfg.run.max_tokens > 0).then_some(cfg.run.max_tokens);
     let use_cache = cfg.run.prefix_cache && !f.llm.model.has_lora();
 
-    let mut samples: Vec<Sample> = data.train.samples(Scope::Last);
+    let mut samples: Vec<Sample> = data.train.samples(cfg.train_scope);
     if cfg.run.limit_train > 0 {
         samples.truncate(cfg.run.limit_train);
     }
@@ -642,6 +816,7 @@ pub fn train(
         .map(|s| target_tokens(f, data.train.gold(s)))
         .collect::<Result<Vec<_>>>()?;
     let weights = TokenWeights::balanced(&targets, f.llm.end_of_turn);
+    let units = units(samples);
 
     // One prompt set per training step, cycling through the seeded draws.
     let mut sets = Vec::new();
@@ -651,7 +826,7 @@ pub fn train(
     }
     let mut prepared: Vec<Option<PreparedSet>> = (0..sets.len()).map(|_| None).collect();
 
-    let steps_per_epoch = samples.len().div_ceil(cfg.optim.grad_accum);
+    let steps_per_epoch = units.len().div_ceil(cfg.optim.grad_accum);
     let total_steps = steps_per_epoch * cfg.optim.epochs;
     cfg.check_warmup(total_steps, "the training config")?;
     let last_dir = out.join("last");
@@ -692,13 +867,13 @@ pub fn train(
 
     for epoch in st.epochs_done..cfg.optim.epochs {
         let ep_start = std::time::Instant::now();
-        let mut order: Vec<usize> = (0..samples.len()).collect();
+        let mut order: Vec<usize> = (0..units.len()).collect();
         Rng::derive(cfg.seed, &format!("epoch-{epoch}")).shuffle(&mut order);
         obs.epoch_start(epoch, order.len());
         let mut acc: HashMap<String, Tensor> = HashMap::new();
-        let mut in_acc = 0;
-        let mut loss_sum = 0.0;
-        for (k, &si) in order.iter().enumerate() {
+        let (mut in_acc, mut acc_targets) = (0, 0);
+        let (mut loss_sum, mut epoch_targets) = (0.0, 0);
+        for (k, &ui) in order.iter().enumerate() {
             let step_start = std::time::Instant::now();
             let set_i = st.sample_step % sets.len();
             if prepared[set_i].is_none() || !use_cache {
@@ -720,42 +895,42 @@ pub fn train(
             // Dropout masks depend on (seed, step) only, so a resumed run repeats them.
             let step_seed = cfg.seed ^ (st.sample_step as u64).wrapping_mul(0x9E3779B97F4A7C15);
             let mut dropout = Dropout::new(step_seed);
-            let smp = &samples[si];
-            let ctx = data.train.context(smp);
-            let loss = sample_loss(
+            let unit = &units[ui];
+            let (loss, n) = dialogue_loss(
                 f,
                 ps,
-                ctx,
-                None,
-                data.train.gold(smp),
+                &data.train,
+                unit,
                 &weights,
                 use_cache,
                 Some(&mut dropout),
             )?;
-            let lv = loss.to_scalar::<f32>()? as f64;
+            let lv = loss.to_scalar::<f32>()? as f64 / n as f64;
             if !lv.is_finite() {
                 return Err(Error::msg(format!(
-                    "loss is {lv} at epoch {epoch}, sample {} (dialogue {}): stopping. Lower the learning rate (now {}) or check the inputs",
-                    k,
-                    data.train.dialogues[smp.dialogue].id,
+                    "loss is {lv} at epoch {epoch}, step {k} (dialogue {}): stopping. Lower the learning rate (now {}) or check the inputs",
+                    data.train.dialogues[unit.dialogue].id,
                     cfg.lr()
                 )));
             }
             let grads = loss.backward()?;
             accumulate(&mut acc, &grads, &opt.vars)?;
             in_acc += 1;
-            loss_sum += lv;
+            acc_targets += n;
+            loss_sum += lv * n as f64;
+            epoch_targets += n;
             st.sample_step += 1;
             let last_of_epoch = k + 1 == order.len();
             let mut lr = lr_at(cfg.lr(), st.opt_step, total_steps, cfg.optim.warmup_steps);
             if in_acc == cfg.optim.grad_accum || last_of_epoch {
+                // The mean gradient over the targets of the accumulated dialogues.
                 for g in acc.values_mut() {
-                    *g = (&*g / in_acc as f64)?;
+                    *g = (&*g / acc_targets as f64)?;
                 }
                 opt.step(&acc, lr)?;
                 st.opt_step += 1;
                 acc.clear();
-                in_acc = 0;
+                (in_acc, acc_targets) = (0, 0);
             } else {
                 lr = f64::NAN;
             }
@@ -780,7 +955,7 @@ pub fn train(
 
         // Validation: weighted F1 on the validation split with the evaluation prompt set.
         let vopts = EvalOptions {
-            scope: Scope::Last,
+            scope: cfg.val_scope,
             prompt: prompt_cfg.clone(),
             prompt_sets: vec![cfg.prompt.eval_set],
             decode: cfg.run.val_decode,
@@ -811,7 +986,7 @@ pub fn train(
         let line = LogLine::Epoch {
             epoch,
             step: st.sample_step,
-            train_loss: loss_sum / order.len() as f64,
+            train_loss: loss_sum / epoch_targets.max(1) as f64,
             val_weighted_f1: sc.weighted_f1,
             val_accuracy: sc.accuracy,
             val_macro_f1: sc.macro_f1,

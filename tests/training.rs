@@ -3,7 +3,7 @@
 //! the projection learns labels that only the images show.
 
 mod common;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use common::*;
 use farcer::data::{Dataset, Dialogue, Scope, Utterance};
 use farcer::decode::Decode;
@@ -697,5 +697,191 @@ fn lora_training_reaches_at_least_the_base_score() {
     eprintln!("base {base}, finetuned {lora}");
     assert!(base >= 75.0, "base accuracy {base}");
     assert!(lora >= base, "fine-tuned {lora} < base {base}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A four-utterance dialogue, every utterance labelled; images on utterances 0, 2, 3.
+fn four_turns(dir: &Path) -> Dataset {
+    let texts = [("A", "Hi."), ("B", "No!"), ("A", "Ok?"), ("B", "Ya.")];
+    let utterances = texts
+        .iter()
+        .enumerate()
+        .map(|(i, (s, t))| {
+            let mut u = Utterance::new(i.to_string(), *s, *t).with_label(LABELS[(i * 3 + 1) % 4]);
+            if i != 1 {
+                u.image = Some(dir.join(format!("four-{i}.png")));
+            }
+            u
+        })
+        .collect();
+    Dataset {
+        corpus: "synthetic".into(),
+        split: "train".into(),
+        labels: LABELS.iter().map(|s| s.to_string()).collect(),
+        dialogues: vec![Dialogue {
+            id: "four".into(),
+            utterances,
+        }],
+        max_context: None,
+    }
+}
+
+/// Every target of a dialogue scored in one packed pass gives the sum of the per-prefix
+/// samples' losses and its gradients (f32, 1e-5): with and without past labels, with and
+/// without images, with the prefix cache and with LoRA (on q, v and the MLP), and when
+/// the dialogue is cut to fit so that later targets keep a shorter context (two passes).
+#[test]
+fn one_pass_over_a_dialogue_equals_the_per_prefix_samples() {
+    let dir = tmpdir("onepass");
+    let d = four_turns(&dir);
+    let unit = farcer::train::units(d.samples(Scope::All)).remove(0);
+    assert_eq!(unit.samples.len(), 4);
+    let targets: Vec<Vec<u32>> = LABELS
+        .iter()
+        .map(|l| tiny_llm().answer_tokens(l).unwrap())
+        .collect();
+    let mut cases = 0;
+    for lora in [false, true] {
+        let mut f = farcer_with(tiny_llm(), 5, 1, 4);
+        with_fake_vectors(&mut f, &d, 5);
+        let mut vars = f.projection.vars();
+        if lora {
+            let cfg = farcer::model::lora::LoraConfig {
+                r: 2,
+                alpha: 4.0,
+                dropout: 0.0,
+                target_modules: vec!["q_proj".into(), "v_proj".into(), "up_proj".into()],
+            };
+            let lv = f.llm.model.add_lora(&cfg, 9).unwrap();
+            // A fresh B is zero; make it not, so that every adapter weight matters.
+            for (k, (_, v)) in lv.iter().enumerate() {
+                let r = v.as_tensor().ones_like().unwrap();
+                let noise = (r.affine(0.0, 0.0).unwrap()
+                    + Tensor::rand(-0.05f32, 0.05, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+                if k % 2 == 1 {
+                    v.set(&noise).unwrap();
+                }
+            }
+            vars.extend(lv);
+        }
+        let w = TokenWeights::balanced(&targets, f.llm.end_of_turn);
+        for past_labels in [false, true] {
+            for images in [false, true] {
+                // No examples: the byte-level tokenizer makes them long for 512 positions;
+                // the system turn is the cached prefix.
+                let cfg = PromptConfig {
+                    shots: 0,
+                    past_labels,
+                    images,
+                };
+                let set = PromptSet::empty(0);
+                // A limit one token short of the whole dialogue's prompt: the last target
+                // loses its first utterance, the others keep theirs.
+                let whole = eval::prepare_set(&f.llm, &d.labels, &cfg, set.clone(), None).unwrap();
+                let has = |u: &Utterance| {
+                    images && u.image.as_ref().is_some_and(|p| f.vectors.contains_key(p))
+                };
+                let all = &d.dialogues[0].utterances;
+                let enc = whole.prompter.encode(all, &|i| has(&all[i]), None).unwrap();
+                assert_eq!(enc.dropped, 0);
+                let len = enc.len();
+                let cut = whole.prompter.prefix.len() + len + whole.prompter.answer_room - 1;
+                for (use_cache, max_tokens) in [
+                    (true, None),
+                    (false, None),
+                    (true, Some(cut)),
+                    (false, Some(cut)),
+                ] {
+                    if lora && use_cache {
+                        continue;
+                    }
+                    let ps = eval::prepare_set(&f.llm, &d.labels, &cfg, set.clone(), max_tokens)
+                        .unwrap();
+                    let what = format!(
+                        "lora {lora}, past labels {past_labels}, images {images}, cache {use_cache}, max {max_tokens:?}"
+                    );
+                    let drops: Vec<usize> = unit
+                        .samples
+                        .iter()
+                        .map(|s| {
+                            let ctx = d.context(s);
+                            ps.prompter
+                                .encode(ctx, &|i| has(&ctx[i]), None)
+                                .unwrap()
+                                .dropped
+                        })
+                        .collect();
+                    if max_tokens.is_some() {
+                        assert!(
+                            drops == [0, 0, 0, 1],
+                            "{what}: the cut must split the targets, drops {drops:?}"
+                        );
+                    }
+                    let (one, n) = farcer::train::dialogue_loss(
+                        &f,
+                        &ps,
+                        &d,
+                        &unit,
+                        &w,
+                        use_cache,
+                        Some(&mut Dropout::new(0)),
+                    )
+                    .unwrap();
+                    assert_eq!(n, 4);
+                    let mut sum: Option<Tensor> = None;
+                    for s in &unit.samples {
+                        let l = sample_loss(
+                            &f,
+                            &ps,
+                            d.context(s),
+                            None,
+                            d.gold(s),
+                            &w,
+                            use_cache,
+                            Some(&mut Dropout::new(0)),
+                        )
+                        .unwrap();
+                        sum = Some(match sum {
+                            Some(t) => (t + l).unwrap(),
+                            None => l,
+                        });
+                    }
+                    let sum = sum.unwrap();
+                    let (a, b) = (
+                        one.to_scalar::<f32>().unwrap(),
+                        sum.to_scalar::<f32>().unwrap(),
+                    );
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                        "{what}: {a} vs {b}"
+                    );
+                    let (ga, gb) = (one.backward().unwrap(), sum.backward().unwrap());
+                    let mut compared = 0;
+                    for (name, v) in &vars {
+                        let (Some(x), Some(y)) = (ga.get(v.as_tensor()), gb.get(v.as_tensor()))
+                        else {
+                            assert!(
+                                ga.get(v.as_tensor()).is_none() && gb.get(v.as_tensor()).is_none(),
+                                "{what}: {name} has a gradient on one side only"
+                            );
+                            continue;
+                        };
+                        let scale = max_abs(y).max(1e-3);
+                        let diff = max_abs_diff(x, y);
+                        assert!(
+                            diff <= 1e-5 * scale.max(1.0),
+                            "{what}: {name} gradient differs by {diff} (scale {scale})"
+                        );
+                        compared += 1;
+                    }
+                    let want = if images { vars.len() } else { vars.len() - 2 };
+                    assert_eq!(compared, want, "{what}: gradients compared");
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 24);
     std::fs::remove_dir_all(dir).unwrap();
 }
