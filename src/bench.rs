@@ -141,7 +141,7 @@ pub fn sweep(llm_path: &str, meld: &std::path::Path, reps: usize) -> Result<Vec<
     let pool = spec.load("dev", 0)?;
     let dim = 768;
     let proj = base_projection(dim, llm.model.hidden_size(), &dev)?;
-    let mut f = Farcer::new(llm, proj, Kind::Base);
+    let mut f = Farcer::new(llm, Some(proj), Kind::Base);
     let cfg = PromptConfig {
         shots: 7,
         past_labels: false,
@@ -383,7 +383,7 @@ pub fn run_case(
                     in_dim: inputs.vision_dim,
                     out_dim: f.llm.model.hidden_size(),
                 };
-                f.projection = Projection::new(cfg, 0, &dev)?;
+                f.projection = Some(Projection::new(cfg, 0, &dev)?);
                 f.kind = Kind::ThreeLayer;
             }
             let cfg = PromptConfig {
@@ -479,7 +479,7 @@ fn meld_farcer(
     data.dialogues.truncate(BENCH_SAMPLES);
     let pool = spec.load("dev", 0)?;
     let proj = base_projection(dim, llm.model.hidden_size(), llm.model.device())?;
-    let mut f = Farcer::new(llm, proj, Kind::Base);
+    let mut f = Farcer::new(llm, Some(proj), Kind::Base);
     let mut r = Rng::new(7);
     for d in data.dialogues.iter_mut() {
         for u in d.utterances.iter_mut() {

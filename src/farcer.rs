@@ -27,6 +27,9 @@ pub enum Kind {
     ThreeLayer,
     /// One linear layer trained together with LoRA adapters in the LLM.
     Finetuned,
+    /// No images at all: LoRA adapters in the LLM only, the baseline that isolates what
+    /// the images add. No vision encoder is loaded and there is no projection.
+    TextLora,
 }
 
 impl Kind {
@@ -35,7 +38,28 @@ impl Kind {
             Kind::Base => "Base FARCER",
             Kind::ThreeLayer => "Three-layer FARCER",
             Kind::Finetuned => "Fine-tuned FARCER",
+            Kind::TextLora => "Text-only fine-tuned LLM",
         }
+    }
+
+    /// The name in configs and manifests.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Base => "base",
+            Kind::ThreeLayer => "three-layer",
+            Kind::Finetuned => "finetuned",
+            Kind::TextLora => "text-lora",
+        }
+    }
+
+    /// Whether the kind takes images (all but `text-lora`).
+    pub fn takes_images(&self) -> bool {
+        *self != Kind::TextLora
+    }
+
+    /// Whether the kind trains LoRA adapters.
+    pub fn has_lora(&self) -> bool {
+        matches!(self, Kind::Finetuned | Kind::TextLora)
     }
 }
 
@@ -49,10 +73,16 @@ pub struct Manifest {
     /// sha256 of the LLM file when it is a single file (GGUF), to catch a swapped model.
     #[serde(default)]
     pub llm_sha256: Option<String>,
-    pub vision: String,
-    pub vision_key: String,
+    /// The vision encoder and its weights' key (none for `text-lora`).
+    #[serde(default)]
+    pub vision: Option<String>,
+    #[serde(default)]
+    pub vision_key: Option<String>,
+    #[serde(default)]
     pub after_norm: bool,
-    pub projection: ProjectionConfig,
+    /// The projection (none for `text-lora`).
+    #[serde(default)]
+    pub projection: Option<ProjectionConfig>,
     #[serde(default)]
     pub lora: Option<LoraConfig>,
     pub prompt: PromptConfig,
@@ -68,14 +98,15 @@ pub struct Manifest {
 /// The multimodal model.
 pub struct Farcer {
     pub llm: Llm,
-    pub projection: Projection,
+    /// Image vectors into the LLM's embeddings; `None` for a text-only kind.
+    pub projection: Option<Projection>,
     pub kind: Kind,
     /// Image vectors by image path (filled from the vector cache before use).
     pub vectors: HashMap<PathBuf, Vec<f32>>,
 }
 
 impl Farcer {
-    pub fn new(llm: Llm, projection: Projection, kind: Kind) -> Self {
+    pub fn new(llm: Llm, projection: Option<Projection>, kind: Kind) -> Self {
         Farcer {
             llm,
             projection,
@@ -113,11 +144,14 @@ impl Farcer {
         datasets: &[&crate::data::Dataset],
         progress: &dyn Fn(usize, usize),
     ) -> Result<Vec<(PathBuf, String)>> {
-        if enc.dim() != self.projection.config.in_dim {
+        let Some(proj) = &self.projection else {
+            return Ok(Vec::new());
+        };
+        if enc.dim() != proj.config.in_dim {
             return Err(Error::msg(format!(
                 "the vision encoder gives {}-d vectors but the projection takes {}",
                 enc.dim(),
-                self.projection.config.in_dim
+                proj.config.in_dim
             )));
         }
         let paths: Vec<PathBuf> = datasets
@@ -131,7 +165,16 @@ impl Farcer {
     }
 
     pub fn image_of(&self, u: &Utterance) -> Option<&Vec<f32>> {
+        self.projection.as_ref()?;
         u.image.as_ref().and_then(|p| self.vectors.get(p))
+    }
+
+    /// The trainable weights: the projection's, if any (LoRA adapters live in the LLM).
+    pub fn projection_vars(&self) -> Vec<(String, candle_core::Var)> {
+        self.projection
+            .as_ref()
+            .map(|p| p.vars())
+            .unwrap_or_default()
     }
 
     /// Prompt-suffix embeddings `(1, len, hidden)`; with `train` (`Some`) the
@@ -161,7 +204,10 @@ impl Farcer {
         let projected = if slots.is_empty() {
             None
         } else {
-            let mut flat = Vec::with_capacity(slots.len() * self.projection.config.in_dim);
+            let proj = self.projection.as_ref().ok_or_else(|| {
+                Error::msg("a text-only model was given a prompt with image slots")
+            })?;
+            let mut flat = Vec::with_capacity(slots.len() * proj.config.in_dim);
             for &i in &slots {
                 let v = vector(&context[i]).ok_or_else(|| {
                     Error::msg(format!(
@@ -171,12 +217,8 @@ impl Farcer {
                 })?;
                 flat.extend_from_slice(v);
             }
-            let x = Tensor::from_vec(flat, (slots.len(), self.projection.config.in_dim), dev)?;
-            Some(
-                self.projection
-                    .forward(&x, train)?
-                    .to_dtype(self.llm.model.dtype())?,
-            )
+            let x = Tensor::from_vec(flat, (slots.len(), proj.config.in_dim), dev)?;
+            Some(proj.forward(&x, train)?.to_dtype(self.llm.model.dtype())?)
         };
         let mut parts = Vec::new();
         let mut k = 0;
@@ -210,12 +252,17 @@ impl Farcer {
         crate::util::remove_any(&tmp)?;
         crate::util::crash_point("create checkpoint folder");
         std::fs::create_dir_all(&tmp).at(&tmp)?;
-        crate::util::save_tensors(
-            &self.projection.tensors(),
-            &tmp.join("projection.safetensors"),
-        )?;
+        if let Some(p) = &self.projection {
+            crate::util::save_tensors(&p.tensors(), &tmp.join("projection.safetensors"))?;
+        }
         if let Some(cfg) = &manifest.lora {
-            crate::model::lora::save_peft(&tmp, cfg, lora, &self.projection, &self.llm.name)?;
+            crate::model::lora::save_peft(
+                &tmp,
+                cfg,
+                lora,
+                self.projection.as_ref(),
+                &self.llm.name,
+            )?;
         }
         crate::util::write_json_atomic(&tmp.join("manifest.json"), manifest)?;
         replace_dir(&tmp, dir)
@@ -263,19 +310,21 @@ impl Farcer {
     /// from disk into a model that already has them (resume, `--init`).
     pub fn restore(&self, d: &Path, adapters: bool) -> Result<()> {
         let dev = self.llm.model.device();
-        let p = d.join("projection.safetensors");
         let bad = |p: &Path, e: String| Error::input(p.display().to_string(), e);
-        let t = candle_core::safetensors::load(&p, dev).map_err(|e| bad(&p, e.to_string()))?;
-        self.projection
-            .load_tensors(&t)
-            .map_err(|e| bad(&p, e.to_string()))?;
+        if let Some(proj) = &self.projection {
+            let p = d.join("projection.safetensors");
+            let t = candle_core::safetensors::load(&p, dev).map_err(|e| bad(&p, e.to_string()))?;
+            proj.load_tensors(&t).map_err(|e| bad(&p, e.to_string()))?;
+        }
         let vars = self.llm.model.lora_vars();
         if adapters && !vars.is_empty() {
             let p = d.join("adapter_model.safetensors");
             let t = candle_core::safetensors::load(&p, dev).map_err(|e| bad(&p, e.to_string()))?;
             for (k, v) in &vars {
+                // A text-only adapter is saved in plain PEFT names (no `lm.`).
                 let saved = t
                     .get(k)
+                    .or_else(|| t.get(&crate::model::lora::plain_peft_key(k)))
                     .ok_or_else(|| bad(&p, format!("no adapter weight `{k}`")))?;
                 if saved.dims() != v.dims() {
                     return Err(bad(
@@ -293,11 +342,23 @@ impl Farcer {
 /// Loads the projection (and LoRA adapters) of a checkpoint onto an already loaded LLM.
 pub fn load_checkpoint(dir: &Path, mut llm: Llm, device: &Device) -> Result<(Farcer, Manifest)> {
     let (d, m) = read_manifest(dir)?;
-    let projection = Projection::new(m.projection.clone(), 0, device)?;
-    let p = d.join("projection.safetensors");
-    let t = candle_core::safetensors::load(&p, device)
-        .map_err(|e| Error::input(p.display().to_string(), e.to_string()))?;
-    projection.load_tensors(&t)?;
+    let projection = match &m.projection {
+        Some(c) => {
+            let projection = Projection::new(c.clone(), 0, device)?;
+            let p = d.join("projection.safetensors");
+            let t = candle_core::safetensors::load(&p, device)
+                .map_err(|e| Error::input(p.display().to_string(), e.to_string()))?;
+            projection.load_tensors(&t)?;
+            Some(projection)
+        }
+        None if m.kind.takes_images() => {
+            return Err(Error::input(
+                d.join("manifest.json").display().to_string(),
+                format!("a {} checkpoint needs a `projection`", m.kind.label()),
+            ))
+        }
+        None => None,
+    };
     if m.lora.is_some() {
         crate::model::lora::load_peft(&d, &mut llm.model)?;
     }

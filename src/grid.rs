@@ -25,6 +25,9 @@ pub enum GridModel {
     Base,
     ThreeLayer,
     Finetuned,
+    /// The text-only LLM fine-tuned with LoRA: what the images add is the difference
+    /// from the fine-tuned FARCER row.
+    TextLora,
 }
 
 impl GridModel {
@@ -34,6 +37,7 @@ impl GridModel {
             GridModel::Base => Some(Kind::Base),
             GridModel::ThreeLayer => Some(Kind::ThreeLayer),
             GridModel::Finetuned => Some(Kind::Finetuned),
+            GridModel::TextLora => Some(Kind::TextLora),
         }
     }
     pub fn slug(self) -> &'static str {
@@ -42,6 +46,7 @@ impl GridModel {
             GridModel::Base => "base",
             GridModel::ThreeLayer => "three-layer",
             GridModel::Finetuned => "finetuned",
+            GridModel::TextLora => "text-lora",
         }
     }
 }
@@ -110,6 +115,7 @@ fn default_models() -> Vec<GridModel> {
         GridModel::Base,
         GridModel::ThreeLayer,
         GridModel::Finetuned,
+        GridModel::TextLora,
     ]
 }
 fn default_shots() -> Vec<usize> {
@@ -174,24 +180,20 @@ impl GridRun {
         let mut c = TrainConfig::from_toml(
             &format!(
                 "kind = {kind:?}\nllm = {llm:?}\nvision = {vision:?}\ndata = {data:?}\ndevice = {dev:?}\nseed = {seed}\n{lora}",
-                kind = match kind {
-                    Kind::Base => "base",
-                    Kind::ThreeLayer => "three-layer",
-                    Kind::Finetuned => "finetuned",
-                },
+                kind = kind.name(),
                 llm = g.llm,
                 vision = g.vision,
                 data = g.data,
                 dev = g.device,
                 seed = self.seed,
-                lora = if kind == Kind::Finetuned { "[lora]\n" } else { "" },
+                lora = if kind.has_lora() { "[lora]\n" } else { "" },
             ),
             "grid",
         )
         .expect("grid config builds");
         c.prompt.shots = self.shots;
         c.prompt.past_labels = self.past_labels;
-        if kind == Kind::Finetuned {
+        if kind.has_lora() {
             c.optim.epochs = 10;
         }
         if let Some(e) = g.train.epochs {

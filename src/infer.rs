@@ -30,10 +30,11 @@ pub type Vectors = HashMap<PathBuf, Vec<f32>>;
 pub enum Engine {
     /// The LLM alone, answering from the text.
     Text(Box<Llm>),
-    /// A trained checkpoint, with the vision encoder that turns images into vectors.
+    /// A trained checkpoint, with the vision encoder that turns images into vectors
+    /// (none for a text-only fine-tuned model).
     Farcer {
         model: Box<Farcer>,
-        vision: Box<VisionEncoder>,
+        vision: Option<Box<VisionEncoder>>,
     },
 }
 
@@ -162,7 +163,10 @@ impl Predictor {
     /// Image vectors from decoded images (none for a text-only model).
     pub fn encode_images(&self, images: &[image::DynamicImage]) -> Result<Vec<Vec<f32>>> {
         match &self.engine {
-            Engine::Farcer { vision, .. } if !images.is_empty() => vision.encode(images),
+            Engine::Farcer {
+                vision: Some(vision),
+                ..
+            } if !images.is_empty() => vision.encode(images),
             _ => Ok(vec![]),
         }
     }

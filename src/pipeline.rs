@@ -39,14 +39,18 @@ pub fn vector_dir(spec: &DataSpec) -> PathBuf {
 }
 
 /// Images of a run: frames taken from clips where only a clip is named, then every
-/// image's vector (cached). Returns the images that could not be used.
+/// image's vector (cached). Returns the images that could not be used. Without an encoder
+/// (a text-only model) there is nothing to do.
 pub fn attach_images(
     f: &mut Farcer,
-    enc: &VisionEncoder,
+    enc: Option<&VisionEncoder>,
     spec: &DataSpec,
     datasets: &mut [&mut Dataset],
     progress: &dyn Fn(usize, usize),
 ) -> Result<Vec<(PathBuf, String)>> {
+    let Some(enc) = enc else {
+        return Ok(Vec::new());
+    };
     let cache = crate::util::farcer_home().join("frames");
     let mut failed = Vec::new();
     let needs_frames = datasets.iter().any(|d| {
@@ -283,7 +287,8 @@ fn collect_pngs(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// and the manifest its checkpoints will carry.
 pub struct Run {
     pub farcer: Farcer,
-    pub vision: VisionEncoder,
+    /// The frozen vision encoder (none for `text-lora`).
+    pub vision: Option<VisionEncoder>,
     pub data: RunData,
     pub manifest: Manifest,
     /// Images that could not be read (no slot for them).
@@ -298,8 +303,12 @@ pub fn build_run(
     let device = model::device(&cfg.device)?;
     let llm_path = resolve_llm(Some(&cfg.llm), log)?;
     let mut llm = load_llm(Some(&llm_path), &device, log)?;
-    log(&format!("loading vision encoder {}", cfg.vision));
-    let vision = VisionEncoder::load(&cfg.vision, &device, cfg.after_norm)?;
+    let vision = if cfg.kind.takes_images() {
+        log(&format!("loading vision encoder {}", cfg.vision));
+        Some(VisionEncoder::load(&cfg.vision, &device, cfg.after_norm)?)
+    } else {
+        None
+    };
     let spec: DataSpec = cfg.data.parse()?;
     let mut train = spec.load(&cfg.train_split, cfg.seed)?;
     let mut val = spec.load(&cfg.val_split, cfg.seed)?;
@@ -311,14 +320,19 @@ pub fn build_run(
         llm.model.add_lora(l, cfg.seed)?;
         lora = Some(l.clone());
     }
-    let pcfg = Farcer::projection_config(
-        cfg.kind,
-        cfg.projection_layers(),
-        cfg.projection.dropout,
-        vision.dim(),
-        &llm,
-    );
-    let projection = Projection::new(pcfg.clone(), cfg.seed, &device)?;
+    let pcfg = vision.as_ref().map(|v| {
+        Farcer::projection_config(
+            cfg.kind,
+            cfg.projection_layers(),
+            cfg.projection.dropout,
+            v.dim(),
+            &llm,
+        )
+    });
+    let projection = pcfg
+        .as_ref()
+        .map(|c| Projection::new(c.clone(), cfg.seed, &device))
+        .transpose()?;
     let mut f = Farcer::new(llm, projection, cfg.kind);
     if let Some(init) = &cfg.init {
         init_from(&mut f, init)?;
@@ -326,7 +340,7 @@ pub fn build_run(
     }
     let failed = attach_images(
         &mut f,
-        &vision,
+        vision.as_ref(),
         &spec,
         &mut [&mut train, &mut val],
         progress,
@@ -340,8 +354,8 @@ pub fn build_run(
             cfg.llm.clone()
         },
         llm_sha256: single_file_sha(&llm_path)?,
-        vision: cfg.vision.clone(),
-        vision_key: vision.key.clone(),
+        vision: vision.as_ref().map(|_| cfg.vision.clone()),
+        vision_key: vision.as_ref().map(|v| v.key.clone()),
         after_norm: cfg.after_norm,
         projection: pcfg,
         lora,
@@ -376,19 +390,29 @@ fn single_file_sha(path: &str) -> Result<Option<String>> {
 /// LoRA adapters (when both have them).
 fn init_from(f: &mut Farcer, dir: &Path) -> Result<()> {
     let (d, m) = crate::farcer::read_manifest(dir)?;
-    if m.projection.in_dim != f.projection.config.in_dim
-        || m.projection.out_dim != f.projection.config.out_dim
-        || m.projection.layers != f.projection.config.layers
-    {
+    let shape = |c: Option<&crate::model::projection::ProjectionConfig>| match c {
+        Some(c) => format!(
+            "a projection of {} layers, {} -> {}",
+            c.layers, c.in_dim, c.out_dim
+        ),
+        None => "no projection".to_string(),
+    };
+    let (theirs, ours) = (
+        m.projection.as_ref(),
+        f.projection.as_ref().map(|p| &p.config),
+    );
+    let fits = match (theirs, ours) {
+        (Some(a), Some(b)) => {
+            a.in_dim == b.in_dim && a.out_dim == b.out_dim && a.layers == b.layers
+        }
+        (a, b) => a.is_none() && b.is_none(),
+    };
+    if !fits {
         return Err(Error::msg(format!(
-            "--init {}: its projection ({} layers, {} -> {}) does not fit this run's ({} layers, {} -> {})",
+            "--init {}: it has {}, this run has {}",
             dir.display(),
-            m.projection.layers,
-            m.projection.in_dim,
-            m.projection.out_dim,
-            f.projection.config.layers,
-            f.projection.config.in_dim,
-            f.projection.config.out_dim
+            shape(theirs),
+            shape(ours)
         )));
     }
     // A checkpoint without adapters gives the projection only; the adapters start fresh.
@@ -403,7 +427,7 @@ pub fn load_checkpoint(
     llm: Option<&str>,
     vision: Option<&str>,
     log: &dyn Fn(&str),
-) -> Result<(Farcer, VisionEncoder, Manifest)> {
+) -> Result<(Farcer, Option<VisionEncoder>, Manifest)> {
     let (_, m) = crate::farcer::read_manifest(dir)?;
     let llm_spec = llm.unwrap_or(&m.llm);
     let llm_path = resolve_llm(Some(llm_spec), log)?;
@@ -418,15 +442,27 @@ pub fn load_checkpoint(
         }
     }
     let llm = load_llm(Some(&llm_path), device, log)?;
-    let vspec = vision.unwrap_or(&m.vision);
-    log(&format!("loading vision encoder {vspec}"));
-    let enc = VisionEncoder::load(vspec, device, m.after_norm)?;
-    if enc.key != m.vision_key {
-        log(&format!(
-            "note: the vision encoder differs from the one used in training ({} vs {}); vectors will not match what the projection learned",
-            enc.key, m.vision_key
-        ));
-    }
+    let enc = match (vision.or(m.vision.as_deref()), m.kind.takes_images()) {
+        (Some(vspec), true) => {
+            log(&format!("loading vision encoder {vspec}"));
+            let enc = VisionEncoder::load(vspec, device, m.after_norm)?;
+            if Some(&enc.key) != m.vision_key.as_ref() {
+                log(&format!(
+                    "note: the vision encoder differs from the one used in training ({} vs {}); vectors will not match what the projection learned",
+                    enc.key,
+                    m.vision_key.as_deref().unwrap_or("none")
+                ));
+            }
+            Some(enc)
+        }
+        (None, true) => {
+            return Err(Error::input(
+                dir.join("manifest.json").display().to_string(),
+                "no vision encoder named: pass --vision",
+            ))
+        }
+        (_, false) => None,
+    };
     let (f, m) = crate::farcer::load_checkpoint(dir, llm, device)?;
     Ok((f, enc, m))
 }
@@ -615,7 +651,7 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
                 }
                 let (mut f, enc, m) =
                     load_checkpoint(&r.dir.join("best"), &device, None, None, &log)?;
-                attach_images(&mut f, &enc, &spec, &mut [&mut data], &|d, t| {
+                attach_images(&mut f, enc.as_ref(), &spec, &mut [&mut data], &|d, t| {
                     p.progress("vectors", d, t)
                 })?;
                 let name = row_name(m.kind, r.shots, r.past_labels);
@@ -655,48 +691,53 @@ pub fn import_peft(
     let llm_path = resolve_llm(Some(llm_spec), log)?;
     let mut llm = load_llm(Some(&llm_path), &device, log)?;
     let (lora, saved) = crate::model::lora::load_peft(peft_dir, &mut llm.model)?;
-    let enc = VisionEncoder::load(vision, &device, false)?;
     let layers = (0..)
         .take_while(|i| saved.contains_key(&format!("mp.{}.weight", 3 * i)))
         .count();
-    if layers == 0 {
-        return Err(Error::input(
-            peft_dir.display().to_string(),
-            "the adapter saves no projection (modules_to_save `mp.0`)",
-        ));
-    }
-    let first = &saved["mp.0.weight"];
-    let last = &saved[&format!("mp.{}.weight", 3 * (layers - 1))];
-    let pcfg = crate::model::projection::ProjectionConfig {
-        layers,
-        dropout: 0.05,
-        in_dim: first.dim(1)?,
-        out_dim: last.dim(0)?,
-    };
-    if pcfg.in_dim != enc.dim() || pcfg.out_dim != llm.model.hidden_size() {
-        return Err(Error::msg(format!(
-            "the adapter's projection maps {} -> {}, but the encoder gives {} and the LLM takes {}",
-            pcfg.in_dim,
-            pcfg.out_dim,
-            enc.dim(),
-            llm.model.hidden_size()
-        )));
-    }
-    let projection = Projection::new(pcfg.clone(), 0, &device)?;
-    projection.load_tensors(&saved)?;
-    let kind = if layers > 1 {
-        Kind::ThreeLayer
+    // Without a saved projection it is a plain adapter of the LLM: a text-only model.
+    let (kind, projection, enc, prompt) = if layers == 0 {
+        let prompt = crate::prompt::PromptConfig {
+            images: false,
+            ..prompt
+        };
+        (Kind::TextLora, None, None, prompt)
     } else {
-        Kind::Finetuned
+        let enc = VisionEncoder::load(vision, &device, false)?;
+        let first = &saved["mp.0.weight"];
+        let last = &saved[&format!("mp.{}.weight", 3 * (layers - 1))];
+        let pcfg = crate::model::projection::ProjectionConfig {
+            layers,
+            dropout: 0.05,
+            in_dim: first.dim(1)?,
+            out_dim: last.dim(0)?,
+        };
+        if pcfg.in_dim != enc.dim() || pcfg.out_dim != llm.model.hidden_size() {
+            return Err(Error::msg(format!(
+                "the adapter's projection maps {} -> {}, but the encoder gives {} and the LLM takes {}",
+                pcfg.in_dim,
+                pcfg.out_dim,
+                enc.dim(),
+                llm.model.hidden_size()
+            )));
+        }
+        let projection = Projection::new(pcfg, 0, &device)?;
+        projection.load_tensors(&saved)?;
+        let kind = if layers > 1 {
+            Kind::ThreeLayer
+        } else {
+            Kind::Finetuned
+        };
+        (kind, Some(projection), Some(enc), prompt)
     };
+    let pcfg = projection.as_ref().map(|p| p.config.clone());
     let f = Farcer::new(llm, projection, kind);
     let manifest = Manifest {
         farcer_version: env!("CARGO_PKG_VERSION").into(),
         kind,
         llm: llm_spec.to_string(),
         llm_sha256: single_file_sha(&llm_path)?,
-        vision: vision.to_string(),
-        vision_key: enc.key.clone(),
+        vision: enc.as_ref().map(|_| vision.to_string()),
+        vision_key: enc.as_ref().map(|e| e.key.clone()),
         after_norm: false,
         projection: pcfg,
         lora: Some(lora),

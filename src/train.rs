@@ -245,14 +245,14 @@ impl TrainConfig {
 
     fn validate(&self, origin: &str) -> Result<()> {
         let bad = |m: String| Err(Error::input(origin, m));
-        if self.kind == Kind::Finetuned && self.lora.is_none() {
-            return bad(
-                "kind = \"finetuned\" needs a [lora] section (r, alpha, dropout, target_modules)"
-                    .into(),
-            );
+        if self.kind.has_lora() && self.lora.is_none() {
+            return bad(format!(
+                "kind = \"{}\" needs a [lora] section (r, alpha, dropout, target_modules)",
+                self.kind.name()
+            ));
         }
-        if self.kind != Kind::Finetuned && self.lora.is_some() {
-            return bad("a [lora] section needs kind = \"finetuned\"".into());
+        if !self.kind.has_lora() && self.lora.is_some() {
+            return bad("a [lora] section needs kind = \"finetuned\" or \"text-lora\"".into());
         }
         if self.optim.epochs == 0 || self.optim.grad_accum == 0 {
             return bad("epochs and grad_accum must be at least 1".into());
@@ -323,7 +323,7 @@ impl TrainConfig {
     pub fn lr(&self) -> f64 {
         self.optim.lr.unwrap_or(match self.kind {
             Kind::Base => 1e-4,
-            Kind::ThreeLayer | Kind::Finetuned => 2e-4,
+            Kind::ThreeLayer | Kind::Finetuned | Kind::TextLora => 2e-4,
         })
     }
 
@@ -338,7 +338,7 @@ impl TrainConfig {
         PromptConfig {
             shots: self.prompt.shots,
             past_labels: self.prompt.past_labels,
-            images: true,
+            images: self.kind.takes_images(),
         }
     }
 }
@@ -793,7 +793,7 @@ pub fn train(
     let _lock = crate::util::DirLock::acquire(out)?;
     recover_dirs(out)?;
     let lora_vars = f.llm.model.lora_vars();
-    let mut vars = f.projection.vars();
+    let mut vars = f.projection_vars();
     vars.extend(lora_vars.iter().cloned());
     let mut opt = AdamW::new(vars, cfg.optim.weight_decay)?;
     let prompt_cfg = cfg.prompt_config();

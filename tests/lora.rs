@@ -147,7 +147,7 @@ fn write_farcer_adapter() {
         &dir,
         &cfg,
         &llm.model.lora_vars(),
-        &proj,
+        Some(&proj),
         "tests/fixtures/tiny-llama",
     )
     .unwrap();
@@ -164,7 +164,7 @@ fn peft_loads_the_adapter_farcer_writes() {
         &tmp,
         &cfg,
         &llm.model.lora_vars(),
-        &proj,
+        Some(&proj),
         "tests/fixtures/tiny-llama",
     )
     .unwrap();

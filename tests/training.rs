@@ -88,7 +88,7 @@ fn farcer_with(llm: farcer::model::Llm, in_dim: usize, layers: usize, seed: u64)
         out_dim: llm.model.hidden_size(),
     };
     let p = Projection::new(cfg, seed, &Device::Cpu).unwrap();
-    Farcer::new(llm, p, Kind::Base)
+    Farcer::new(llm, Some(p), Kind::Base)
 }
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -145,7 +145,7 @@ fn projection_gradient_matches_finite_differences() {
     .unwrap();
     let grads = loss.backward().unwrap();
     let mut checked = 0;
-    for (name, var) in f.projection.vars() {
+    for (name, var) in f.projection_vars() {
         let g = grads
             .get(var.as_tensor())
             .unwrap()
@@ -250,7 +250,7 @@ fn prefix_cache_changes_neither_loss_nor_gradient_and_frozen_weights_get_none() 
     assert!((la - lb).abs() <= 1e-5 * la.abs().max(1.0), "{la} vs {lb}");
     let ga = a.backward().unwrap();
     let gb = b.backward().unwrap();
-    for (name, v) in f.projection.vars() {
+    for (name, v) in f.projection_vars() {
         let d = max_abs_diff(
             ga.get(v.as_tensor()).unwrap(),
             gb.get(v.as_tensor()).unwrap(),
@@ -306,10 +306,10 @@ fn projection_learns_labels_only_the_images_show() {
         kind: Kind::Base,
         llm: f.llm.name.clone(),
         llm_sha256: None,
-        vision: enc.name.clone(),
-        vision_key: enc.key.clone(),
+        vision: Some(enc.name.clone()),
+        vision_key: Some(enc.key.clone()),
         after_norm: false,
-        projection: f.projection.config.clone(),
+        projection: f.projection.as_ref().map(|p| p.config.clone()),
         lora: None,
         prompt: cfg.prompt_config(),
         labels: train.labels.clone(),
@@ -379,10 +379,10 @@ fn manifest_for(
         kind: f.kind,
         llm: f.llm.name.clone(),
         llm_sha256: None,
-        vision: "fake".into(),
-        vision_key: "fake".into(),
+        vision: Some("fake".into()),
+        vision_key: Some("fake".into()),
         after_norm: false,
-        projection: f.projection.config.clone(),
+        projection: f.projection.as_ref().map(|p| p.config.clone()),
         lora: cfg.lora.clone(),
         prompt: cfg.prompt_config(),
         labels: labels.to_vec(),
@@ -421,17 +421,19 @@ fn resumed_run_equals_uninterrupted_run() {
     let make = || {
         let mut f = farcer_with(load(), 6, 3, 9);
         f.kind = Kind::ThreeLayer;
-        f.projection = Projection::new(
-            ProjectionConfig {
-                layers: 3,
-                dropout: 0.3,
-                in_dim: 6,
-                out_dim: 64,
-            },
-            9,
-            &Device::Cpu,
-        )
-        .unwrap();
+        f.projection = Some(
+            Projection::new(
+                ProjectionConfig {
+                    layers: 3,
+                    dropout: 0.3,
+                    in_dim: 6,
+                    out_dim: 64,
+                },
+                9,
+                &Device::Cpu,
+            )
+            .unwrap(),
+        );
         with_fake_vectors(&mut f, &train, 6);
         with_fake_vectors(&mut f, &val, 6);
         f
@@ -496,7 +498,7 @@ fn resumed_run_equals_uninterrupted_run() {
         &farcer::train::Quiet,
     )
     .unwrap();
-    for ((name, va), (_, vc)) in a.projection.vars().iter().zip(c.projection.vars().iter()) {
+    for ((name, va), (_, vc)) in a.projection_vars().iter().zip(c.projection_vars().iter()) {
         let d = max_abs_diff(va.as_tensor(), vc.as_tensor());
         assert!(d <= 1e-6, "{name} differs by {d} after resume");
     }
@@ -744,7 +746,7 @@ fn one_pass_over_a_dialogue_equals_the_per_prefix_samples() {
     for lora in [false, true] {
         let mut f = farcer_with(tiny_llm(), 5, 1, 4);
         with_fake_vectors(&mut f, &d, 5);
-        let mut vars = f.projection.vars();
+        let mut vars = f.projection_vars();
         if lora {
             let cfg = farcer::model::lora::LoraConfig {
                 r: 2,
@@ -883,5 +885,88 @@ fn one_pass_over_a_dialogue_equals_the_per_prefix_samples() {
         }
     }
     assert_eq!(cases, 24);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `kind = "text-lora"`: no projection and no images; LoRA (here on q, v and the MLP's
+/// down projection) trains every utterance in one pass per dialogue, the checkpoint is a
+/// plain PEFT adapter of the base LLM (no `lm.` prefix, no projection, task CAUSAL_LM), and
+/// loading it back gives the same weights and the same predictions.
+#[test]
+fn text_lora_trains_and_saves_a_plain_peft_adapter() {
+    let dir = tmpdir("textlora");
+    let llm_dir = dir.join("llm");
+    write_steerable_llama(&llm_dir, 5);
+    let load =
+        || farcer::model::load_llm(llm_dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let train = synthetic(&dir.join("train"), "train", 2, 1);
+    let val = synthetic(&dir.join("val"), "val", 1, 2);
+    let cfg = farcer::train::TrainConfig::from_toml(
+        "kind = \"text-lora\"\ndata = \"demo\"\ntrain_scope = \"all\"\nval_scope = \"all\"\n[prompt]\nshots = 0\nsets = 1\n[lora]\nr = 2\nalpha = 4.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n[optim]\nepochs = 2\nlr = 0.01\n",
+        "test",
+    )
+    .unwrap();
+    assert!(!cfg.prompt_config().images);
+    let mut llm = load();
+    llm.model.add_lora(cfg.lora.as_ref().unwrap(), 3).unwrap();
+    let mut f = Farcer::new(llm, None, Kind::TextLora);
+    let m = manifest_for(&f, &cfg, &train.labels);
+    assert!(m.projection.is_none());
+    let data = farcer::train::RunData {
+        train: train.clone(),
+        val: val.clone(),
+        pool: None,
+    };
+    let out = dir.join("run");
+    let s =
+        farcer::train::train(&mut f, &cfg, &data, &m, &out, false, &farcer::train::Quiet).unwrap();
+    let best = s.best_dir;
+    assert!(!best.join("projection.safetensors").exists());
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(best.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg_json["task_type"], "CAUSAL_LM");
+    assert!(cfg_json["modules_to_save"].is_null());
+    let saved =
+        candle_core::safetensors::load(best.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    // 2 layers x 3 modules x (A, B), all under the plain causal-LM prefix.
+    assert_eq!(saved.len(), 12);
+    assert!(
+        saved
+            .keys()
+            .all(|k| k.starts_with("base_model.model.model.layers.")),
+        "{:?}",
+        saved.keys().collect::<Vec<_>>()
+    );
+    // The trained model holds the last epoch's weights.
+    let (g, gm) = farcer::farcer::load_checkpoint(&out.join("last"), load(), &Device::Cpu).unwrap();
+    assert_eq!(gm.kind, Kind::TextLora);
+    assert!(g.projection.is_none());
+    let opts = EvalOptions {
+        scope: Scope::All,
+        prompt: cfg.prompt_config(),
+        prompt_sets: vec![0],
+        decode: Decode::Constrained,
+        limit: None,
+        max_tokens: None,
+        past_source: Default::default(),
+    };
+    let a = eval::evaluate(&f, &val, None, &opts, &|_, _| {}).unwrap();
+    let b = eval::evaluate(&g, &val, None, &opts, &|_, _| {}).unwrap();
+    assert_eq!(a.predictions.len(), 8);
+    for (x, y) in a.predictions.iter().zip(&b.predictions) {
+        let (px, py) = (x.probs.as_ref().unwrap(), y.probs.as_ref().unwrap());
+        for ((_, p), (_, q)) in px.iter().zip(py.iter()) {
+            assert!((p - q).abs() <= 1e-6, "{p} vs {q}");
+        }
+    }
+    // The adapter learned something: it is not the fresh one (B = 0).
+    let b_norm: f32 = saved
+        .iter()
+        .filter(|(k, _)| k.contains("lora_B"))
+        .map(|(_, v)| max_abs(v))
+        .fold(0.0, f32::max);
+    assert!(b_norm > 1e-4, "{b_norm}");
     std::fs::remove_dir_all(dir).unwrap();
 }

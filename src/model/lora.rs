@@ -182,32 +182,50 @@ fn yes() -> bool {
     true
 }
 
-/// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout: LoRA
-/// weights as `base_model.model.lm.model.layers.N.self_attn.q_proj.lora_A.weight`, the
-/// projection as `base_model.model.mp.K.weight` (a module to save).
+/// The PEFT key of an adapter weight on the plain LLM (`base_model.model.model.layers...`)
+/// for its key inside FARCER (`base_model.model.lm.model.layers...`).
+pub fn plain_peft_key(k: &str) -> String {
+    match k.strip_prefix(super::llama::PEFT_PREFIX) {
+        Some(rest) => format!("base_model.model.{rest}"),
+        None => k.to_string(),
+    }
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout. With a
+/// projection (FARCER): LoRA weights as
+/// `base_model.model.lm.model.layers.N.self_attn.q_proj.lora_A.weight` and the projection
+/// as `base_model.model.mp.K.weight` (a module to save). Without (a text-only model): a
+/// plain causal-LM adapter, `base_model.model.model.layers.N...`, that PEFT loads onto the
+/// base LLM as it is.
 pub fn save_peft(
     dir: &std::path::Path,
     cfg: &LoraConfig,
     lora: &[(String, Var)],
-    projection: &super::projection::Projection,
+    projection: Option<&super::projection::Projection>,
     base_model: &str,
 ) -> crate::Result<()> {
     let mut t = std::collections::HashMap::new();
     for (k, v) in lora {
-        t.insert(k.clone(), v.as_tensor().clone());
+        let key = match projection {
+            Some(_) => k.clone(),
+            None => plain_peft_key(k),
+        };
+        t.insert(key, v.as_tensor().clone());
     }
-    for (k, v) in projection.tensors() {
-        t.insert(format!("base_model.model.{k}"), v);
+    if let Some(p) = projection {
+        for (k, v) in p.tensors() {
+            t.insert(format!("base_model.model.{k}"), v);
+        }
     }
     crate::util::save_tensors(&t, &dir.join("adapter_model.safetensors"))?;
     let pc = PeftConfig {
         peft_type: "LORA".into(),
-        task_type: None,
+        task_type: projection.is_none().then(|| "CAUSAL_LM".into()),
         r: cfg.r,
         lora_alpha: cfg.alpha,
         lora_dropout: cfg.dropout,
         target_modules: cfg.target_modules.clone(),
-        modules_to_save: Some(projection.module_names()),
+        modules_to_save: projection.map(|p| p.module_names()),
         bias: "none".into(),
         fan_in_fan_out: false,
         base_model_name_or_path: Some(base_model.to_string()),

@@ -262,6 +262,9 @@ struct TrainArgs {
     /// Override: validate on the first N samples only.
     #[arg(long)]
     limit_val: Option<usize>,
+    /// Override the config's data (e.g. meld:<dir> where your MELD CSVs are).
+    #[arg(long)]
+    data: Option<String>,
 }
 
 #[derive(Args)]
@@ -618,8 +621,13 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 );
             }
             let pb = bar("vectors");
-            let failed =
-                pipeline::attach_images(&mut f, &enc, &spec, &mut [&mut data], &ticker(&pb))?;
+            let failed = pipeline::attach_images(
+                &mut f,
+                enc.as_ref(),
+                &spec,
+                &mut [&mut data],
+                &ticker(&pb),
+            )?;
             pb.finish_and_clear();
             report_failed(&failed);
             let shots = a.shots.unwrap_or(m.prompt.shots);
@@ -639,7 +647,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             };
             let pool = pipeline::pool_for(&spec, shots, a.model.seed)?;
             let name = pipeline::row_name(m.kind, shots, prompt.past_labels);
-            let extra = serde_json::json!({"checkpoint": ck, "vision": enc.name, "epoch": m.epoch});
+            let extra = serde_json::json!({"checkpoint": ck, "vision": enc.as_ref().map(|e| e.name.clone()), "epoch": m.epoch});
             evaluate_and_write(
                 &f,
                 name,
@@ -808,6 +816,7 @@ fn train(a: TrainArgs) -> Result<()> {
             ("--limit-train", a.limit_train.is_some()),
             ("--limit-val", a.limit_val.is_some()),
             ("--init", a.init.is_some()),
+            ("--data", a.data.is_some()),
         ]
         .into_iter()
         .filter_map(|(n, given)| given.then_some(n))
@@ -846,6 +855,9 @@ fn train(a: TrainArgs) -> Result<()> {
         if let Some(i) = &a.init {
             cfg.init = Some(i.clone());
         }
+        if let Some(d) = &a.data {
+            cfg.data = d.clone();
+        }
         if a.out.join("last").exists() || a.out.join("last.old").exists() {
             bail!(
                 "{} already holds a run; use --resume to continue it or choose another --out",
@@ -862,17 +874,14 @@ fn train(a: TrainArgs) -> Result<()> {
     eprintln!(
         "{}: {} trainable parameters; {} training / {} validation samples",
         run.farcer.kind.label(),
-        run.farcer.projection.num_params()
-            + run
-                .farcer
-                .llm
-                .model
-                .lora_vars()
-                .iter()
-                .map(|(_, v)| v.elem_count())
-                .sum::<usize>(),
-        run.data.train.samples(Scope::Last).len(),
-        run.data.val.samples(Scope::Last).len()
+        run.farcer
+            .projection_vars()
+            .iter()
+            .chain(run.farcer.llm.model.lora_vars().iter())
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>(),
+        run.data.train.samples(cfg.train_scope).len(),
+        run.data.val.samples(cfg.val_scope).len()
     );
     let obs = TrainBars {
         bar: bar("training"),
@@ -999,12 +1008,12 @@ fn load_predictor(
         Some(ck) => {
             let (mut f, enc, m) =
                 pipeline::load_checkpoint(ck, device, a.llm.as_deref(), a.vision.as_deref(), &log)?;
-            let failed = pipeline::attach_images(&mut f, &enc, spec, datasets, &|_, _| {})?;
+            let failed = pipeline::attach_images(&mut f, enc.as_ref(), spec, datasets, &|_, _| {})?;
             report_failed(&failed);
             let (prompt, labels) = (m.prompt.clone(), m.labels.clone());
             let engine = Engine::Farcer {
                 model: Box::new(f),
-                vision: Box::new(enc),
+                vision: enc.map(Box::new),
             };
             (engine, prompt, labels)
         }
@@ -1190,7 +1199,10 @@ fn demo(a: DemoArgs) -> Result<()> {
     }
     println!(
         "\nTraining base FARCER (one linear layer, {} parameters; LLM and ViT frozen) on {} demo dialogues, {} epochs:",
-        run.farcer.projection.num_params(),
+        run.farcer
+            .projection
+            .as_ref()
+            .map_or(0, |p| p.num_params()),
         run.data.train.samples(Scope::Last).len(),
         cfg.optim.epochs
     );
@@ -1212,7 +1224,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     let (mut f, enc, m) =
         pipeline::load_checkpoint(&s.best_dir, &device, Some(&llm_path), Some(&vision), &log)?;
     let mut test = spec.load("test", a.model.seed)?;
-    pipeline::attach_images(&mut f, &enc, &spec, &mut [&mut test], &|_, _| {})?;
+    pipeline::attach_images(&mut f, enc.as_ref(), &spec, &mut [&mut test], &|_, _| {})?;
     let name = pipeline::row_name(m.kind, a.shots, false);
     let far = evaluate_and_write(
         &f as &Farcer,
@@ -1509,7 +1521,11 @@ fn adapter(a: AdapterCmd) -> Result<()> {
             for f in ["adapter_config.json", "adapter_model.safetensors"] {
                 std::fs::copy(d.join(f), out.join(f)).with_context(|| format!("copying {f}"))?;
             }
-            println!("wrote {} (PEFT layout: load with PeftModel.from_pretrained on a model with `lm` and `mp`, as the authors' FarcerModel)", out.display());
+            if m.kind.takes_images() {
+                println!("wrote {} (PEFT layout: load with PeftModel.from_pretrained on a model with `lm` and `mp`, as the authors' FarcerModel)", out.display());
+            } else {
+                println!("wrote {} (a plain PEFT adapter of {}: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<the LLM>), \"{}\") loads it as it is)", out.display(), m.llm, out.display());
+            }
         }
         AdapterCmd::Import {
             adapter,
