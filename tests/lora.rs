@@ -262,3 +262,89 @@ fn fused_layers_with_adapters_match_the_op_by_op_path() {
         .count();
     assert_eq!(nonzero, vars.len(), "every adapter weight gets a gradient");
 }
+
+/// The seven decoder projections PEFT can adapt.
+const ALL_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// A text-only adapter (as `kind = "text-lora"` saves it) on every decoder projection.
+fn text_adapter() -> (farcer::model::Llm, LoraConfig) {
+    let mut llm = tiny();
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.05,
+        target_modules: ALL_MODULES.iter().map(|s| s.to_string()).collect(),
+    };
+    llm.model.add_lora(&cfg, 11).unwrap();
+    randomise_b(&llm, 12);
+    (llm, cfg)
+}
+
+/// Writes the text-only farcer -> PEFT fixture (run once, then
+/// `tools/make_fixtures.py peft-text`).
+#[test]
+#[ignore]
+fn write_text_lora_adapter() {
+    let (llm, cfg) = text_adapter();
+    let dir = fixture("peft-text-lora");
+    std::fs::create_dir_all(&dir).unwrap();
+    save_peft(
+        &dir,
+        &cfg,
+        &llm.model.lora_vars(),
+        None,
+        "tests/fixtures/tiny-llama",
+    )
+    .unwrap();
+}
+
+/// text-lora -> PEFT -> farcer, on every projection: PEFT loaded the plain adapter farcer
+/// writes onto `AutoModelForCausalLM` as it is (recorded by the tools script) and gives
+/// farcer's logits (f32, 1e-4); farcer still writes that adapter to the bit, and reading
+/// it back gives the same logits (1e-5).
+#[test]
+fn peft_loads_the_plain_adapter_farcer_writes_on_every_projection() {
+    let (llm, cfg) = text_adapter();
+    let tmp = std::env::temp_dir().join(format!("farcer-peft-text-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    save_peft(
+        &tmp,
+        &cfg,
+        &llm.model.lora_vars(),
+        None,
+        "tests/fixtures/tiny-llama",
+    )
+    .unwrap();
+    let ours = candle_core::safetensors::load(tmp.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let committed = candle_core::safetensors::load(
+        fixture("peft-text-lora/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(ours.len(), 2 * 7 * 2);
+    assert_eq!(ours.len(), committed.len());
+    for (k, v) in &ours {
+        assert!(k.starts_with("base_model.model.model.layers."), "{k}");
+        assert_eq!(max_abs_diff(v, &committed[k]), 0.0, "{k}");
+    }
+    let want = logits(&llm, &PEFT_IDS());
+    let peft = load_safetensors("peft-text-lora-peft-outputs.safetensors");
+    let d = max_abs_diff(&want, &peft["logits"]);
+    assert!(d <= 1e-4, "farcer's logits differ from PEFT's by {d}");
+    let mut back = tiny();
+    let (read, saved) = load_peft(&fixture("peft-text-lora"), &mut back.model).unwrap();
+    assert!(saved.is_empty(), "a text-only adapter saves no projection");
+    assert_eq!(read.target_modules, cfg.target_modules);
+    let d = max_abs_diff(&logits(&back, &PEFT_IDS()), &want);
+    assert!(d <= 1e-5, "read back: {d}");
+    std::fs::remove_dir_all(tmp).unwrap();
+}

@@ -354,14 +354,33 @@ def peft(args):
         print("peft: loaded farcer's adapter and recorded its outputs")
 
 
+def peft_text(args):
+    """farcer -> PEFT for a text-only fine-tuned model (`kind = "text-lora"`): load the
+    plain adapter that `cargo test --release --test lora -- --ignored write_text_lora_adapter`
+    writes to tests/fixtures/peft-text-lora/ (LoRA on all seven decoder projections) onto
+    the tiny Llama with PeftModel.from_pretrained, as it is, and record its logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(FIX, "tiny-llama"), dtype=torch.float32).eval()
+    loaded = PeftModel.from_pretrained(base, os.path.join(FIX, "peft-text-lora")).eval()
+    ids = torch.tensor([PEFT_IDS])
+    with torch.no_grad():
+        logits = loaded(ids).logits[0]
+    save_file({"logits": logits.contiguous()}, os.path.join(FIX, "peft-text-lora-peft-outputs.safetensors"))
+    print("peft-text: loaded farcer's text-only adapter and recorded its logits")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["tiny-llama", "smollm2", "templates", "metrics", "vit", "peft", "all"])
+    ap.add_argument("what", choices=["tiny-llama", "smollm2", "templates", "metrics", "vit", "peft", "peft-text", "all"])
     ap.add_argument("--gguf", default=os.path.expanduser("~/.cache/farcer/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
     args = ap.parse_args()
     os.makedirs(FIX, exist_ok=True)
     steps = {"tiny-llama": [tiny_llama], "smollm2": [smollm2_tokens, smollm2], "templates": [templates],
-             "metrics": [metrics], "vit": [vit], "peft": [peft]}
+             "metrics": [metrics], "vit": [vit], "peft": [peft], "peft-text": [peft_text]}
     todo = [f for k in (steps if args.what == "all" else [args.what]) for f in steps[k]]
     for f in todo:
         f(args)
