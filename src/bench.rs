@@ -446,6 +446,7 @@ pub fn run_case(
                 limit: Some(n),
                 max_tokens: None,
                 past_source: Default::default(),
+                image_control: Default::default(),
             };
             timed(
                 &format!(

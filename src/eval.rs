@@ -123,6 +123,70 @@ pub struct EvalOptions {
     /// With past labels: gold, or the model's own earlier predictions.
     #[serde(default)]
     pub past_source: PastSource,
+    /// Real images, or the shuffled-image control.
+    #[serde(default)]
+    pub image_control: ImageControl,
+}
+
+/// A control for what the images add. A projection trained with images can raise scores
+/// even when the images carry nothing (it acts as a trainable soft prompt), so the score
+/// with real images means little alone: `shuffle` gives every image slot the image of
+/// another utterance drawn at random (seeded) from the same split, and only the
+/// difference from the real images is what the faces add.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageControl {
+    #[default]
+    None,
+    Shuffle,
+}
+
+impl std::fmt::Display for ImageControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageControl::None => "none",
+            ImageControl::Shuffle => "shuffle",
+        })
+    }
+}
+
+impl std::str::FromStr for ImageControl {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(ImageControl::None),
+            "shuffle" => Ok(ImageControl::Shuffle),
+            other => Err(format!("`{other}`: the image control is none or shuffle")),
+        }
+    }
+}
+
+/// `data` with every utterance's image replaced by the image of another utterance of the
+/// split, drawn at random (seeded by the split's name, so the control is repeatable).
+/// Utterances without an image stay without one.
+pub fn shuffle_images(data: &Dataset) -> Dataset {
+    let pool: Vec<PathBuf> = data.image_paths().cloned().collect();
+    let mut rng = crate::util::Rng::derive(0, &format!("image-control:{}", data.split));
+    let mut out = data.clone();
+    let distinct: std::collections::HashSet<&PathBuf> = pool.iter().collect();
+    if distinct.len() < 2 {
+        return out;
+    }
+    for u in out
+        .dialogues
+        .iter_mut()
+        .flat_map(|d| d.utterances.iter_mut())
+    {
+        let Some(own) = &u.image else { continue };
+        loop {
+            let pick = &pool[rng.below(pool.len())];
+            if pick != own {
+                u.image = Some(pick.clone());
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// One prediction, as written to `predictions.jsonl`.
@@ -371,6 +435,14 @@ pub fn evaluate_journaled(
     mut journal: Option<&mut Journal>,
     progress: &dyn Fn(usize, usize),
 ) -> Result<EvalResult> {
+    let shuffled;
+    let data = match opts.image_control {
+        ImageControl::None => data,
+        ImageControl::Shuffle => {
+            shuffled = shuffle_images(data);
+            &shuffled
+        }
+    };
     let llm = b.llm();
     let start = Instant::now();
     let cands = LabelTokens::new(llm, &data.labels)?;
@@ -486,4 +558,59 @@ pub fn evaluate_journaled(
         seconds: start.elapsed().as_secs_f64(),
         samples: samples_done,
     })
+}
+
+#[cfg(test)]
+mod control_tests {
+    use super::*;
+    use crate::data::{Dialogue, Utterance};
+
+    /// The control swaps every image for another utterance's of the same split, the same
+    /// way every time; utterances without an image stay without one.
+    #[test]
+    fn shuffled_images_come_from_other_utterances_and_repeat() {
+        let dialogues = (0..20)
+            .map(|i| Dialogue {
+                id: i.to_string(),
+                utterances: (0..3)
+                    .map(|j| {
+                        let mut u = Utterance::new(j.to_string(), "A", "x");
+                        if j != 1 {
+                            u.image = Some(PathBuf::from(format!("{i}-{j}.png")));
+                        }
+                        u
+                    })
+                    .collect(),
+            })
+            .collect();
+        let d = Dataset {
+            corpus: "t".into(),
+            split: "test".into(),
+            labels: vec!["a".into()],
+            dialogues,
+            max_context: None,
+        };
+        let s = shuffle_images(&d);
+        assert_eq!(s.dialogues, shuffle_images(&d).dialogues, "seeded");
+        let mut moved = std::collections::HashSet::new();
+        for (a, b) in d.dialogues.iter().zip(&s.dialogues) {
+            for (u, v) in a.utterances.iter().zip(&b.utterances) {
+                assert_eq!(u.image.is_some(), v.image.is_some());
+                if let (Some(x), Some(y)) = (&u.image, &v.image) {
+                    assert_ne!(x, y, "an image is never its own control");
+                    moved.insert(y.clone());
+                }
+                assert_eq!((&u.text, &u.label), (&v.text, &v.label));
+            }
+        }
+        assert!(moved.len() > 15, "drawn across the split: {}", moved.len());
+        let mut one = d.clone();
+        one.dialogues.truncate(1);
+        one.dialogues[0].utterances[2].image = one.dialogues[0].utterances[0].image.clone();
+        assert_eq!(
+            shuffle_images(&one).dialogues,
+            one.dialogues,
+            "one distinct image: unchanged"
+        );
+    }
 }

@@ -10,6 +10,7 @@
 use crate::data::Scope;
 use crate::decode::Decode;
 use crate::error::{Error, IoContext, Result};
+use crate::eval::ImageControl;
 use crate::farcer::Kind;
 use crate::report::Report;
 use crate::train::TrainConfig;
@@ -79,6 +80,10 @@ pub struct GridConfig {
     pub limit: usize,
     #[serde(default = "default_device")]
     pub device: String,
+    /// The shuffled-image control for every row that takes images (default `shuffle`):
+    /// the table gets its weighted F1 beside the real images'.
+    #[serde(default = "default_control")]
+    pub image_control: ImageControl,
     /// Per-kind training settings applied to every trained run.
     #[serde(default)]
     pub train: GridTrain,
@@ -103,6 +108,9 @@ pub struct GridTrain {
     pub lr: BTreeMap<String, f64>,
 }
 
+fn default_control() -> ImageControl {
+    ImageControl::Shuffle
+}
 fn default_llm() -> String {
     "default".into()
 }
@@ -174,6 +182,17 @@ impl GridRun {
         self.dir.join(format!("{split}-{scope}"))
     }
 
+    /// Where its shuffled-image control goes.
+    pub fn control_dir(&self, split: &str, scope: Scope) -> PathBuf {
+        self.dir.join(format!("{split}-{scope}-shuffled-images"))
+    }
+
+    /// Whether this cell runs the shuffled-image control.
+    pub fn has_control(&self, g: &GridConfig) -> bool {
+        g.image_control == ImageControl::Shuffle
+            && self.model.kind().is_some_and(|k| k.takes_images())
+    }
+
     /// The training config of this cell.
     pub fn train_config(&self, g: &GridConfig) -> Option<TrainConfig> {
         let kind = self.model.kind()?;
@@ -243,6 +262,9 @@ pub struct TableRow {
     pub per_label: Vec<(String, f64, f64)>,
     pub accuracy: (f64, f64),
     pub weighted_f1: (f64, f64),
+    /// Weighted F1 of the shuffled-image control, where it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_weighted_f1: Option<(f64, f64)>,
     pub n: usize,
     pub dirs: Vec<PathBuf>,
 }
@@ -284,7 +306,9 @@ pub fn find_reports(dir: &Path) -> Result<Vec<(PathBuf, Report)>> {
 
 fn row_order(name: &str) -> (usize, bool, usize, String) {
     let l = name.to_lowercase();
-    let model = if l.contains("text-only") {
+    let model = if l.starts_with("text-only fine-tuned") {
+        4
+    } else if l.contains("text-only") {
         0
     } else if l.starts_with("base") {
         1
@@ -293,7 +317,7 @@ fn row_order(name: &str) -> (usize, bool, usize, String) {
     } else if l.starts_with("fine") {
         3
     } else {
-        4
+        5
     };
     let shots = l
         .split(" - ")
@@ -313,7 +337,19 @@ type Rows<'a> = BTreeMap<String, Vec<(PathBuf, &'a Report)>>;
 /// are averaged: mean and standard deviation).
 pub fn gather(reports: &[(PathBuf, Report)]) -> Vec<TableSection> {
     let mut sections: BTreeMap<SectionKey, Rows> = BTreeMap::new();
+    // Controls are not rows of their own: they go beside the row they control.
+    let mut controls: BTreeMap<(SectionKey, String), Vec<f64>> = BTreeMap::new();
     for (dir, r) in reports {
+        if r.image_control.is_some() {
+            controls
+                .entry((
+                    (r.data.clone(), r.split.clone(), r.scope.clone()),
+                    r.name.clone(),
+                ))
+                .or_default()
+                .push(r.weighted_f1);
+            continue;
+        }
         sections
             .entry((r.data.clone(), r.split.clone(), r.scope.clone()))
             .or_default()
@@ -322,7 +358,13 @@ pub fn gather(reports: &[(PathBuf, Report)]) -> Vec<TableSection> {
             .push((dir.clone(), r));
     }
     let mut out = Vec::new();
-    for ((data, split, scope), rows) in sections {
+    for (key, rows) in sections {
+        let control = |name: &str| {
+            controls
+                .get(&(key.clone(), name.to_string()))
+                .map(|v| crate::util::mean_std(v))
+        };
+        let (data, split, scope) = key.clone();
         let labels = rows
             .values()
             .next()
@@ -342,6 +384,7 @@ pub fn gather(reports: &[(PathBuf, Report)]) -> Vec<TableSection> {
                     })
                     .collect();
                 TableRow {
+                    control_weighted_f1: control(&name),
                     name,
                     runs: rs.len(),
                     per_label,
@@ -379,13 +422,20 @@ fn cell(m: f64, s: f64, runs: usize, best: bool) -> String {
 
 /// The table as markdown: one section per data / split / scope, best per column bold.
 pub fn markdown(sections: &[TableSection]) -> String {
-    let mut s = String::from("# Results (Table IV layout)\n\nPer-label F1, accuracy and weighted F1 in percent; the best of each column in bold; with several seeds, mean ± standard deviation.\n");
+    let mut s = String::from("# Results (Table IV layout)\n\nPer-label F1, accuracy and weighted F1 in percent; the best of each column in bold; with several seeds, mean ± standard deviation. Rows that take images also show the weighted F1 of the control in which every image is swapped for that of another utterance drawn at random: only the difference is what the images add.\n");
     for sec in sections {
         s.push_str(&format!(
             "\n## {} — split `{}`, scope `{}`\n\n",
             sec.data, sec.split, sec.scope
         ));
-        s.push_str(&crate::report::table_header(&sec.labels));
+        let with_control = sec.rows.iter().any(|r| r.control_weighted_f1.is_some());
+        let header = crate::report::table_header(&sec.labels);
+        if with_control {
+            let (h, sep) = header.split_once('\n').expect("two lines");
+            s.push_str(&format!("{h} w-F1, shuffled images |\n{sep}---:|"));
+        } else {
+            s.push_str(&header);
+        }
         s.push('\n');
         // The best of a column; a column where nobody scores gets no bold.
         let best = |f: &dyn Fn(&TableRow) -> f64| {
@@ -432,6 +482,13 @@ pub fn markdown(sections: &[TableSection]) -> String {
                     r.weighted_f1.0 >= best_f1 && sec.rows.len() > 1
                 )
             ));
+            if with_control {
+                line.pop();
+                line.push_str(&match r.control_weighted_f1 {
+                    Some((m, sd)) => format!(" {} |\n", cell(m, sd, r.runs, false)),
+                    None => " |\n".to_string(),
+                });
+            }
             s.push_str(&line);
         }
         s.push_str("\nConfusion matrices: ");
@@ -469,6 +526,50 @@ pub fn write_report(dir: &Path) -> Result<(String, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report(name: &str, wf1: f64, control: bool) -> Report {
+        serde_json::from_value(serde_json::json!({
+            "farcer_version": "t", "name": name, "model": {}, "data": "meld:x", "split": "test",
+            "scope": "last", "decode": "constrained", "shots": 3, "past_labels": false,
+            "images": true, "prompt_sets": [0], "labels": ["a", "b"], "n": 10,
+            "accuracy": wf1, "weighted_f1": wf1, "macro_f1": wf1, "invalid": 0,
+            "invalid_rate": 0.0, "per_label": {}, "confusion": {"labels": ["a", "b"], "matrix": []},
+            "per_set": [], "truncated": 0, "seconds": 1.0, "seconds_per_sample": 0.1,
+            "image_control": if control { Some("shuffle") } else { None },
+        }))
+        .unwrap()
+    }
+
+    /// A shuffled-image control is no row of its own: its weighted F1 stands in the
+    /// column beside the row it controls; rows without one leave the cell empty.
+    #[test]
+    fn controls_go_beside_their_rows() {
+        let reports = vec![
+            (
+                PathBuf::from("b"),
+                report("Base FARCER - 3 shot", 50.0, false),
+            ),
+            (
+                PathBuf::from("b-c"),
+                report("Base FARCER - 3 shot", 41.5, true),
+            ),
+            (
+                PathBuf::from("t"),
+                report("Text-only x - 3 shot", 30.0, false),
+            ),
+        ];
+        let sections = gather(&reports);
+        assert_eq!(sections.len(), 1);
+        let rows = &sections[0].rows;
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].name, "Text-only x - 3 shot");
+        assert_eq!(rows[0].control_weighted_f1, None);
+        assert_eq!(rows[1].control_weighted_f1, Some((41.5, 0.0)));
+        let md = markdown(&sections);
+        assert!(md.contains("| w-F1, shuffled images |"), "{md}");
+        assert!(md.contains("| **50.00** | 41.50 |"), "{md}");
+        assert!(md.contains("| 30.00 | |"), "{md}");
+    }
 
     #[test]
     fn grid_expands_in_table_order_and_configures_runs() {

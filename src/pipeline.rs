@@ -530,6 +530,7 @@ pub fn evaluate_to(
         images: opts.prompt.images,
         labels: &data.labels,
         extra: serde_json::json!({"limit": opts.limit, "max_tokens": opts.max_tokens, "past_source": opts.past_source}),
+        image_control: opts.image_control,
     };
     let rep = crate::report::build(info, &result);
     crate::report::write_all(out, &rep, &result.predictions)?;
@@ -573,12 +574,12 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
     let runs = crate::grid::expand(g, out);
     let log = |m: &str| p.message(m);
     for (i, r) in runs.iter().enumerate() {
-        let todo: Vec<Scope> = g
-            .scopes
-            .iter()
-            .copied()
-            .filter(|s| !r.eval_dir(&g.split, *s).join("report.json").is_file())
-            .collect();
+        let control = r.has_control(g);
+        let done = |s: Scope| {
+            r.eval_dir(&g.split, s).join("report.json").is_file()
+                && (!control || r.control_dir(&g.split, s).join("report.json").is_file())
+        };
+        let todo: Vec<Scope> = g.scopes.iter().copied().filter(|s| !done(*s)).collect();
         if todo.is_empty() {
             p.message(&format!("[{}/{}] {}: done", i + 1, runs.len(), r.name()));
             continue;
@@ -598,6 +599,7 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
             limit: (g.limit > 0).then_some(g.limit),
             max_tokens: None,
             past_source: Default::default(),
+            image_control: Default::default(),
         };
         match r.train_config(g) {
             None => {
@@ -657,18 +659,29 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
                 let name = row_name(m.kind, r.shots, r.past_labels);
                 for s in todo {
                     let extra = serde_json::json!({"checkpoint": r.dir.join("best"), "seed": r.seed, "epoch": m.epoch});
-                    evaluate_to(
-                        &f,
-                        name.clone(),
-                        &spec,
-                        &data,
-                        pool.as_ref(),
-                        &opts(s, true),
-                        extra,
-                        &r.eval_dir(&g.split, s),
-                        true,
-                        &|d, t| p.progress("eval", d, t),
-                    )?;
+                    let real = opts(s, m.prompt.images);
+                    let mut runs = vec![(real.clone(), r.eval_dir(&g.split, s))];
+                    if control {
+                        let shuffled = crate::eval::EvalOptions {
+                            image_control: crate::eval::ImageControl::Shuffle,
+                            ..real
+                        };
+                        runs.push((shuffled, r.control_dir(&g.split, s)));
+                    }
+                    for (o, dir) in runs {
+                        evaluate_to(
+                            &f,
+                            name.clone(),
+                            &spec,
+                            &data,
+                            pool.as_ref(),
+                            &o,
+                            extra.clone(),
+                            &dir,
+                            true,
+                            &|d, t| p.progress("eval", d, t),
+                        )?;
+                    }
                 }
             }
         }
@@ -810,6 +823,7 @@ pub fn majority_baseline(
         images: false,
         labels: &data.labels,
         extra: serde_json::json!({}),
+        image_control: Default::default(),
     };
     let rep = crate::report::build(info, &result);
     crate::report::write_all(out, &rep, &result.predictions)?;

@@ -48,6 +48,9 @@ pub struct Report {
     /// Anything else worth keeping (seed, device, ...).
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// `shuffle` for the shuffled-image control (see [`crate::eval::ImageControl`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_control: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,6 +85,7 @@ pub struct RunInfo<'a> {
     pub images: bool,
     pub labels: &'a [String],
     pub extra: serde_json::Value,
+    pub image_control: crate::eval::ImageControl,
 }
 
 pub fn build(info: RunInfo, r: &EvalResult) -> Report {
@@ -173,6 +177,8 @@ pub fn build(info: RunInfo, r: &EvalResult) -> Report {
             0.0
         },
         extra: info.extra,
+        image_control: (info.image_control != crate::eval::ImageControl::None)
+            .then(|| info.image_control.to_string()),
     }
 }
 
@@ -279,6 +285,43 @@ pub fn terminal_table(r: &Report) -> String {
 
 /// Writes `predictions.jsonl`, `report.md`, `confusion.png` and, last, `report.json` to
 /// `out`: each file atomically, so a folder with `report.json` is complete.
+/// Real images beside the shuffled-image control: `control.json` and `control.md` in
+/// `out` (the real evaluation's folder), and the markdown.
+pub fn write_control(out: &Path, real: &Report, control: &Report) -> Result<String> {
+    let diff = |a: f64, b: f64| a - b;
+    let json = serde_json::json!({
+        "name": real.name,
+        "split": real.split,
+        "scope": real.scope,
+        "real": {"weighted_f1": real.weighted_f1, "accuracy": real.accuracy, "macro_f1": real.macro_f1},
+        "shuffled": {"weighted_f1": control.weighted_f1, "accuracy": control.accuracy, "macro_f1": control.macro_f1},
+        "images_add": {
+            "weighted_f1": diff(real.weighted_f1, control.weighted_f1),
+            "accuracy": diff(real.accuracy, control.accuracy),
+            "macro_f1": diff(real.macro_f1, control.macro_f1),
+        },
+    });
+    let md = format!(
+        "# What the images add: {}\n\nSplit `{}`, scope `{}`, {} samples. The control gives every image slot the image of another utterance of the split, drawn at random; only the difference is what the images add.\n\n| images | weighted F1 | accuracy | macro F1 |\n|---|---:|---:|---:|\n| real | {:.2} | {:.2} | {:.2} |\n| shuffled | {:.2} | {:.2} | {:.2} |\n| **real - shuffled** | **{:+.2}** | **{:+.2}** | **{:+.2}** |\n",
+        real.name,
+        real.split,
+        real.scope,
+        real.n,
+        real.weighted_f1,
+        real.accuracy,
+        real.macro_f1,
+        control.weighted_f1,
+        control.accuracy,
+        control.macro_f1,
+        diff(real.weighted_f1, control.weighted_f1),
+        diff(real.accuracy, control.accuracy),
+        diff(real.macro_f1, control.macro_f1),
+    );
+    write_json_atomic(&out.join("control.json"), &json)?;
+    write_atomic(&out.join("control.md"), md.as_bytes())?;
+    Ok(md)
+}
+
 pub fn write_all(out: &Path, r: &Report, predictions: &[PredictionRecord]) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
     let mut lines = String::new();

@@ -962,6 +962,7 @@ pub fn train(
             limit: (cfg.run.limit_val > 0).then_some(cfg.run.limit_val),
             max_tokens,
             past_source: Default::default(),
+            image_control: Default::default(),
         };
         let vr = eval::evaluate(f, &data.val, data.pool.as_ref(), &vopts, &|d, t| {
             obs.validation(epoch, d, t)

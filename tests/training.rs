@@ -354,10 +354,20 @@ fn projection_learns_labels_only_the_images_show() {
         limit: None,
         max_tokens: None,
         past_source: Default::default(),
+        image_control: Default::default(),
     };
     let r = eval::evaluate(&g, &test, None, &opts, &|_, _| {}).unwrap();
     let acc = r.sets[0].scores.accuracy;
     assert!(acc >= 90.0, "accuracy with images {acc}");
+    // The shuffled-image control: every image is another dialogue's, so the labels it
+    // shows are those of random dialogues and accuracy falls to chance.
+    let shuffled = EvalOptions {
+        image_control: eval::ImageControl::Shuffle,
+        ..opts.clone()
+    };
+    let r = eval::evaluate(&g, &test, None, &shuffled, &|_, _| {}).unwrap();
+    let acc_c = r.sets[0].scores.accuracy;
+    assert!(acc_c <= 45.0, "accuracy with shuffled images {acc_c}");
     // The same model without images: nothing tells the labels apart.
     g.vectors.clear();
     let r = eval::evaluate(&g, &test, None, &opts, &|_, _| {}).unwrap();
@@ -647,6 +657,7 @@ fn lora_training_reaches_at_least_the_base_score() {
         limit: None,
         max_tokens: None,
         past_source: Default::default(),
+        image_control: Default::default(),
     };
     let score = |kind: &str, lora: &str| -> f64 {
         let cfg = farcer::train::TrainConfig::from_toml(
@@ -951,6 +962,7 @@ fn text_lora_trains_and_saves_a_plain_peft_adapter() {
         limit: None,
         max_tokens: None,
         past_source: Default::default(),
+        image_control: Default::default(),
     };
     let a = eval::evaluate(&f, &val, None, &opts, &|_, _| {}).unwrap();
     let b = eval::evaluate(&g, &val, None, &opts, &|_, _| {}).unwrap();

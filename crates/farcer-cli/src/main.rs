@@ -304,6 +304,11 @@ struct EvalArgs {
     /// Fold LoRA adapters into the weights before evaluating (same results, faster).
     #[arg(long)]
     merge_lora: bool,
+    /// `shuffle`: after the evaluation with real images, run it again with every image
+    /// swapped for that of another utterance of the split (into --out/shuffled-images) and
+    /// write both side by side (control.md): only the difference is what the images add.
+    #[arg(long, default_value_t = eval::ImageControl::None)]
+    image_control: eval::ImageControl,
     /// Evaluate the first N samples only.
     #[arg(long)]
     limit: Option<usize>,
@@ -581,6 +586,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 limit: a.limit,
                 max_tokens: a.max_tokens,
                 past_source: a.past_labels_from,
+                image_control: Default::default(),
             };
             let pool = pipeline::pool_for(&spec, shots, a.model.seed)?;
             let name = format!(
@@ -634,7 +640,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             let prompt = PromptConfig {
                 shots,
                 past_labels: a.past_labels || m.prompt.past_labels,
-                images: true,
+                images: m.prompt.images,
             };
             let opts = EvalOptions {
                 scope: a.scope,
@@ -644,21 +650,49 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 limit: a.limit,
                 max_tokens: a.max_tokens,
                 past_source: a.past_labels_from,
+                image_control: Default::default(),
             };
             let pool = pipeline::pool_for(&spec, shots, a.model.seed)?;
             let name = pipeline::row_name(m.kind, shots, prompt.past_labels);
             let extra = serde_json::json!({"checkpoint": ck, "vision": enc.as_ref().map(|e| e.name.clone()), "epoch": m.epoch});
-            evaluate_and_write(
+            let rep = evaluate_and_write(
                 &f,
-                name,
+                name.clone(),
                 &spec,
                 &data,
                 pool.as_ref(),
                 &opts,
-                extra,
+                extra.clone(),
                 &a.out,
                 a.resume,
-            )?
+            )?;
+            if a.image_control == eval::ImageControl::Shuffle {
+                if !m.kind.takes_images() {
+                    bail!(
+                        "--image-control shuffle: a {} checkpoint takes no images",
+                        m.kind.label()
+                    );
+                }
+                let control = evaluate_and_write(
+                    &f,
+                    name,
+                    &spec,
+                    &data,
+                    pool.as_ref(),
+                    &EvalOptions {
+                        image_control: a.image_control,
+                        ..opts
+                    },
+                    extra,
+                    &a.out.join("shuffled-images"),
+                    a.resume,
+                )?;
+                println!("{}", report::terminal_table(&rep));
+                println!("{}", report::write_control(&a.out, &rep, &control)?);
+                println!("wrote {}", a.out.display());
+                return Ok(());
+            }
+            rep
         }
     };
     println!("{}", report::terminal_table(&rep));
@@ -1151,6 +1185,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         limit: None,
         max_tokens: None,
         past_source: Default::default(),
+        image_control: Default::default(),
     };
     let name = format!("Text-only {} - {} shot", llm_short_name(&llm_path), a.shots);
     let text = evaluate_and_write(
