@@ -156,52 +156,90 @@ pub fn line_chart(
     y_label: &str,
     series: &[Series],
 ) -> Result<()> {
-    let (w, h) = (900i64, 560i64);
-    let (left, right, top, bottom) = (90i64, 30i64, 60i64, 70i64);
-    let mut c = Canvas::new(w as u32, h as u32);
-    c.text(12, 12, title, 2, BLACK);
-    let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.2.iter().copied()).collect();
-    if pts.is_empty() {
-        return c.save(path);
-    }
-    let xmax = pts.iter().map(|p| p.0).fold(f64::MIN, f64::max).max(1e-9);
-    let ymax = pts.iter().map(|p| p.1).fold(f64::MIN, f64::max).max(1e-9) * 1.1;
-    let px = |x: f64| left + ((x / xmax) * (w - left - right) as f64) as i64;
-    let py = |y: f64| h - bottom - ((y / ymax) * (h - top - bottom) as f64) as i64;
-    c.line(left, h - bottom, w - right, h - bottom, BLACK, 2);
-    c.line(left, top, left, h - bottom, BLACK, 2);
-    for k in 0..=4 {
-        let yv = ymax * k as f64 / 4.0;
-        let y = py(yv);
-        c.line(left, y, w - right, y, GREY, 1);
-        c.text(8, y - 4, &format!("{yv:.2}"), 1, BLACK);
-        let xv = xmax * k as f64 / 4.0;
-        c.text(px(xv) - 8, h - bottom + 8, &format!("{xv:.0}"), 1, BLACK);
-    }
-    c.text(
-        w / 2 - Canvas::text_width(x_label, 1) / 2,
-        h - 30,
-        x_label,
-        1,
-        BLACK,
-    );
-    c.text(8, top - 20, y_label, 1, BLACK);
-    for (k, (name, col, p)) in series.iter().enumerate() {
-        for win in p.windows(2) {
-            c.line(
-                px(win[0].0),
-                py(win[0].1),
-                px(win[1].0),
-                py(win[1].1),
-                *col,
-                3,
-            );
-        }
-        for &(x, y) in p {
-            c.rect(px(x) - 3, py(y) - 3, 7, 7, *col);
-        }
-        c.rect(left + 20, top + 10 + 18 * k as i64, 14, 10, *col);
-        c.text(left + 40, top + 11 + 18 * k as i64, name, 1, BLACK);
-    }
+    let mut c = Canvas::new(900, 560);
+    c.chart((0, 0, 900, 560), title, x_label, y_label, series);
     c.save(path)
+}
+
+/// A run's learning curves: training loss (left) and validation weighted F1 (right) per
+/// epoch, from `(epoch (1-based), train loss, validation weighted F1)`.
+pub fn curves_png(path: &Path, title: &str, epochs: &[(f64, f64, f64)]) -> Result<()> {
+    let mut c = Canvas::new(1400, 560);
+    let loss: Vec<(f64, f64)> = epochs.iter().map(|e| (e.0, e.1)).collect();
+    let f1: Vec<(f64, f64)> = epochs.iter().map(|e| (e.0, e.2)).collect();
+    c.chart(
+        (0, 0, 700, 560),
+        &format!("{title}: training loss"),
+        "epoch",
+        "loss per target",
+        &[("train loss".into(), Rgb([200, 60, 40]), loss)],
+    );
+    c.chart(
+        (700, 0, 700, 560),
+        "validation weighted F1",
+        "epoch",
+        "weighted F1 (%)",
+        &[("validation".into(), Rgb([40, 90, 200]), f1)],
+    );
+    c.save(path)
+}
+
+impl Canvas {
+    /// Draws a line chart into the box `(x, y, w, h)`.
+    fn chart(
+        &mut self,
+        (ox, oy, w, h): (i64, i64, i64, i64),
+        title: &str,
+        x_label: &str,
+        y_label: &str,
+        series: &[Series],
+    ) {
+        let c = self;
+        let (left, right, top, bottom) = (ox + 90, 30i64, oy + 60, 70i64);
+        c.text(ox + 12, oy + 12, title, 2, BLACK);
+        let pts: Vec<(f64, f64)> = series.iter().flat_map(|s| s.2.iter().copied()).collect();
+        if pts.is_empty() {
+            return;
+        }
+        let (x_end, y_end) = (ox + w - right, oy + h - bottom);
+        let xmax = pts.iter().map(|p| p.0).fold(f64::MIN, f64::max).max(1e-9);
+        let ymax = pts.iter().map(|p| p.1).fold(f64::MIN, f64::max).max(1e-9) * 1.1;
+        let px = |x: f64| left + ((x / xmax) * (x_end - left) as f64) as i64;
+        let py = |y: f64| y_end - ((y / ymax) * (y_end - top) as f64) as i64;
+        c.line(left, y_end, x_end, y_end, BLACK, 2);
+        c.line(left, top, left, y_end, BLACK, 2);
+        for k in 0..=4 {
+            let yv = ymax * k as f64 / 4.0;
+            let y = py(yv);
+            c.line(left, y, x_end, y, GREY, 1);
+            c.text(ox + 8, y - 4, &format!("{yv:.2}"), 1, BLACK);
+            let xv = xmax * k as f64 / 4.0;
+            c.text(px(xv) - 8, y_end + 8, &format!("{xv:.0}"), 1, BLACK);
+        }
+        c.text(
+            ox + w / 2 - Canvas::text_width(x_label, 1) / 2,
+            oy + h - 30,
+            x_label,
+            1,
+            BLACK,
+        );
+        c.text(ox + 8, top - 20, y_label, 1, BLACK);
+        for (k, (name, col, p)) in series.iter().enumerate() {
+            for win in p.windows(2) {
+                c.line(
+                    px(win[0].0),
+                    py(win[0].1),
+                    px(win[1].0),
+                    py(win[1].1),
+                    *col,
+                    3,
+                );
+            }
+            for &(x, y) in p {
+                c.rect(px(x) - 3, py(y) - 3, 7, 7, *col);
+            }
+            c.rect(left + 20, top + 10 + 18 * k as i64, 14, 10, *col);
+            c.text(left + 40, top + 11 + 18 * k as i64, name, 1, BLACK);
+        }
+    }
 }

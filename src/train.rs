@@ -564,8 +564,51 @@ pub fn dialogue_loss(
     mut train: Option<&mut Dropout>,
 ) -> Result<(Tensor, usize)> {
     let utts = &ds.dialogues[unit.dialogue].utterances;
+    let mut total: Option<Tensor> = None;
+    for (start, targets) in passes(f, ps, ds, unit)? {
+        let packed = Packed::build(f, ps, &utts[start..], &targets, weights, use_cache)?;
+        let l = packed.loss(f, ps, &utts[start..], use_cache, train.as_deref_mut())?;
+        total = Some(match total {
+            Some(t) => (t + l)?,
+            None => l,
+        });
+    }
+    let total = total.ok_or_else(|| Error::msg("a training dialogue without targets"))?;
+    Ok((total, unit.samples.len()))
+}
+
+/// Tokens that [`dialogue_loss`] runs through the model for `unit` (packed rows of all
+/// its passes; a cached prefix is not counted).
+pub fn dialogue_tokens(
+    f: &Farcer,
+    ps: &PreparedSet,
+    ds: &Dataset,
+    unit: &Unit,
+    use_cache: bool,
+) -> Result<usize> {
+    let utts = &ds.dialogues[unit.dialogue].utterances;
+    let none = TokenWeights {
+        weights: HashMap::new(),
+    };
+    let mut n = 0;
+    for (start, targets) in passes(f, ps, ds, unit)? {
+        n += Packed::build(f, ps, &utts[start..], &targets, &none, use_cache)?
+            .pack
+            .len();
+    }
+    Ok(n)
+}
+
+/// The passes of a unit: where each target's context starts once cut to fit (as
+/// evaluation cuts), and the targets (indices from that start) sharing each start.
+fn passes(
+    f: &Farcer,
+    ps: &PreparedSet,
+    ds: &Dataset,
+    unit: &Unit,
+) -> Result<Vec<(usize, Vec<usize>)>> {
+    let utts = &ds.dialogues[unit.dialogue].utterances;
     let has_image = |u: &Utterance| crate::eval::InputBuilder::has_image(f, u);
-    // Where each target's context starts once cut to fit; runs of equal starts share a pass.
     let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
     for s in &unit.samples {
         let ctx = &utts[s.start..=s.target];
@@ -576,112 +619,118 @@ pub fn dialogue_loss(
             _ => groups.push((start, vec![s.target - start])),
         }
     }
-    let mut total: Option<Tensor> = None;
-    for (start, targets) in &groups {
-        let l = packed_loss(
-            f,
-            ps,
-            &utts[*start..],
-            targets,
-            weights,
-            use_cache,
-            train.as_deref_mut(),
-        )?;
-        total = Some(match total {
-            Some(t) => (t + l)?,
-            None => l,
-        });
-    }
-    let total = total.ok_or_else(|| Error::msg("a training dialogue without targets"))?;
-    Ok((total, unit.samples.len()))
+    Ok(groups)
 }
 
-/// One packed pass over `utts` (a dialogue from its context start) for the targets at
-/// the given ascending indices; the sum of their losses.
-fn packed_loss(
-    f: &Farcer,
-    ps: &PreparedSet,
-    utts: &[Utterance],
-    targets: &[usize],
-    weights: &TokenWeights,
-    use_cache: bool,
-    mut train: Option<&mut Dropout>,
-) -> Result<Tensor> {
-    let llm = &f.llm;
-    let p = &ps.prompter;
-    let past_labels = p.config.past_labels;
-    let mut pack = Packing::new(if use_cache { ps.cache.len() } else { 0 });
-    let mut pieces = Vec::new();
-    let trunk = |pack: &mut Packing, pieces: &mut Vec<Piece>, enc: Encoded| {
-        pack.trunk(enc.len());
-        pieces.extend(enc.pieces);
-    };
-    if !use_cache && !p.prefix.is_empty() {
-        trunk(
-            &mut pack,
-            &mut pieces,
-            Encoded {
+/// One packed pass over a dialogue (from its context start) for the targets at the given
+/// ascending indices: the pieces to embed, their layout, and the rows that score answer
+/// tokens with each token's weight within its target.
+struct Packed {
+    enc: Encoded,
+    pack: Packing,
+    at: Vec<usize>,
+    ids: Vec<u32>,
+    w: Vec<f32>,
+}
+
+impl Packed {
+    fn build(
+        f: &Farcer,
+        ps: &PreparedSet,
+        utts: &[Utterance],
+        targets: &[usize],
+        weights: &TokenWeights,
+        use_cache: bool,
+    ) -> Result<Self> {
+        let p = &ps.prompter;
+        let past_labels = p.config.past_labels;
+        let mut pack = Packing::new(if use_cache { ps.cache.len() } else { 0 });
+        let mut pieces = Vec::new();
+        let trunk = |pack: &mut Packing, pieces: &mut Vec<Piece>, enc: Encoded| {
+            pack.trunk(enc.len());
+            pieces.extend(enc.pieces);
+        };
+        if !use_cache && !p.prefix.is_empty() {
+            let prefix = Encoded {
                 pieces: vec![Piece::Tokens(p.prefix.clone())],
                 dropped: 0,
-            },
-        );
-    }
-    trunk(&mut pack, &mut pieces, p.open()?);
-    // Rows whose logits score an answer token, the token, and its weight within its target.
-    let (mut at, mut ids, mut w) = (Vec::new(), Vec::new(), Vec::new());
-    let last = *targets.last().ok_or_else(|| Error::msg("no targets"))?;
-    for (i, u) in utts[..=last].iter().enumerate() {
-        let img = crate::eval::InputBuilder::has_image(f, u);
-        if !past_labels {
-            trunk(&mut pack, &mut pieces, p.line(u, i, img, None)?);
+            };
+            trunk(&mut pack, &mut pieces, prefix);
         }
-        if targets.contains(&i) {
-            let q = p.query(u, i, img)?;
-            let gold = u.label.as_deref().unwrap_or("");
-            let answer = target_tokens(f, gold)?;
-            let n = answer.len();
-            let rows = pack.branch(q.len() + n - 1);
-            at.extend(rows.start + q.len() - 1..rows.end);
-            let ws: Vec<f64> = answer.iter().map(|&t| weights.get(t)).collect();
-            let wsum: f64 = ws.iter().sum();
-            w.extend(ws.iter().map(|x| (x / wsum) as f32));
-            ids.extend_from_slice(&answer);
-            pieces.extend(q.pieces);
-            pieces.push(Piece::Tokens(answer[..n - 1].to_vec()));
+        trunk(&mut pack, &mut pieces, p.open()?);
+        let (mut at, mut ids, mut w) = (Vec::new(), Vec::new(), Vec::new());
+        let last = *targets.last().ok_or_else(|| Error::msg("no targets"))?;
+        for (i, u) in utts[..=last].iter().enumerate() {
+            let img = crate::eval::InputBuilder::has_image(f, u);
+            if !past_labels {
+                trunk(&mut pack, &mut pieces, p.line(u, i, img, None)?);
+            }
+            if targets.contains(&i) {
+                // The branch: the label query, then the answer's tokens but the last.
+                let q = p.query(u, i, img)?;
+                let answer = target_tokens(f, u.label.as_deref().unwrap_or(""))?;
+                let n = answer.len();
+                let rows = pack.branch(q.len() + n - 1);
+                at.extend(rows.start + q.len() - 1..rows.end);
+                let ws: Vec<f64> = answer.iter().map(|&t| weights.get(t)).collect();
+                let wsum: f64 = ws.iter().sum();
+                w.extend(ws.iter().map(|x| (x / wsum) as f32));
+                ids.extend_from_slice(&answer);
+                pieces.extend(q.pieces);
+                pieces.push(Piece::Tokens(answer[..n - 1].to_vec()));
+            }
+            if past_labels && i < last {
+                trunk(
+                    &mut pack,
+                    &mut pieces,
+                    p.line(u, i, img, u.label.as_deref())?,
+                );
+            }
         }
-        if past_labels && i < last {
-            trunk(
-                &mut pack,
-                &mut pieces,
-                p.line(u, i, img, u.label.as_deref())?,
-            );
+        pieces.retain(|pc| !matches!(pc, Piece::Tokens(t) if t.is_empty()));
+        Ok(Packed {
+            enc: Encoded { pieces, dropped: 0 },
+            pack,
+            at,
+            ids,
+            w,
+        })
+    }
+
+    /// The summed weighted cross-entropy of the pass's targets.
+    fn loss(
+        &self,
+        f: &Farcer,
+        ps: &PreparedSet,
+        utts: &[Utterance],
+        use_cache: bool,
+        mut train: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let llm = &f.llm;
+        let x = f.embeds(&self.enc, utts, train.as_deref_mut())?;
+        let mut cache = if use_cache {
+            ps.cache.clone()
+        } else {
+            llm.model.new_cache()
+        };
+        let dev = llm.model.device();
+        let mask = self.pack.mask(dev, llm.model.dtype())?;
+        let pos = Positions {
+            ids: Some(self.pack.positions()),
+            mask: Some(&mask),
+        };
+        let logits = match train {
+            Some(d) => llm.model.forward_train(&x, &mut cache, &pos, &self.at, d)?,
+            None => llm.model.forward(&x, &mut cache, &pos, &self.at)?,
         }
+        .ok_or_else(|| Error::msg("no answer tokens to score"))?
+        .squeeze(0)?;
+        let lp = log_softmax(&logits)?;
+        let ids = Tensor::new(self.ids.as_slice(), dev)?.unsqueeze(1)?;
+        let picked = lp.gather(&ids, 1)?.squeeze(1)?;
+        let w = Tensor::new(self.w.as_slice(), dev)?;
+        Ok((picked * w)?.sum_all()?.neg()?)
     }
-    pieces.retain(|pc| !matches!(pc, Piece::Tokens(t) if t.is_empty()));
-    let enc = Encoded { pieces, dropped: 0 };
-    let x = f.embeds(&enc, utts, train.as_deref_mut())?;
-    let mut cache = if use_cache {
-        ps.cache.clone()
-    } else {
-        llm.model.new_cache()
-    };
-    let dev = llm.model.device();
-    let mask = pack.mask(dev, llm.model.dtype())?;
-    let pos = Positions {
-        ids: Some(pack.positions()),
-        mask: Some(&mask),
-    };
-    let logits = match train {
-        Some(d) => llm.model.forward_train(&x, &mut cache, &pos, &at, d)?,
-        None => llm.model.forward(&x, &mut cache, &pos, &at)?,
-    }
-    .ok_or_else(|| Error::msg("no answer tokens to score"))?
-    .squeeze(0)?;
-    let lp = log_softmax(&logits)?;
-    let ids = Tensor::new(ids.as_slice(), dev)?.unsqueeze(1)?;
-    let picked = lp.gather(&ids, 1)?.squeeze(1)?;
-    let w = Tensor::new(w, dev)?;
-    Ok((picked * w)?.sum_all()?.neg()?)
 }
 
 /// One line of `metrics.jsonl`.
@@ -771,6 +820,124 @@ pub struct TrainSummary {
     pub seconds_per_step: f64,
 }
 
+/// What a run trains on, the same for training and a dry run: its dialogues with their
+/// targets, the loss weights, and the prompt sets that steps cycle through.
+struct Plan {
+    units: Vec<Unit>,
+    weights: TokenWeights,
+    sets: Vec<PromptSet>,
+    /// The prompt prefix comes from a cache computed once (no LoRA changes it).
+    use_cache: bool,
+    max_tokens: Option<usize>,
+}
+
+impl Plan {
+    fn new(f: &Farcer, cfg: &TrainConfig, data: &RunData) -> Result<Self> {
+        let mut samples: Vec<Sample> = data.train.samples(cfg.train_scope);
+        if cfg.run.limit_train > 0 {
+            samples.truncate(cfg.run.limit_train);
+        }
+        if samples.is_empty() {
+            return Err(Error::msg(format!(
+                "no training samples in {}:{}",
+                data.train.corpus, data.train.split
+            )));
+        }
+        let targets = samples
+            .iter()
+            .map(|s| target_tokens(f, data.train.gold(s)))
+            .collect::<Result<Vec<_>>>()?;
+        let weights = TokenWeights::balanced(&targets, f.llm.end_of_turn);
+        let sets = (0..cfg.prompt.sets)
+            .map(|s| PromptSet::for_shots(data.pool.as_ref(), cfg.prompt.shots, s))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Plan {
+            units: units(samples),
+            weights,
+            sets,
+            use_cache: cfg.run.prefix_cache && !f.llm.model.has_lora(),
+            max_tokens: (cfg.run.max_tokens > 0).then_some(cfg.run.max_tokens),
+        })
+    }
+
+    /// Prompt set `i`, with its prefix through the model when the cache is used (without
+    /// it, LoRA changes the prefix, so it runs with every step and only the prompter is
+    /// needed).
+    fn prepare(
+        &self,
+        f: &Farcer,
+        cfg: &TrainConfig,
+        labels: &[String],
+        i: usize,
+    ) -> Result<PreparedSet> {
+        let set = self.sets[i].clone();
+        let pc = cfg.prompt_config();
+        if self.use_cache {
+            eval::prepare_set(&f.llm, labels, &pc, set, self.max_tokens)
+        } else {
+            prepare_uncached(f, labels, &pc, set, self.max_tokens)
+        }
+    }
+}
+
+/// What `farcer train --dry-run` reports: the size of an epoch and its estimated time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DryRun {
+    pub dialogues: usize,
+    pub targets: usize,
+    /// Tokens through the model per epoch (packed rows of every pass; a cached prompt
+    /// prefix is computed once and not counted).
+    pub tokens_per_epoch: usize,
+    pub timed_steps: usize,
+    pub tokens_per_second: f64,
+    /// Training only (validation comes on top).
+    pub seconds_per_epoch: f64,
+    pub seconds_run: f64,
+}
+
+/// Counts the tokens of an epoch and times `steps` training steps (forward and backward,
+/// no update) to estimate how long the run takes. Changes nothing.
+pub fn dry_run(f: &Farcer, cfg: &TrainConfig, data: &RunData, steps: usize) -> Result<DryRun> {
+    let plan = Plan::new(f, cfg, data)?;
+    let labels = &data.train.labels;
+    let ps = plan.prepare(f, cfg, labels, 0)?;
+    let mut tokens = 0;
+    for u in &plan.units {
+        tokens += dialogue_tokens(f, &ps, &data.train, u, plan.use_cache)?;
+    }
+    let mut order: Vec<usize> = (0..plan.units.len()).collect();
+    Rng::derive(cfg.seed, "epoch-0").shuffle(&mut order);
+    let (mut timed_tokens, mut seconds, mut timed) = (0, 0.0, 0);
+    for &ui in order.iter().take(steps.max(1)) {
+        let unit = &plan.units[ui];
+        let start = std::time::Instant::now();
+        let (loss, _) = dialogue_loss(
+            f,
+            &ps,
+            &data.train,
+            unit,
+            &plan.weights,
+            plan.use_cache,
+            Some(&mut Dropout::new(cfg.seed)),
+        )?;
+        loss.backward()?;
+        seconds += start.elapsed().as_secs_f64();
+        timed_tokens += dialogue_tokens(f, &ps, &data.train, unit, plan.use_cache)?;
+        timed += 1;
+    }
+    let rate = timed_tokens as f64 / seconds.max(1e-9);
+    let per_epoch = tokens as f64 / rate;
+    Ok(DryRun {
+        dialogues: plan.units.len(),
+        targets: plan.units.iter().map(|u| u.samples.len()).sum(),
+        tokens_per_epoch: tokens,
+        timed_steps: timed,
+        tokens_per_second: rate,
+        seconds_per_epoch: per_epoch,
+        seconds_run: per_epoch * cfg.optim.epochs as f64,
+    })
+}
+
 /// Trains `f` (its projection, and its LoRA adapters if attached) and writes the run
 /// folder `out`: `metrics.jsonl`, `last/` and `best/` checkpoints, and `summary.json`
 /// once the run has finished. With `resume`, continues from `out/last`.
@@ -796,35 +963,9 @@ pub fn train(
     let mut vars = f.projection_vars();
     vars.extend(lora_vars.iter().cloned());
     let mut opt = AdamW::new(vars, cfg.optim.weight_decay)?;
-    let prompt_cfg = cfg.prompt_config();
-    let labels = data.train.labels.clone();
-    let max_tokens = (cfg.run.max_tokens > 0).then_some(cfg.run.max_tokens);
-    let use_cache = cfg.run.prefix_cache && !f.llm.model.has_lora();
-
-    let mut samples: Vec<Sample> = data.train.samples(cfg.train_scope);
-    if cfg.run.limit_train > 0 {
-        samples.truncate(cfg.run.limit_train);
-    }
-    if samples.is_empty() {
-        return Err(Error::msg(format!(
-            "no training samples in {}:{}",
-            data.train.corpus, data.train.split
-        )));
-    }
-    let targets = samples
-        .iter()
-        .map(|s| target_tokens(f, data.train.gold(s)))
-        .collect::<Result<Vec<_>>>()?;
-    let weights = TokenWeights::balanced(&targets, f.llm.end_of_turn);
-    let units = units(samples);
-
-    // One prompt set per training step, cycling through the seeded draws.
-    let mut sets = Vec::new();
-    for s in 0..cfg.prompt.sets {
-        let set = PromptSet::for_shots(data.pool.as_ref(), prompt_cfg.shots, s)?;
-        sets.push(set);
-    }
-    let mut prepared: Vec<Option<PreparedSet>> = (0..sets.len()).map(|_| None).collect();
+    let plan = Plan::new(f, cfg, data)?;
+    let (units, weights, use_cache) = (&plan.units, &plan.weights, plan.use_cache);
+    let mut prepared: Vec<Option<PreparedSet>> = (0..plan.sets.len()).map(|_| None).collect();
 
     let steps_per_epoch = units.len().div_ceil(cfg.optim.grad_accum);
     let total_steps = steps_per_epoch * cfg.optim.epochs;
@@ -875,21 +1016,9 @@ pub fn train(
         let (mut loss_sum, mut epoch_targets) = (0.0, 0);
         for (k, &ui) in order.iter().enumerate() {
             let step_start = std::time::Instant::now();
-            let set_i = st.sample_step % sets.len();
-            if prepared[set_i].is_none() || !use_cache {
-                // Without the cache (LoRA), only the prompter is needed; the prefix runs
-                // with the sample.
-                prepared[set_i] = Some(if use_cache {
-                    eval::prepare_set(
-                        &f.llm,
-                        &labels,
-                        &prompt_cfg,
-                        sets[set_i].clone(),
-                        max_tokens,
-                    )?
-                } else {
-                    prepare_uncached(f, &labels, &prompt_cfg, sets[set_i].clone(), max_tokens)?
-                });
+            let set_i = st.sample_step % plan.sets.len();
+            if prepared[set_i].is_none() {
+                prepared[set_i] = Some(plan.prepare(f, cfg, &data.train.labels, set_i)?);
             }
             let ps = prepared[set_i].as_ref().expect("prepared");
             // Dropout masks depend on (seed, step) only, so a resumed run repeats them.
@@ -956,11 +1085,11 @@ pub fn train(
         // Validation: weighted F1 on the validation split with the evaluation prompt set.
         let vopts = EvalOptions {
             scope: cfg.val_scope,
-            prompt: prompt_cfg.clone(),
+            prompt: cfg.prompt_config(),
             prompt_sets: vec![cfg.prompt.eval_set],
             decode: cfg.run.val_decode,
             limit: (cfg.run.limit_val > 0).then_some(cfg.run.limit_val),
-            max_tokens,
+            max_tokens: plan.max_tokens,
             past_source: Default::default(),
             image_control: Default::default(),
         };
@@ -1048,12 +1177,33 @@ fn settle(out: &Path, st: &RunState) -> Result<()> {
         if !logged {
             append_log(&log, line)?;
         }
+        write_curves(out)?;
     }
     let summary = out.join("summary.json");
     if st.finished && !summary.is_file() {
         crate::util::write_json_atomic(&summary, &summary_of(st, out))?;
     }
     Ok(())
+}
+
+/// `curves.png` from the epoch lines of `metrics.jsonl`: training loss and validation
+/// weighted F1 per epoch.
+fn write_curves(out: &Path) -> Result<()> {
+    let log = out.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&log).at(&log)?;
+    let epochs: Vec<(f64, f64, f64)> = text
+        .lines()
+        .filter_map(|l| match serde_json::from_str::<LogLine>(l) {
+            Ok(LogLine::Epoch {
+                epoch,
+                train_loss,
+                val_weighted_f1,
+                ..
+            }) => Some(((epoch + 1) as f64, train_loss, val_weighted_f1)),
+            _ => None,
+        })
+        .collect();
+    crate::plot::curves_png(&out.join("curves.png"), "learning curves", &epochs)
 }
 
 /// Undoes what a kill can leave in a run folder: a checkpoint moved aside (`last.old`

@@ -265,6 +265,10 @@ struct TrainArgs {
     /// Override the config's data (e.g. meld:<dir> where your MELD CSVs are).
     #[arg(long)]
     data: Option<String>,
+    /// Print the number of dialogues, targets and tokens per epoch and the time an epoch
+    /// and the run will take (from a few timed steps), then stop; nothing is written.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args)]
@@ -799,19 +803,82 @@ fn say(bar: &indicatif::ProgressBar, line: String) {
     }
 }
 
+/// Training progress: the epoch's bar (steps/s and its ETA) and the run's ETA.
 struct TrainBars {
     bar: indicatif::ProgressBar,
+    epochs: usize,
+    started: std::time::Instant,
+    /// The epoch this process started at (a resumed run starts later) and the current one.
+    first: std::cell::Cell<Option<usize>>,
+    epoch: std::cell::Cell<usize>,
+}
+
+impl TrainBars {
+    fn new(bar: indicatif::ProgressBar, epochs: usize) -> Self {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} {bar:30} {pos}/{len} dialogues, {per_sec} [epoch ETA {eta}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        TrainBars {
+            bar,
+            epochs,
+            started: std::time::Instant::now(),
+            first: Default::default(),
+            epoch: Default::default(),
+        }
+    }
+
+    fn epoch_name(&self, epoch: usize) -> String {
+        match self.epochs {
+            0 => format!("epoch {}", epoch + 1),
+            n => format!("epoch {}/{n}", epoch + 1),
+        }
+    }
+
+    /// The run's remaining time from the share done so far (validation included).
+    fn run_eta(&self, done: usize, len: usize) -> String {
+        let first = self.first.get().unwrap_or(0);
+        let span = self.epochs.saturating_sub(first).max(1) as f64;
+        let frac = ((self.epoch.get() - first) as f64 + done as f64 / len.max(1) as f64) / span;
+        if frac <= 0.0 {
+            return "?".into();
+        }
+        duration(self.started.elapsed().as_secs_f64() * (1.0 - frac) / frac)
+    }
+}
+
+/// `1h02m`, `4m10s` or `12s`.
+fn duration(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
 }
 
 impl Observer for TrainBars {
     fn epoch_start(&self, epoch: usize, samples: usize) {
-        self.bar.set_message(format!("epoch {}", epoch + 1));
+        if self.first.get().is_none() {
+            self.first.set(Some(epoch));
+        }
+        self.epoch.set(epoch);
+        self.bar.set_message(self.epoch_name(epoch));
         self.bar.set_length(samples as u64);
         self.bar.set_position(0);
     }
-    fn step(&self, _epoch: usize, done: usize, loss: f64) {
+    fn step(&self, epoch: usize, done: usize, loss: f64) {
         self.bar.set_position(done as u64);
-        self.bar.set_message(format!("loss {loss:.3}"));
+        let len = self.bar.length().unwrap_or(1) as usize;
+        let eta = if self.epochs > 0 {
+            format!(" run ETA {}", self.run_eta(done, len))
+        } else {
+            String::new()
+        };
+        self.bar
+            .set_message(format!("{} loss {loss:.3}{eta}", self.epoch_name(epoch)));
     }
     fn interrupted(&self) -> bool {
         stop::requested()
@@ -892,14 +959,16 @@ fn train(a: TrainArgs) -> Result<()> {
         if let Some(d) = &a.data {
             cfg.data = d.clone();
         }
-        if a.out.join("last").exists() || a.out.join("last.old").exists() {
+        if !a.dry_run && (a.out.join("last").exists() || a.out.join("last.old").exists()) {
             bail!(
                 "{} already holds a run; use --resume to continue it or choose another --out",
                 a.out.display()
             );
         }
-        std::fs::create_dir_all(&a.out)?;
-        farcer::util::write_atomic(&saved, cfg.to_toml().as_bytes())?;
+        if !a.dry_run {
+            std::fs::create_dir_all(&a.out)?;
+            farcer::util::write_atomic(&saved, cfg.to_toml().as_bytes())?;
+        }
     }
     let pb = bar("vectors");
     let mut run = pipeline::build_run(&cfg, &log, &ticker(&pb))?;
@@ -917,9 +986,24 @@ fn train(a: TrainArgs) -> Result<()> {
         run.data.train.samples(cfg.train_scope).len(),
         run.data.val.samples(cfg.val_scope).len()
     );
-    let obs = TrainBars {
-        bar: bar("training"),
-    };
+    if a.dry_run {
+        const STEPS: usize = 5;
+        let d = farcer::train::dry_run(&run.farcer, &cfg, &run.data, STEPS)?;
+        println!(
+            "{} dialogues, {} targets ({} scope); {} tokens per epoch through the model\n{} timed steps: {:.0} tokens/s; about {} per epoch and {} for {} epochs (training only; validation comes on top)",
+            d.dialogues,
+            d.targets,
+            cfg.train_scope,
+            d.tokens_per_epoch,
+            d.timed_steps,
+            d.tokens_per_second,
+            duration(d.seconds_per_epoch),
+            duration(d.seconds_run),
+            cfg.optim.epochs
+        );
+        return Ok(());
+    }
+    let obs = TrainBars::new(bar("training"), cfg.optim.epochs);
     stop::install();
     let s = match farcer::train::train(
         &mut run.farcer,
@@ -947,7 +1031,7 @@ fn train(a: TrainArgs) -> Result<()> {
     };
     obs.bar.finish_and_clear();
     println!(
-        "{} epochs, {} steps, {:.2} s per sample; best validation weighted F1 {}{}; best checkpoint {}",
+        "{} epochs, {} steps, {:.2} s per step; best validation weighted F1 {}{}; best checkpoint {}",
         s.epochs_run,
         s.steps,
         s.seconds_per_step,
@@ -1241,9 +1325,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         run.data.train.samples(Scope::Last).len(),
         cfg.optim.epochs
     );
-    let obs = TrainBars {
-        bar: bar("training"),
-    };
+    let obs = TrainBars::new(bar("training"), cfg.optim.epochs);
     let s = farcer::train::train(
         &mut run.farcer,
         &cfg,
@@ -1522,9 +1604,8 @@ fn grid(config: &Path, out: &Path) -> Result<()> {
     let t0 = std::time::Instant::now();
     let p = CliProgress {
         bars: Default::default(),
-        train: TrainBars {
-            bar: bar("training"),
-        },
+        // Cells train for different numbers of epochs: no run ETA.
+        train: TrainBars::new(bar("training"), 0),
     };
     let n = pipeline::run_grid(&g, out, &p)?;
     p.train.bar.finish_and_clear();

@@ -357,3 +357,120 @@ fn predicted_past_labels() {
     assert!(r["name"].as_str().unwrap().ends_with("PL"));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The text-only fine-tuned kind end to end: `--dry-run` sizes the run and writes nothing;
+/// training on every utterance writes curves.png and a checkpoint without a projection,
+/// which evaluates text-only and refuses an image control; a checkpoint with images runs
+/// the shuffled-image control beside its real evaluation.
+#[test]
+fn text_lora_dry_run_train_eval_and_image_control() {
+    let dir = tmpdir("textlora");
+    let (image_ck, _, data) = tiny_checkpoint(&dir, false);
+    let cfg = dir.join("text-lora.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "kind = \"text-lora\"\nllm = {:?}\ndata = \"jsonl:{}\"\ntrain_scope = \"all\"\n[prompt]\nshots = 0\nsets = 1\n[lora]\nr = 2\ntarget_modules = [\"q_proj\", \"o_proj\"]\n[optim]\nepochs = 2\nlr = 0.001\n[run]\nlimit_train = 12\nlimit_val = 3\n",
+            fixture("tiny-llama").to_str().unwrap(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let run = dir.join("text-run");
+    let (ok, stdout, stderr) = farcer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--dry-run",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("12 targets (all scope)"), "{stdout}");
+    assert!(
+        stdout.contains("tokens per epoch") && stdout.contains("per epoch"),
+        "{stdout}"
+    );
+    assert!(!run.exists(), "a dry run writes nothing");
+    let (ok, _, stderr) = farcer(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("Text-only fine-tuned LLM"), "{stderr}");
+    let png = std::fs::read(run.join("curves.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let best = run.join("best");
+    assert!(best.join("adapter_model.safetensors").is_file());
+    assert!(!best.join("projection.safetensors").exists());
+    let out = dir.join("text-eval");
+    let (ok, _, stderr) = farcer(&[
+        "eval",
+        "--checkpoint",
+        best.to_str().unwrap(),
+        "--data",
+        &format!("jsonl:{}", data.display()),
+        "--split",
+        "dev",
+        "--decode",
+        "constrained",
+        "--limit",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(rep["images"], false);
+    assert_eq!(rep["n"], 3);
+    let (ok, _, stderr) = farcer(&[
+        "eval",
+        "--checkpoint",
+        best.to_str().unwrap(),
+        "--data",
+        &format!("jsonl:{}", data.display()),
+        "--split",
+        "dev",
+        "--limit",
+        "3",
+        "--image-control",
+        "shuffle",
+        "--out",
+        dir.join("x").to_str().unwrap(),
+    ]);
+    assert!(!ok && stderr.contains("takes no images"), "{stderr}");
+    // A model with images: the control runs beside the real evaluation.
+    let out = dir.join("image-eval");
+    let (ok, stdout, stderr) = farcer(&[
+        "eval",
+        "--checkpoint",
+        image_ck.to_str().unwrap(),
+        "--data",
+        &format!("jsonl:{}", data.display()),
+        "--split",
+        "dev",
+        "--decode",
+        "constrained",
+        "--limit",
+        "4",
+        "--image-control",
+        "shuffle",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("real - shuffled"), "{stdout}");
+    let control: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("control.json")).unwrap()).unwrap();
+    let shuffled: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("shuffled-images/report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(shuffled["image_control"], "shuffle");
+    assert_eq!(control["shuffled"]["weighted_f1"], shuffled["weighted_f1"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
