@@ -1030,7 +1030,7 @@ pub fn train(
                 ps,
                 &data.train,
                 unit,
-                &weights,
+                weights,
                 use_cache,
                 Some(&mut dropout),
             )?;
