@@ -180,7 +180,7 @@ pub fn score_labels(
 }
 
 /// The softmax over label scores, and the best label; a NaN score is an error naming it.
-fn probabilities(scores: Vec<f64>, cands: &LabelTokens) -> Result<Prediction> {
+pub(crate) fn probabilities(scores: Vec<f64>, cands: &LabelTokens) -> Result<Prediction> {
     if let Some(j) = scores.iter().position(|s| s.is_nan()) {
         return Err(Error::msg(format!(
             "the model scored label `{}` as NaN: its logits are not finite (check the weights and the inputs)",

@@ -317,6 +317,105 @@ pub fn predict_one(
     Ok((pred, enc))
 }
 
+/// The passes that score a dialogue's samples together: where each sample's context
+/// starts once cut to fit (from the front, as [`Prompter::encode`] cuts), and the targets
+/// (indices from that start) that share each start. `utts` is the whole dialogue.
+pub fn passes(
+    b: &dyn InputBuilder,
+    ps: &PreparedSet,
+    utts: &[Utterance],
+    samples: &[Sample],
+) -> Result<Vec<(usize, Vec<usize>)>> {
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    for s in samples {
+        let ctx = &utts[s.start..=s.target];
+        let enc = ps.prompter.encode(ctx, &|i| b.has_image(&ctx[i]), None)?;
+        let start = s.start + enc.dropped;
+        match groups.last_mut() {
+            Some((g, t)) if *g == start => t.push(s.target - start),
+            _ => groups.push((start, vec![s.target - start])),
+        }
+    }
+    Ok(groups)
+}
+
+/// Constrained decoding of a dialogue's targets (ascending indices into `utts`, the
+/// dialogue from its context start) in one packed pass after the prompt prefix's cache:
+/// the dialogue is the trunk, each target's label query a branch, and every candidate
+/// label a branch continuing that query ([`crate::pack::DialoguePass`]). Each target gets
+/// the scores it would get alone ([`decode::score_labels`] on its own prompt).
+pub fn score_dialogue(
+    b: &dyn InputBuilder,
+    ps: &PreparedSet,
+    utts: &[Utterance],
+    targets: &[usize],
+    cands: &LabelTokens,
+) -> Result<Vec<Prediction>> {
+    let llm = b.llm();
+    // Per target: the row of its query's last token, then per label the rows of its
+    // tokens but the last.
+    let mut rows: Vec<(usize, Vec<std::ops::Range<usize>>)> = Vec::new();
+    let pass = crate::pack::DialoguePass::new(
+        &ps.prompter,
+        utts,
+        targets,
+        &|u| b.has_image(u),
+        ps.cache.len(),
+        &mut |d, k, query| {
+            let labels = cands
+                .seqs
+                .iter()
+                .map(|seq| d.child(query, &seq[..seq.len() - 1]))
+                .collect();
+            rows.push((d.queries[k].1.end - 1, labels));
+            Ok(())
+        },
+    )?;
+    let x = b.suffix_embeds(&pass.encoded(), utts)?;
+    let mask = pass.pack.mask(llm.model.device(), llm.model.dtype())?;
+    let mut at = Vec::new();
+    for (q, labels) in &rows {
+        at.push(*q);
+        for r in labels {
+            at.extend(r.clone());
+        }
+    }
+    let mut cache = ps.cache.clone();
+    let logits = llm
+        .model
+        .forward(
+            &x,
+            &mut cache,
+            &Positions {
+                ids: Some(pass.pack.positions()),
+                mask: Some(&mask),
+            },
+            &at,
+        )?
+        .ok_or_else(|| Error::msg("no label scored"))?;
+    let lp = crate::model::llama::log_softmax(&logits.i(0)?)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec2::<f32>()?;
+    let mut out = Vec::new();
+    let mut k = 0;
+    for (_, labels) in &rows {
+        let first = &lp[k];
+        k += 1;
+        let mut scores = Vec::new();
+        for (seq, r) in cands.seqs.iter().zip(labels) {
+            let mut s = first[seq[0] as usize] as f64;
+            // Row j of a label's branch predicts its token j + 1.
+            for (j, _) in r.clone().enumerate() {
+                s += lp[k + j][seq[j + 1] as usize] as f64;
+            }
+            k += r.len();
+            scores.push(s);
+        }
+        out.push(decode::probabilities(scores, cands)?);
+    }
+    Ok(out)
+}
+
 /// Evaluates `data` (examples drawn from `pool`) with each prompt set of `opts`.
 /// `progress` is told each finished sample.
 pub fn evaluate(
@@ -475,6 +574,15 @@ pub fn evaluate_journaled(
         // (in order, each on its own prefix with the predictions before it), memoised.
         let mut predicted: std::collections::HashMap<(usize, usize), String> = Default::default();
         let use_predicted = opts.prompt.past_labels && opts.past_source == PastSource::Predicted;
+        // Constrained decoding with gold (or no) past labels scores all of a dialogue's
+        // samples in one packed pass, the first time one of them comes up.
+        let batched = opts.decode == Decode::Constrained && !use_predicted;
+        let mut by_dialogue: std::collections::HashMap<usize, Vec<Sample>> = Default::default();
+        for smp in &chosen {
+            by_dialogue.entry(smp.dialogue).or_default().push(*smp);
+        }
+        let mut scored: std::collections::HashMap<(usize, usize), (Prediction, usize)> =
+            Default::default();
         for smp in &chosen {
             let d = &data.dialogues[smp.dialogue];
             let uid = &d.utterances[smp.target].id;
@@ -516,11 +624,31 @@ pub fn evaluate_journaled(
             } else {
                 None
             };
-            let (p, enc) = predict_one(b, &ps, ctx, past.as_deref(), opts.decode, &cands)?;
+            let (p, dropped) = if batched {
+                if !scored.contains_key(&(smp.dialogue, smp.target)) {
+                    let utts = &d.utterances;
+                    for (start, targets) in passes(b, &ps, utts, &by_dialogue[&smp.dialogue])? {
+                        let preds = score_dialogue(b, &ps, &utts[start..], &targets, &cands)?;
+                        for (t, p) in targets.iter().zip(preds) {
+                            let s = by_dialogue[&smp.dialogue]
+                                .iter()
+                                .find(|s| s.target == start + t)
+                                .expect("a target of this dialogue");
+                            scored.insert((smp.dialogue, s.target), (p, start - s.start));
+                        }
+                    }
+                }
+                scored
+                    .remove(&(smp.dialogue, smp.target))
+                    .expect("scored with its dialogue")
+            } else {
+                let (p, enc) = predict_one(b, &ps, ctx, past.as_deref(), opts.decode, &cands)?;
+                (p, enc.dropped)
+            };
             if use_predicted {
                 predicted.insert((smp.dialogue, smp.target), p.label.clone());
             }
-            if enc.dropped > 0 {
+            if dropped > 0 {
                 truncated += 1;
             }
             gold.push(data.gold(smp).to_string());
@@ -535,7 +663,7 @@ pub fn evaluate_journaled(
                 probs: p.probs.map(|v| {
                     metrics::indexmap_like::OrderedMap(data.labels.iter().cloned().zip(v).collect())
                 }),
-                dropped: enc.dropped,
+                dropped,
             };
             if let Some(j) = journal.as_mut() {
                 j.record(&r)?;

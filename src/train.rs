@@ -17,8 +17,8 @@ use crate::farcer::{Farcer, Kind, Manifest};
 use crate::model::dropout::Dropout;
 use crate::model::llama::{log_softmax, Positions};
 use crate::model::lora::LoraConfig;
-use crate::pack::Packing;
-use crate::prompt::{Encoded, Piece, PromptConfig, PromptSet};
+use crate::pack::DialoguePass;
+use crate::prompt::{PromptConfig, PromptSet};
 use crate::util::Rng;
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -593,6 +593,7 @@ pub fn dialogue_tokens(
     let mut n = 0;
     for (start, targets) in passes(f, ps, ds, unit)? {
         n += Packed::build(f, ps, &utts[start..], &targets, &none, use_cache)?
+            .pass
             .pack
             .len();
     }
@@ -623,11 +624,10 @@ fn passes(
 }
 
 /// One packed pass over a dialogue (from its context start) for the targets at the given
-/// ascending indices: the pieces to embed, their layout, and the rows that score answer
-/// tokens with each token's weight within its target.
+/// ascending indices: each target's query continued by its gold answer's tokens (but the
+/// last), and the rows that score the answer with each token's weight within its target.
 struct Packed {
-    enc: Encoded,
-    pack: Packing,
+    pass: DialoguePass,
     at: Vec<usize>,
     ids: Vec<u32>,
     w: Vec<f32>,
@@ -642,59 +642,30 @@ impl Packed {
         weights: &TokenWeights,
         use_cache: bool,
     ) -> Result<Self> {
-        let p = &ps.prompter;
-        let past_labels = p.config.past_labels;
-        let mut pack = Packing::new(if use_cache { ps.cache.len() } else { 0 });
-        let mut pieces = Vec::new();
-        let trunk = |pack: &mut Packing, pieces: &mut Vec<Piece>, enc: Encoded| {
-            pack.trunk(enc.len());
-            pieces.extend(enc.pieces);
-        };
-        if !use_cache && !p.prefix.is_empty() {
-            let prefix = Encoded {
-                pieces: vec![Piece::Tokens(p.prefix.clone())],
-                dropped: 0,
-            };
-            trunk(&mut pack, &mut pieces, prefix);
-        }
-        trunk(&mut pack, &mut pieces, p.open()?);
         let (mut at, mut ids, mut w) = (Vec::new(), Vec::new(), Vec::new());
-        let last = *targets.last().ok_or_else(|| Error::msg("no targets"))?;
-        for (i, u) in utts[..=last].iter().enumerate() {
-            let img = crate::eval::InputBuilder::has_image(f, u);
-            if !past_labels {
-                trunk(&mut pack, &mut pieces, p.line(u, i, img, None)?);
-            }
-            if targets.contains(&i) {
-                // The branch: the label query, then the answer's tokens but the last.
-                let q = p.query(u, i, img)?;
+        let has_image = |u: &Utterance| crate::eval::InputBuilder::has_image(f, u);
+        let past = if use_cache { ps.cache.len() } else { 0 };
+        let pass = DialoguePass::new(
+            &ps.prompter,
+            utts,
+            targets,
+            &has_image,
+            past,
+            &mut |d, k, query| {
+                let u = &utts[targets[k]];
                 let answer = target_tokens(f, u.label.as_deref().unwrap_or(""))?;
                 let n = answer.len();
-                let rows = pack.branch(q.len() + n - 1);
-                at.extend(rows.start + q.len() - 1..rows.end);
+                // The query's last row predicts the first answer token; each answer row the next.
+                at.push(d.queries[k].1.end - 1);
+                at.extend(d.child(query, &answer[..n - 1]));
                 let ws: Vec<f64> = answer.iter().map(|&t| weights.get(t)).collect();
                 let wsum: f64 = ws.iter().sum();
                 w.extend(ws.iter().map(|x| (x / wsum) as f32));
                 ids.extend_from_slice(&answer);
-                pieces.extend(q.pieces);
-                pieces.push(Piece::Tokens(answer[..n - 1].to_vec()));
-            }
-            if past_labels && i < last {
-                trunk(
-                    &mut pack,
-                    &mut pieces,
-                    p.line(u, i, img, u.label.as_deref())?,
-                );
-            }
-        }
-        pieces.retain(|pc| !matches!(pc, Piece::Tokens(t) if t.is_empty()));
-        Ok(Packed {
-            enc: Encoded { pieces, dropped: 0 },
-            pack,
-            at,
-            ids,
-            w,
-        })
+                Ok(())
+            },
+        )?;
+        Ok(Packed { pass, at, ids, w })
     }
 
     /// The summed weighted cross-entropy of the pass's targets.
@@ -707,16 +678,16 @@ impl Packed {
         mut train: Option<&mut Dropout>,
     ) -> Result<Tensor> {
         let llm = &f.llm;
-        let x = f.embeds(&self.enc, utts, train.as_deref_mut())?;
+        let x = f.embeds(&self.pass.encoded(), utts, train.as_deref_mut())?;
         let mut cache = if use_cache {
             ps.cache.clone()
         } else {
             llm.model.new_cache()
         };
         let dev = llm.model.device();
-        let mask = self.pack.mask(dev, llm.model.dtype())?;
+        let mask = self.pass.pack.mask(dev, llm.model.dtype())?;
         let pos = Positions {
-            ids: Some(self.pack.positions()),
+            ids: Some(self.pass.pack.positions()),
             mask: Some(&mask),
         };
         let logits = match train {

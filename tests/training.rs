@@ -982,3 +982,68 @@ fn text_lora_trains_and_saves_a_plain_peft_adapter() {
     assert!(b_norm > 1e-4, "{b_norm}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Constrained evaluation scores a dialogue's samples in one packed pass; each sample's
+/// probabilities equal those of its own prompt scored alone (1e-5), with and without past
+/// labels and images, and when the dialogue is cut to fit (two passes).
+#[test]
+fn one_pass_evaluation_equals_each_sample_alone() {
+    let dir = tmpdir("evalpass");
+    let d = four_turns(&dir);
+    let mut f = farcer_with(tiny_llm(), 5, 1, 6);
+    with_fake_vectors(&mut f, &d, 5);
+    let cands = farcer::decode::LabelTokens::new(&f.llm, &d.labels).unwrap();
+    let mut cases = 0;
+    for past_labels in [false, true] {
+        for images in [false, true] {
+            let prompt = PromptConfig {
+                shots: 0,
+                past_labels,
+                images,
+            };
+            let whole =
+                eval::prepare_set(&f.llm, &d.labels, &prompt, PromptSet::empty(0), None).unwrap();
+            let all = &d.dialogues[0].utterances;
+            let has = |i: usize| eval::InputBuilder::has_image(&f, &all[i]);
+            let len = whole.prompter.encode(all, &has, None).unwrap().len();
+            let cut = whole.prompter.prefix.len() + len + whole.prompter.answer_room - 1;
+            for max_tokens in [None, Some(cut)] {
+                let opts = EvalOptions {
+                    scope: Scope::All,
+                    prompt: prompt.clone(),
+                    prompt_sets: vec![0],
+                    decode: Decode::Constrained,
+                    limit: None,
+                    max_tokens,
+                    past_source: Default::default(),
+                    image_control: Default::default(),
+                };
+                let r = eval::evaluate(&f, &d, None, &opts, &|_, _| {}).unwrap();
+                let ps =
+                    eval::prepare_set(&f.llm, &d.labels, &prompt, PromptSet::empty(0), max_tokens)
+                        .unwrap();
+                assert_eq!(r.predictions.len(), 4);
+                for (s, rec) in d.samples(Scope::All).iter().zip(&r.predictions) {
+                    let (alone, enc) =
+                        eval::predict_one(&f, &ps, d.context(s), None, Decode::Constrained, &cands)
+                            .unwrap();
+                    assert_eq!(rec.dropped, enc.dropped);
+                    let p = rec.probs.as_ref().unwrap();
+                    for ((_, a), b) in p.iter().zip(alone.probs.unwrap()) {
+                        assert!(
+                            (a - b).abs() <= 1e-5,
+                            "past labels {past_labels}, images {images}, max {max_tokens:?}: {a} vs {b}"
+                        );
+                    }
+                    assert_eq!(rec.pred, alone.label);
+                }
+                if max_tokens.is_some() {
+                    assert_eq!(r.truncated, 1, "the last sample is cut");
+                }
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 8);
+    std::fs::remove_dir_all(dir).unwrap();
+}
