@@ -4,6 +4,7 @@
 //! no frame goes through the ViT twice.
 
 use crate::error::{Error, IoContext, Result};
+use crate::limits::InputLimits;
 use crate::model::vit::{ViT, ViTConfig};
 use crate::util::{sha256_bytes, Rng};
 use candle_core::{DType, Device, Tensor};
@@ -383,21 +384,33 @@ impl VectorStore {
 /// Files that could not be used, with the reason.
 pub type Failures = Vec<(PathBuf, String)>;
 
-/// Content hash of an image file (the cache key).
+/// Content hash of an image file (the cache key). Only a regular file within the size
+/// limit is read ([`crate::limits`]).
 pub fn image_hash(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).at(path)?;
+    let bytes = crate::limits::read_image_bytes(path, &InputLimits::from_env()?)?;
     Ok(sha256_bytes(&bytes))
 }
 
+/// An error's message without the path that the failure list pairs it with.
+fn reason(path: &Path, e: &Error) -> String {
+    let m = e.to_string();
+    match m.strip_prefix(&format!("{}: ", path.display())) {
+        Some(r) => r.to_string(),
+        None => m,
+    }
+}
+
 /// Vectors for a set of image files: cached ones read, missing ones computed in batches
-/// (`progress(done, total)` after each) and added to the store. Unreadable images are
-/// reported in the second list and get no vector.
+/// (`progress(done, total)` after each) and added to the store. Unreadable images, and
+/// files outside the limits of [`crate::limits`] (not a regular file, too many bytes or
+/// pixels), are reported in the second list and get no vector.
 pub fn vectors_for(
     enc: &VisionEncoder,
     store: &mut VectorStore,
     paths: &[PathBuf],
     progress: &dyn Fn(usize, usize),
 ) -> Result<(HashMap<PathBuf, Vec<f32>>, Failures)> {
+    let limits = InputLimits::from_env()?;
     let mut out = HashMap::new();
     let mut failed = Vec::new();
     let mut todo: Vec<(PathBuf, String)> = Vec::new();
@@ -405,14 +418,14 @@ pub fn vectors_for(
         if out.contains_key(p) {
             continue;
         }
-        match image_hash(p) {
+        match crate::limits::read_image_bytes(p, &limits).map(|b| sha256_bytes(&b)) {
             Ok(h) => match store.get(&h) {
                 Some(v) => {
                     out.insert(p.clone(), v.clone());
                 }
                 None => todo.push((p.clone(), h)),
             },
-            Err(e) => failed.push((p.clone(), e.to_string())),
+            Err(e) => failed.push((p.clone(), reason(p, &e))),
         }
     }
     todo.sort();
@@ -423,12 +436,12 @@ pub fn vectors_for(
         let mut imgs = Vec::new();
         let mut keys = Vec::new();
         for (p, h) in chunk {
-            match image::open(p) {
+            match crate::limits::load_image(p, &limits) {
                 Ok(i) => {
                     imgs.push(i);
                     keys.push((p.clone(), h.clone()));
                 }
-                Err(e) => failed.push((p.clone(), e.to_string())),
+                Err(e) => failed.push((p.clone(), reason(p, &e))),
             }
         }
         for ((p, h), v) in keys.into_iter().zip(enc.encode(&imgs)?) {

@@ -191,6 +191,47 @@ fn predict_from_a_checkpoint_with_images() {
             assert!(probs.contains_key(l["label"].as_str().unwrap()));
         }
     }
+    // Images outside the limits are refused, each named with its reason (a FIFO is never
+    // opened, so nothing hangs), and the utterance is predicted without its image.
+    let big = dir.join("big.png");
+    image::RgbImage::from_pixel(50, 40, image::Rgb([std::process::id() as u8, 7, 9]))
+        .save(&big)
+        .unwrap();
+    let fifo = dir.join("fifo.png");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let line = |id: &str, img: &Path| {
+        format!(
+            r#"{{"id": "{id}", "utterances": [{{"speaker": "A", "text": "Okay.", "image": "{}"}}]}}"#,
+            img.display()
+        )
+    };
+    let two = dir.join("two.jsonl");
+    std::fs::write(&two, format!("{}\n{}\n", line("a", &big), line("b", &fifo))).unwrap();
+    let args = [
+        "predict",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        two.to_str().unwrap(),
+    ];
+    let (ok, stdout, stderr) = support::farcer_env(&args, &[("FARCER_MAX_IMAGE_PIXELS", "1999")]);
+    assert!(ok && stdout.lines().count() == 2, "{stderr}");
+    assert!(stderr.contains("2 images could not be read"), "{stderr}");
+    let want = format!(
+        "{}: 50x40 is 2000 pixels, more than the 1999 allowed (set FARCER_MAX_IMAGE_PIXELS",
+        big.display()
+    );
+    assert!(stderr.contains(&want), "{stderr}");
+    let want = format!("{}: not a regular file (a FIFO)", fifo.display());
+    assert!(stderr.contains(&want), "{stderr}");
+    let (ok, _, stderr) = support::farcer_env(&args, &[("FARCER_MAX_IMAGE_BYTES", "32M")]);
+    assert!(
+        !ok && stderr.contains("FARCER_MAX_IMAGE_BYTES: `32M` is not a whole number"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
