@@ -8,7 +8,6 @@ use crate::limits::InputLimits;
 use crate::model::vit::{ViT, ViTConfig};
 use crate::util::{sha256_bytes, Rng};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -67,7 +66,45 @@ fn half() -> Vec<f32> {
     vec![0.5, 0.5, 0.5]
 }
 
+/// Largest side a preprocessed image may have (a `size` above it in a config is refused,
+/// and the long side of a `shortest_edge` resize is capped there).
+pub const MAX_SIDE: u32 = 4096;
+
 impl Preprocess {
+    /// Refuses settings that would index out of range or ask for huge images.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let sides: Vec<u32> = [Some(&self.size), self.crop_size.as_ref()]
+            .into_iter()
+            .flatten()
+            .flat_map(|s| match *s {
+                Size::Square(x) | Size::Shortest { shortest_edge: x } => vec![x],
+                Size::Exact { height, width } => vec![height, width],
+            })
+            .collect();
+        if let Some(x) = sides.iter().find(|&&x| x == 0 || x > MAX_SIDE) {
+            return Err(format!(
+                "an image size of {x}: sizes must be 1..={MAX_SIDE}"
+            ));
+        }
+        if self.image_mean.len() != 3 || self.image_std.len() != 3 {
+            return Err(format!(
+                "image_mean and image_std need 3 values (RGB), got {} and {}",
+                self.image_mean.len(),
+                self.image_std.len()
+            ));
+        }
+        if !self.image_std.iter().all(|x| x.is_finite() && *x != 0.0)
+            || !self.image_mean.iter().all(|x| x.is_finite())
+            || !self.rescale_factor.is_finite()
+        {
+            return Err(
+                "image_mean, image_std and rescale_factor must be finite (and image_std not 0)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     fn filter(&self) -> image::imageops::FilterType {
         use image::imageops::FilterType::*;
         match self.resample {
@@ -87,10 +124,17 @@ impl Preprocess {
                 Size::Square(s) => (s, s),
                 Size::Exact { height, width } => (width, height),
                 Size::Shortest { shortest_edge: s } => {
+                    // The long side is capped, so a 1 x 40000000 image cannot ask for
+                    // terabytes.
+                    let long = |a: u32, b: u32| {
+                        ((a as f64) * s as f64 / b.max(1) as f64)
+                            .round()
+                            .clamp(1.0, MAX_SIDE as f64) as u32
+                    };
                     if w <= h {
-                        (s, ((h as f64) * s as f64 / w as f64).round() as u32)
+                        (s, long(h, w))
                     } else {
-                        (((w as f64) * s as f64 / h as f64).round() as u32, s)
+                        (long(w, h), s)
                     }
                 }
             };
@@ -167,6 +211,11 @@ impl VisionEncoder {
         let pre_text = std::fs::read_to_string(&pre_path).at(&pre_path)?;
         let preprocess: Preprocess = serde_json::from_str(&pre_text)
             .map_err(|e| Error::input(pre_path.display().to_string(), e.to_string()))?;
+        preprocess
+            .validate()
+            .map_err(|m| Error::input(pre_path.display().to_string(), m))?;
+        cfg.validate()
+            .map_err(|m| Error::input(cfg_path.display().to_string(), m))?;
         let files = crate::model::safetensors_files(&dir)?;
         // The key hashes the configs and the weights, so a changed checkpoint never
         // reuses stale vectors.
@@ -174,8 +223,8 @@ impl VisionEncoder {
         for f in &files {
             id.push_str(&crate::util::sha256_file(f)?);
         }
-        // SAFETY: read-only memory map of files we do not modify.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+        // Read tensor by tensor, not memory-mapped: see `model::weights` for why.
+        let vb = crate::model::weights::var_builder(&files, DType::F32, device)?;
         let vit = ViT::load(vb, &cfg)
             .map_err(|e| Error::model(dir.display().to_string(), e.to_string()))?;
         Ok(VisionEncoder {

@@ -9,6 +9,7 @@ pub mod lora;
 pub mod projection;
 pub mod tokenizer;
 pub mod vit;
+pub mod weights;
 
 use crate::error::{Error, IoContext, Result};
 use crate::prompt::template::{template_from_config, token_from_config, ChatTemplate};
@@ -232,8 +233,8 @@ fn load_dir(
         .into_config()
         .map_err(|m| Error::input(cfg_path.display().to_string(), m))?;
     let files = safetensors_files(dir)?;
-    // SAFETY: the files are memory-mapped read-only and not modified while we run.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+    // Read tensor by tensor, not memory-mapped: see `weights` for why.
+    let vb = weights::var_builder(&files, dtype, device)?;
     let model = Llama::load(vb, &config)
         .map_err(|e| Error::model(dir.display().to_string(), e.to_string()))?;
 
