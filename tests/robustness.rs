@@ -462,7 +462,10 @@ fn unusable_model_configs_are_refused_through_every_loading_path() {
             ],
             "rotary tables",
         ),
-        (&[("vocab_size", (-1).into())], "-1"),
+        (
+            &[("vocab_size", (-1).into())],
+            "invalid value: integer `-1`, expected usize at line 1 column",
+        ),
     ];
     for (changes, want) in cases {
         let mut c = base.clone();

@@ -227,7 +227,9 @@ fn load_dir(
     dtype: DType,
 ) -> Result<Llm> {
     let cfg_path = dir.join("config.json");
-    let raw: LlamaConfig = serde_json::from_value(read_json(&cfg_path)?)
+    // Parsed from the text (not a `Value`) so that a wrong value's error has its line.
+    let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
+    let raw: LlamaConfig = serde_json::from_str(&text)
         .map_err(|e| Error::input(cfg_path.display().to_string(), e.to_string()))?;
     let config = raw
         .into_config()
