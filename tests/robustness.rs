@@ -592,3 +592,60 @@ fn unusable_model_configs_are_refused_through_every_loading_path() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&vdir);
 }
+
+/// Deep nesting is an error, not a stack overflow, in every text format.
+#[test]
+fn deep_nesting_is_an_error() {
+    let deep = |open: &str, n: usize| open.repeat(n);
+    let _ = farcer::data::jsonl::parse(&deep("[", 100_000), Path::new("."), "x.jsonl").unwrap_err();
+    let _ = farcer::data::jsonl::parse(
+        &format!(r#"{{"utterances": {}"#, deep("[", 100_000)),
+        Path::new("."),
+        "x.jsonl",
+    )
+    .unwrap_err();
+    for toml in [
+        format!("kind = {}", deep("[", 100_000)),
+        format!("kind = {}", deep("{a=", 100_000)),
+        deep("[a.", 10_000),
+    ] {
+        let _ = farcer::train::TrainConfig::from_toml(&toml, "x.toml").unwrap_err();
+    }
+    let _ = serde_json::from_str::<LlamaConfig>(&format!(
+        r#"{{"rope_scaling": {}"#,
+        deep("{\"a\":", 100_000)
+    ))
+    .unwrap_err();
+    let _ =
+        farcer::data::meld::parse(deep("\"", 100_000).as_bytes(), Path::new("x.csv")).unwrap_err();
+}
+
+/// A small PNG and JPEG to edit.
+fn image_bytes(format: image::ImageFormat) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(24, 16, |x, y| image::Rgb([x as u8 * 9, y as u8 * 13, 77]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format).unwrap();
+    out.into_inner()
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Image files (what data names): arbitrary and edited PNG/JPEG bytes decode or fail,
+    /// and a header claiming more pixels than allowed is refused before decoding.
+    #[test]
+    fn images_never_panic(
+        bytes in prop::collection::vec(any::<u8>(), 0..300),
+        e in edits(),
+        at in 0usize..40, v in extreme(),
+        jpeg in any::<bool>(),
+    ) {
+        let limits = farcer::limits::InputLimits::default();
+        let base = image_bytes(if jpeg { image::ImageFormat::Jpeg } else { image::ImageFormat::Png });
+        for b in [bytes.clone(), mutate(&base, &e), poke(&base, at, false, v)] {
+            if let Ok(img) = farcer::limits::decode_image(&b, Path::new("x.png"), &limits) {
+                prop_assert!(img.width() as u64 * img.height() as u64 <= limits.max_image_pixels);
+            }
+        }
+    }
+}
