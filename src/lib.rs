@@ -15,6 +15,7 @@ pub mod farcer;
 pub mod fetch;
 pub mod grid;
 pub mod infer;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod pack;

@@ -61,8 +61,9 @@ pub fn attach_images(
     });
     if needs_frames && !matches!(spec, DataSpec::Iemocap(_) | DataSpec::Meld(_)) {
         frames::check_ffmpeg()?;
+        let limits = crate::limits::InputLimits::from_env()?;
         for d in datasets.iter_mut() {
-            failed.extend(frames::resolve_clip_frames(d, &cache));
+            failed.extend(frames::resolve_clip_frames(d, &cache, &limits));
         }
     }
     let refs: Vec<&Dataset> = datasets.iter().map(|d| &**d).collect();
@@ -112,7 +113,9 @@ pub fn prepare_meld(
         jobs.extend(frames::meld_jobs(&ds, video_dir, out));
         datasets.push(ds);
     }
-    let report = frames::run_jobs(jobs, threads, &|d, t| progress("frames", d, t));
+    let limits = crate::limits::InputLimits::from_env()?;
+    let report = frames::run_jobs(jobs, threads, &limits, &|d, t| progress("frames", d, t));
+    report.check_any(video_dir)?;
     let faces_found = if face_crop {
         crop_faces(out, &|d, t| progress("faces", d, t))?
     } else {
@@ -157,9 +160,10 @@ pub fn prepare_iemocap(
         &out.join("source.txt"),
         format!("{}\n", root_abs.display()).as_bytes(),
     )?;
-    let report = frames::run_jobs(frames::iemocap_jobs(&sessions, out), threads, &|d, t| {
-        progress("frames", d, t)
-    });
+    let limits = crate::limits::InputLimits::from_env()?;
+    let jobs = frames::iemocap_jobs(&sessions, out);
+    let report = frames::run_jobs(jobs, threads, &limits, &|d, t| progress("frames", d, t));
+    report.check_any(root)?;
     let faces_found = if face_crop {
         crop_faces(out, &|d, t| progress("faces", d, t))?
     } else {
@@ -236,6 +240,7 @@ fn crop_faces(out: &Path, progress: &dyn Fn(usize, usize)) -> Result<usize> {
     let already: std::collections::HashSet<String> = std::fs::read_to_string(&done_marker)
         .map(|s| s.lines().map(String::from).collect())
         .unwrap_or_default();
+    let limits = crate::limits::InputLimits::from_env()?;
     let mut found = 0;
     let mut log = String::new();
     for (i, f) in files.iter().enumerate() {
@@ -247,7 +252,7 @@ fn crop_faces(out: &Path, progress: &dyn Fn(usize, usize)) -> Result<usize> {
             progress(i + 1, files.len());
             continue;
         }
-        let img = image::open(f).map_err(|e| Error::input(key.clone(), e.to_string()))?;
+        let img = crate::limits::load_image(f, &limits)?;
         if let Some(face) = crate::face::crop_largest_face(&img) {
             let tmp = crate::util::tmp_sibling(f).with_extension("png");
             face.save(&tmp)

@@ -4,10 +4,10 @@
 //! no frame goes through the ViT twice.
 
 use crate::error::{Error, IoContext, Result};
+use crate::limits::InputLimits;
 use crate::model::vit::{ViT, ViTConfig};
 use crate::util::{sha256_bytes, Rng};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -66,7 +66,45 @@ fn half() -> Vec<f32> {
     vec![0.5, 0.5, 0.5]
 }
 
+/// Largest side a preprocessed image may have (a `size` above it in a config is refused,
+/// and the long side of a `shortest_edge` resize is capped there).
+pub const MAX_SIDE: u32 = 4096;
+
 impl Preprocess {
+    /// Refuses settings that would index out of range or ask for huge images.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let sides: Vec<u32> = [Some(&self.size), self.crop_size.as_ref()]
+            .into_iter()
+            .flatten()
+            .flat_map(|s| match *s {
+                Size::Square(x) | Size::Shortest { shortest_edge: x } => vec![x],
+                Size::Exact { height, width } => vec![height, width],
+            })
+            .collect();
+        if let Some(x) = sides.iter().find(|&&x| x == 0 || x > MAX_SIDE) {
+            return Err(format!(
+                "an image size of {x}: sizes must be 1..={MAX_SIDE}"
+            ));
+        }
+        if self.image_mean.len() != 3 || self.image_std.len() != 3 {
+            return Err(format!(
+                "image_mean and image_std need 3 values (RGB), got {} and {}",
+                self.image_mean.len(),
+                self.image_std.len()
+            ));
+        }
+        if !self.image_std.iter().all(|x| x.is_finite() && *x != 0.0)
+            || !self.image_mean.iter().all(|x| x.is_finite())
+            || !self.rescale_factor.is_finite()
+        {
+            return Err(
+                "image_mean, image_std and rescale_factor must be finite (and image_std not 0)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     fn filter(&self) -> image::imageops::FilterType {
         use image::imageops::FilterType::*;
         match self.resample {
@@ -86,10 +124,17 @@ impl Preprocess {
                 Size::Square(s) => (s, s),
                 Size::Exact { height, width } => (width, height),
                 Size::Shortest { shortest_edge: s } => {
+                    // The long side is capped, so a 1 x 40000000 image cannot ask for
+                    // terabytes.
+                    let long = |a: u32, b: u32| {
+                        ((a as f64) * s as f64 / b.max(1) as f64)
+                            .round()
+                            .clamp(1.0, MAX_SIDE as f64) as u32
+                    };
                     if w <= h {
-                        (s, ((h as f64) * s as f64 / w as f64).round() as u32)
+                        (s, long(h, w))
                     } else {
-                        (((w as f64) * s as f64 / h as f64).round() as u32, s)
+                        (long(w, h), s)
                     }
                 }
             };
@@ -166,6 +211,11 @@ impl VisionEncoder {
         let pre_text = std::fs::read_to_string(&pre_path).at(&pre_path)?;
         let preprocess: Preprocess = serde_json::from_str(&pre_text)
             .map_err(|e| Error::input(pre_path.display().to_string(), e.to_string()))?;
+        preprocess
+            .validate()
+            .map_err(|m| Error::input(pre_path.display().to_string(), m))?;
+        cfg.validate()
+            .map_err(|m| Error::input(cfg_path.display().to_string(), m))?;
         let files = crate::model::safetensors_files(&dir)?;
         // The key hashes the configs and the weights, so a changed checkpoint never
         // reuses stale vectors.
@@ -173,8 +223,8 @@ impl VisionEncoder {
         for f in &files {
             id.push_str(&crate::util::sha256_file(f)?);
         }
-        // SAFETY: read-only memory map of files we do not modify.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+        // Read tensor by tensor, not memory-mapped: see `model::weights` for why.
+        let vb = crate::model::weights::var_builder(&files, DType::F32, device)?;
         let vit = ViT::load(vb, &cfg)
             .map_err(|e| Error::model(dir.display().to_string(), e.to_string()))?;
         Ok(VisionEncoder {
@@ -383,21 +433,33 @@ impl VectorStore {
 /// Files that could not be used, with the reason.
 pub type Failures = Vec<(PathBuf, String)>;
 
-/// Content hash of an image file (the cache key).
+/// Content hash of an image file (the cache key). Only a regular file within the size
+/// limit is read ([`crate::limits`]).
 pub fn image_hash(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).at(path)?;
+    let bytes = crate::limits::read_image_bytes(path, &InputLimits::from_env()?)?;
     Ok(sha256_bytes(&bytes))
 }
 
+/// An error's message without the path that the failure list pairs it with.
+fn reason(path: &Path, e: &Error) -> String {
+    let m = e.to_string();
+    match m.strip_prefix(&format!("{}: ", path.display())) {
+        Some(r) => r.to_string(),
+        None => m,
+    }
+}
+
 /// Vectors for a set of image files: cached ones read, missing ones computed in batches
-/// (`progress(done, total)` after each) and added to the store. Unreadable images are
-/// reported in the second list and get no vector.
+/// (`progress(done, total)` after each) and added to the store. Unreadable images, and
+/// files outside the limits of [`crate::limits`] (not a regular file, too many bytes or
+/// pixels), are reported in the second list and get no vector.
 pub fn vectors_for(
     enc: &VisionEncoder,
     store: &mut VectorStore,
     paths: &[PathBuf],
     progress: &dyn Fn(usize, usize),
 ) -> Result<(HashMap<PathBuf, Vec<f32>>, Failures)> {
+    let limits = InputLimits::from_env()?;
     let mut out = HashMap::new();
     let mut failed = Vec::new();
     let mut todo: Vec<(PathBuf, String)> = Vec::new();
@@ -405,14 +467,14 @@ pub fn vectors_for(
         if out.contains_key(p) {
             continue;
         }
-        match image_hash(p) {
+        match crate::limits::read_image_bytes(p, &limits).map(|b| sha256_bytes(&b)) {
             Ok(h) => match store.get(&h) {
                 Some(v) => {
                     out.insert(p.clone(), v.clone());
                 }
                 None => todo.push((p.clone(), h)),
             },
-            Err(e) => failed.push((p.clone(), e.to_string())),
+            Err(e) => failed.push((p.clone(), reason(p, &e))),
         }
     }
     todo.sort();
@@ -423,12 +485,12 @@ pub fn vectors_for(
         let mut imgs = Vec::new();
         let mut keys = Vec::new();
         for (p, h) in chunk {
-            match image::open(p) {
+            match crate::limits::load_image(p, &limits) {
                 Ok(i) => {
                     imgs.push(i);
                     keys.push((p.clone(), h.clone()));
                 }
-                Err(e) => failed.push((p.clone(), e.to_string())),
+                Err(e) => failed.push((p.clone(), reason(p, &e))),
             }
         }
         for ((p, h), v) in keys.into_iter().zip(enc.encode(&imgs)?) {

@@ -224,6 +224,26 @@ fn meld_middle_frames_short_broken_and_missing_clips() {
     )
     .unwrap();
     assert_eq!((again.frames.written, again.frames.reused), (0, 2));
+    // A video folder without any usable clip is an error naming it, not an empty success.
+    let empty = tmp.join("no-videos");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = farcer::pipeline::prepare_meld(
+        &csv_dir,
+        &empty,
+        &tmp.join("data2"),
+        &["dev".into()],
+        None,
+        false,
+        2,
+        &|_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with(&empty.display().to_string())
+            && e.contains("no frame could be made for any of the 4 utterances (4 clips missing"),
+        "{e}"
+    );
     // One's own data with only a clip named: the frame is taken and cached.
     let mut own = farcer::data::Dataset {
         corpus: "jsonl".into(),
@@ -239,7 +259,40 @@ fn meld_middle_frames_short_broken_and_missing_clips() {
         }],
         max_context: None,
     };
-    assert!(frames::resolve_clip_frames(&mut own, &tmp.join("cache")).is_empty());
+    // Clips are checked before ffmpeg sees them: a folder or a FIFO is not a clip, and a
+    // clip over the size limit is refused.
+    let limits = farcer::limits::InputLimits::default();
+    let fifo = tmp.join("fifo.mp4");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for (clip, max, want) in [
+        (raw.clone(), u64::MAX, "not a regular file (a folder)"),
+        (fifo.clone(), u64::MAX, "not a regular file (a FIFO)"),
+        (
+            raw.join("train_splits/dia0_utt0.mp4"),
+            100,
+            "more than the 100 allowed",
+        ),
+        (raw.join("none.mp4"), u64::MAX, "no such file"),
+    ] {
+        let mut bad = own.clone();
+        bad.dialogues[0].utterances[0].clip = Some(clip.clone());
+        let l = farcer::limits::InputLimits {
+            max_clip_bytes: max,
+            ..limits
+        };
+        let failed = frames::resolve_clip_frames(&mut bad, &tmp.join("cache-bad"), &l);
+        assert_eq!(failed.len(), 1, "{clip:?}");
+        assert!(
+            failed[0].0 == clip && failed[0].1.contains(want),
+            "{failed:?}"
+        );
+        assert!(bad.dialogues[0].utterances[0].image.is_none());
+    }
+    assert!(frames::resolve_clip_frames(&mut own, &tmp.join("cache"), &limits).is_empty());
     assert!(own.dialogues[0].utterances[0]
         .image
         .as_ref()

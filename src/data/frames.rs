@@ -6,6 +6,7 @@
 
 use super::{iemocap, meld, Dataset};
 use crate::error::{Error, Result};
+use crate::limits::{check_file, InputLimits, MAX_CLIP_BYTES_VAR};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -138,6 +139,26 @@ pub struct FrameReport {
 }
 
 impl FrameReport {
+    /// An error when there were utterances but not one frame exists now (every clip
+    /// missing or unreadable: most likely the wrong video folder); `videos` is named.
+    pub fn check_any(&self, videos: &Path) -> Result<()> {
+        if self.utterances == 0 || self.written + self.reused > 0 {
+            return Ok(());
+        }
+        let example = self
+            .examples
+            .first()
+            .map(|(c, why)| format!(", e.g. {c}: {why}"))
+            .unwrap_or_default();
+        Err(Error::input(
+            videos.display().to_string(),
+            format!(
+                "no frame could be made for any of the {} utterances ({} clips missing, {} unreadable{example}); check the video folder",
+                self.utterances, self.missing_clip, self.unreadable
+            ),
+        ))
+    }
+
     fn fail(&mut self, clip: &Path, why: String, missing: bool) {
         if missing {
             self.missing_clip += 1;
@@ -159,10 +180,19 @@ pub struct Job {
     pub out: PathBuf,
 }
 
+/// Why a clip cannot be used, and whether it is missing (rather than unusable): only
+/// regular files within `limits.max_clip_bytes` go to ffmpeg.
+fn check_clip(clip: &Path, limits: &InputLimits) -> std::result::Result<(), (String, bool)> {
+    check_file(clip, limits.max_clip_bytes, MAX_CLIP_BYTES_VAR)
+        .map(|_| ())
+        .map_err(|why| (why, !clip.exists()))
+}
+
 /// Runs frame jobs on `threads` ffmpeg processes at a time.
 pub fn run_jobs(
     jobs: Vec<Job>,
     threads: usize,
+    limits: &InputLimits,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> FrameReport {
     let total = jobs.len();
@@ -180,8 +210,8 @@ pub fn run_jobs(
                 };
                 let r = if job.out.is_file() {
                     Ok(true)
-                } else if !job.video.is_file() {
-                    Err(("no such file".to_string(), true))
+                } else if let Err(e) = check_clip(&job.video, limits) {
+                    Err(e)
                 } else {
                     let res = match job.time {
                         Some(t) => extract_frame(&job.video, t, job.crop.as_ref(), &job.out),
@@ -258,7 +288,11 @@ pub fn iemocap_jobs(sessions: &[iemocap::Session], out: &Path) -> Vec<Job> {
 /// (middle of the clip, or (start + end) / 2 when times are given) into `cache_dir`
 /// (named by the clip's path and time, so it is made once) and sets `image`. Returns the
 /// clips that could not be read.
-pub fn resolve_clip_frames(ds: &mut Dataset, cache_dir: &Path) -> Vec<(PathBuf, String)> {
+pub fn resolve_clip_frames(
+    ds: &mut Dataset,
+    cache_dir: &Path,
+    limits: &InputLimits,
+) -> Vec<(PathBuf, String)> {
     let mut failed = Vec::new();
     for d in &mut ds.dialogues {
         for u in &mut d.utterances {
@@ -274,8 +308,8 @@ pub fn resolve_clip_frames(ds: &mut Dataset, cache_dir: &Path) -> Vec<(PathBuf, 
             let out = cache_dir.join(format!("{}.png", &key[..24]));
             let res = if out.is_file() {
                 Ok(())
-            } else if !clip.is_file() {
-                Err("no such file".to_string())
+            } else if let Err((why, _)) = check_clip(&clip, limits) {
+                Err(why)
             } else {
                 match time {
                     Some(t) => extract_frame(&clip, t, None, &out),

@@ -6,8 +6,9 @@
 //!
 //! Per utterance: `speaker`, `text` (required); `label`, `image`, `clip`, `start`, `end`,
 //! `id` (optional). Relative paths resolve against the file's folder; `image` wins over
-//! `clip`; a clip with no times gives its middle frame. A file holding one plain JSON
-//! object (possibly over several lines) is read as a single dialogue.
+//! `clip`; a clip with no times gives its middle frame. A dialogue may also be one
+//! pretty-printed object over several lines. A split without any dialogue is an error, and
+//! so is a `labels.txt` that is empty or misses a label the data uses.
 
 use super::{Dataset, Dialogue, Utterance};
 use crate::error::{Error, IoContext, Result};
@@ -48,25 +49,53 @@ pub fn read(path: &Path) -> Result<Vec<Dialogue>> {
     parse(&text, &base, &path.display().to_string())
 }
 
+/// Reads dialogues from standard input (`farcer predict -`); relative paths resolve
+/// against the working directory.
+pub fn read_stdin() -> Result<Vec<Dialogue>> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .at("<standard input>")?;
+    let base = std::env::current_dir().at(".")?;
+    parse(&text, &base, "<standard input>")
+}
+
 /// Parses JSON lines; `base` resolves relative paths, `name` is used in messages.
+///
+/// The text is read as a stream of JSON objects, so one object per line and a single
+/// pretty-printed object over several lines are both read, and a syntax error is reported
+/// at its real `name:line:column`. An input without any dialogue is an error.
 pub fn parse(text: &str, base: &Path, name: &str) -> Result<Vec<Dialogue>> {
-    let trimmed = text.trim_start();
-    // A single object spread over several lines (pretty-printed) is one dialogue.
-    if trimmed.starts_with('{') && text.trim().lines().count() > 1 {
-        if let Ok(raw) = serde_json::from_str::<RawDialogue>(text) {
-            return Ok(vec![convert(raw, 0, base, name)?]);
-        }
-    }
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line_no = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let loc = format!("{name}:{line_no}");
-        let raw: RawDialogue =
-            serde_json::from_str(line).map_err(|e| Error::input(&loc, e.to_string()))?;
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<RawDialogue>();
+    // Lines counted so far, up to byte `counted` (counting once keeps this linear).
+    let (mut line, mut counted) = (1, 0);
+    loop {
+        let before = stream.byte_offset();
+        let raw = match stream.next() {
+            None => break,
+            Some(Ok(raw)) => raw,
+            Some(Err(e)) => {
+                return Err(Error::input(
+                    format!("{name}:{}:{}", e.line(), e.column()),
+                    json_message(&e),
+                ))
+            }
+        };
+        // The line the object starts on (after the whitespace before it).
+        let start = before + (text[before..].len() - text[before..].trim_start().len());
+        line += text[counted..start].matches('\n').count();
+        counted = start;
+        let loc = format!("{name}:{line}");
         out.push(convert(raw, out.len(), base, &loc)?);
+    }
+    if out.is_empty() {
+        return Err(Error::input(
+            name,
+            "no dialogues: the input is empty (expected one JSON object per line: {\"utterances\": [{\"speaker\": ..., \"text\": ...}]})",
+        ));
     }
     let mut seen = std::collections::HashSet::new();
     for d in &out {
@@ -78,6 +107,13 @@ pub fn parse(text: &str, base: &Path, name: &str) -> Result<Vec<Dialogue>> {
         }
     }
     Ok(out)
+}
+
+/// serde_json's message without its own " at line L column C" (the location has them).
+fn json_message(e: &serde_json::Error) -> String {
+    let m = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    m.strip_suffix(&suffix).map(String::from).unwrap_or(m)
 }
 
 fn convert(raw: RawDialogue, index: usize, base: &Path, loc: &str) -> Result<Dialogue> {
@@ -141,6 +177,40 @@ pub fn infer_labels(dialogues: &[Dialogue]) -> Vec<String> {
     v.into_iter().map(|(l, _)| l).collect()
 }
 
+/// Refuses data whose utterances carry a label outside `labels` (those utterances would
+/// silently never be scored), naming the labels, where they are used and `source`.
+fn check_labels(
+    dialogues: &[Dialogue],
+    labels: &[String],
+    file: &Path,
+    source: &str,
+    hint: &str,
+) -> Result<()> {
+    let mut missing: std::collections::BTreeMap<&str, usize> = Default::default();
+    for u in dialogues.iter().flat_map(|d| &d.utterances) {
+        if let Some(l) = u.label.as_deref() {
+            if !labels.iter().any(|x| x == l) {
+                *missing.entry(l).or_default() += 1;
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = missing
+        .iter()
+        .map(|(l, n)| format!("`{l}` ({n} utterance{})", if *n == 1 { "" } else { "s" }))
+        .collect();
+    Err(Error::input(
+        source,
+        format!(
+            "misses labels used in {}: {} (their utterances would never be scored); {hint}",
+            file.display(),
+            list.join(", "),
+        ),
+    ))
+}
+
 /// A JSON-lines dataset: `path` is a file (one split) or a folder of `{split}.jsonl`.
 pub fn load(path: &Path, split: &str) -> Result<Dataset> {
     let (file, labels_file) = if path.is_dir() {
@@ -150,21 +220,42 @@ pub fn load(path: &Path, split: &str) -> Result<Dataset> {
     };
     let dialogues = read(&file)?;
     let labels = if labels_file.is_file() {
-        std::fs::read_to_string(&labels_file)
+        let labels: Vec<String> = std::fs::read_to_string(&labels_file)
             .at(&labels_file)?
             .lines()
             .map(|l| l.trim().to_lowercase())
             .filter(|l| !l.is_empty())
-            .collect()
+            .collect();
+        if labels.is_empty() {
+            return Err(Error::input(
+                labels_file.display().to_string(),
+                "the labels file is empty: list the target labels, one per line",
+            ));
+        }
+        check_labels(
+            &dialogues,
+            &labels,
+            &file,
+            &labels_file.display().to_string(),
+            "add them to it, or remove them from the data",
+        )?;
+        labels
     } else if path.is_dir() {
         // Use the training split's labels so every split shares one order.
         let train = path.join("train.jsonl");
-        let src = if train.is_file() {
-            read(&train)?
+        if train.is_file() && train != file {
+            let labels = infer_labels(&read(&train)?);
+            check_labels(
+                &dialogues,
+                &labels,
+                &file,
+                &format!("the labels of {} (no labels.txt)", train.display()),
+                "write a labels.txt beside the splits listing every label, one per line",
+            )?;
+            labels
         } else {
-            dialogues.clone()
-        };
-        infer_labels(&src)
+            infer_labels(&dialogues)
+        }
     } else {
         infer_labels(&dialogues)
     };
@@ -219,6 +310,95 @@ mod tests {
         let d = parse(text, Path::new("."), "d.json").unwrap();
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].id, "x");
+    }
+
+    #[test]
+    fn syntax_errors_name_their_real_line_and_column() {
+        // A pretty-printed dialogue with a missing comma on line 4.
+        let text = "{\n  \"id\": \"x\",\n  \"utterances\": [\n    {\"speaker\": \"A\" \"text\": \"hm\"}\n  ]\n}\n";
+        let e = parse(text, Path::new("."), "d.json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("d.json:4:21: expected `,`"), "{e}");
+        assert!(!e.contains("line 1"), "{e}");
+        // JSON lines: the third line is cut short.
+        let line = r#"{"utterances": [{"speaker": "A", "text": "hm"}]}"#;
+        let text = format!("{line}\r\n\r\n{{\"utterances\": [\n{line}\n");
+        let e = parse(&text, Path::new("."), "f.jsonl")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("f.jsonl:4:"), "{e}");
+        // A field error in the second of two pretty objects names the line it starts on.
+        let text = format!("{line}\n\n{{\n \"utterances\": []\n}}\n");
+        let e = parse(&text, Path::new("."), "f.jsonl")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("f.jsonl:3: dialogue has no utterances"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_input_is_refused() {
+        for text in ["", "\n\r\n  \n", "\u{feff}"] {
+            let e = parse(text, Path::new("."), "in.jsonl")
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("in.jsonl: no dialogues"), "{text:?}: {e}");
+        }
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("farcer-jsonl-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn labels_files_that_are_empty_or_miss_used_labels_are_refused() {
+        let d = scratch("labels");
+        let dia = |l: &str| {
+            format!(
+                r#"{{"utterances": [{{"speaker": "A", "text": "x", "label": "{l}"}}, {{"speaker": "B", "text": "y", "label": "joy"}}]}}"#
+            )
+        };
+        std::fs::write(d.join("train.jsonl"), dia("anger") + "\n").unwrap();
+        std::fs::write(
+            d.join("test.jsonl"),
+            dia("fear") + "\n" + &dia("Fear") + "\n",
+        )
+        .unwrap();
+        // No labels.txt: the training split's labels define the set; test uses `fear`.
+        let e = load(&d, "test").unwrap_err().to_string();
+        assert!(
+            e.contains("train.jsonl") && e.contains("`fear` (2 utterances)"),
+            "{e}"
+        );
+        assert_eq!(load(&d, "train").unwrap().labels, ["anger", "joy"]);
+        // An empty labels.txt.
+        std::fs::write(d.join("labels.txt"), "\n  \n").unwrap();
+        let e = load(&d, "train").unwrap_err().to_string();
+        assert!(e.contains("labels.txt") && e.contains("empty"), "{e}");
+        // A labels.txt without `anger`, which train uses.
+        std::fs::write(d.join("labels.txt"), "joy\nfear\n").unwrap();
+        let e = load(&d, "train").unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}: misses labels used in",
+                d.join("labels.txt").display()
+            )) && e.contains("`anger` (1 utterance)")
+                && !e.contains("joy"),
+            "{e}"
+        );
+        std::fs::write(d.join("labels.txt"), "joy\nfear\nanger\n").unwrap();
+        assert_eq!(load(&d, "test").unwrap().labels, ["joy", "fear", "anger"]);
+        // A split with no dialogues at all.
+        std::fs::write(d.join("dev.jsonl"), "\n").unwrap();
+        let e = load(&d, "dev").unwrap_err().to_string();
+        assert!(e.contains("dev.jsonl") && e.contains("no dialogues"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -77,10 +77,20 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Vec<Dialogue>> {
         .flexible(false)
         .from_reader(text.as_bytes());
     let loc = |line: u64| format!("{}:{}", path.display(), line);
+    // The csv crate's own line numbers count the `\n` of a CRLF as the start of the next
+    // record (one too few on every real MELD file), so lines are counted from the byte
+    // offset instead.
+    let line_of = |pos: Option<&csv::Position>| pos.map(|p| line_at(&text, p.byte())).unwrap_or(0);
     let headers = rdr
         .headers()
-        .map_err(|e| Error::input(loc(1), e.to_string()))?
+        .map_err(|e| Error::input(loc(line_of(e.position())), e.to_string()))?
         .clone();
+    if headers.iter().all(|h| h.trim().is_empty()) {
+        return Err(Error::input(
+            path.display().to_string(),
+            "the file is empty: a MELD CSV starts with a header line (Sr No.,Utterance,Speaker,Emotion,...)",
+        ));
+    }
     let col = |name: &str| -> Result<usize> {
         headers
             .iter()
@@ -99,11 +109,8 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Vec<Dialogue>> {
 
     let mut by_key: BTreeMap<(u64, u64), Utterance> = BTreeMap::new();
     for rec in rdr.records() {
-        let rec = rec.map_err(|e| {
-            let line = e.position().map(|p| p.line()).unwrap_or(0);
-            Error::input(loc(line), e.to_string())
-        })?;
-        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        let rec = rec.map_err(|e| Error::input(loc(line_of(e.position())), csv_message(&e)))?;
+        let line = line_of(rec.position());
         let field = |c: usize, name: &str| -> Result<&str> {
             rec.get(c)
                 .ok_or_else(|| Error::input(loc(line), format!("missing field `{name}`")))
@@ -148,6 +155,12 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Vec<Dialogue>> {
             ));
         }
     }
+    if by_key.is_empty() {
+        return Err(Error::input(
+            path.display().to_string(),
+            "no utterances: the file has a header line but no rows",
+        ));
+    }
     let mut dialogues: Vec<Dialogue> = Vec::new();
     for ((dia, _), u) in by_key {
         let id = dia.to_string();
@@ -160,6 +173,28 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Vec<Dialogue>> {
         }
     }
     Ok(dialogues)
+}
+
+/// The 1-based line where the record at byte offset `byte` of `text` starts. The csv
+/// crate's offset may point at the `\n` of the previous line's `\r\n`, or at blank lines
+/// it skipped; a record never starts with a line end, so those are skipped first.
+fn line_at(text: &str, byte: u64) -> u64 {
+    let b = text.as_bytes();
+    let mut at = usize::try_from(byte).unwrap_or(usize::MAX).min(b.len());
+    while at < b.len() && (b[at] == b'\n' || b[at] == b'\r') {
+        at += 1;
+    }
+    1 + b[..at].iter().filter(|&&c| c == b'\n').count() as u64
+}
+
+/// A CSV error without the crate's own (CRLF-miscounted) position: ours is in the location.
+fn csv_message(e: &csv::Error) -> String {
+    match e.kind() {
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => format!("this row has {len} fields, the header has {expected_len}"),
+        _ => e.to_string(),
+    }
 }
 
 /// UTF-8 if it is valid, else Windows-1252; then C1 code points mapped as cp1252 would.
@@ -261,6 +296,55 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("Utterance_ID"), "{e}");
+    }
+
+    #[test]
+    fn crlf_files_get_the_right_line_numbers() {
+        // Every real MELD file ends its lines with CRLF; a quoted field spans two lines and
+        // blank lines are skipped, and the bad rows must still be named by their own line.
+        let rows = [
+            "Utterance,Speaker,Emotion,Dialogue_ID,Utterance_ID",
+            "\"two\r\nlines\",A,joy,0,0",
+            "",
+            "ok,B,anger,0,1",
+            "bad,C,happy,0,2",
+        ];
+        for eol in ["\r\n", "\n"] {
+            let csv = rows.join(eol) + eol;
+            let e = parse(csv.as_bytes(), Path::new("f.csv"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("f.csv:6:") && e.contains("happy"),
+                "{eol:?}: {e}"
+            );
+            let short = format!("{}{eol}x,A,joy{eol}", rows[0]);
+            let e = parse(short.as_bytes(), Path::new("f.csv"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("f.csv:2:") && e.contains("3 fields"),
+                "{eol:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_and_header_only_files_are_refused() {
+        for csv in [
+            "",
+            "\r\n",
+            "Utterance,Speaker,Emotion,Dialogue_ID,Utterance_ID\r\n",
+        ] {
+            let e = parse(csv.as_bytes(), Path::new("dev_sent_emo.csv"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("dev_sent_emo.csv:")
+                    && (e.contains("empty") || e.contains("no rows")),
+                "{csv:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::error::{Error, IoContext, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 pub struct GgufModel {
@@ -19,15 +20,228 @@ pub struct GgufModel {
     pub rope_freqs: Option<Vec<f32>>,
 }
 
+/// Reads a GGUF file's header (metadata and tensor table), checked against the file's
+/// length before and after candle parses it: see [`check_metadata`] and
+/// [`check_tensor_table`]. Tensor data is read later, one tensor at a time.
 pub fn read_content(path: &Path) -> Result<(gguf_file::Content, std::fs::File)> {
+    let bad = |m: String| Error::model(path.display().to_string(), m);
     let mut f = std::fs::File::open(path).at(path)?;
-    let ct = gguf_file::Content::read(&mut f).map_err(|e| {
-        Error::model(
-            path.display().to_string(),
-            format!("not a readable GGUF file: {e}"),
-        )
-    })?;
+    let len = f.metadata().at(path)?.len();
+    check_metadata(&mut std::io::BufReader::new(&f), len)
+        .map_err(|m| bad(format!("not a readable GGUF file: {m}")))?;
+    f.seek(SeekFrom::Start(0)).at(path)?;
+    let ct = gguf_file::Content::read(&mut f)
+        .map_err(|e| bad(format!("not a readable GGUF file: {e}")))?;
+    check_tensor_table(&ct, len).map_err(|m| bad(format!("not a readable GGUF file: {m}")))?;
     Ok((ct, f))
+}
+
+/// Nesting of arrays in GGUF metadata that we follow (candle stops at the same depth).
+const MAX_DEPTH: usize = 64;
+
+/// Walks a GGUF header's metadata without keeping it, refusing what the parser would
+/// panic on or could be made to allocate for: counts and lengths beyond what the rest of
+/// the file can hold, unknown value types, nesting deeper than 64, and a
+/// `general.alignment` of 0 (candle divides by it). `len` is the file's length.
+pub fn check_metadata<R: Read + Seek>(r: &mut R, len: u64) -> std::result::Result<(), String> {
+    let mut w = Walker { r, len, pos: 0 };
+    let magic = w.u32()?;
+    if magic != 0x4655_4747 && magic != 0x4747_5546 {
+        return Err(format!("bad magic {magic:#010x}"));
+    }
+    let version = w.u32()?;
+    if !(1..=3).contains(&version) {
+        return Err(format!("GGUF version {version} is not supported"));
+    }
+    let v1 = version == 1;
+    let tensors = w.length(v1)?;
+    let kvs = w.length(v1)?;
+    // Each entry takes some bytes, so a count above the file's length cannot be true.
+    if tensors > len || kvs > len {
+        return Err(format!(
+            "the header claims {tensors} tensors and {kvs} metadata entries in a file of {len} bytes"
+        ));
+    }
+    for _ in 0..kvs {
+        let key_len = w.length(v1)?;
+        let is_alignment = key_len == "general.alignment".len() as u64;
+        let key = if is_alignment {
+            w.string(key_len)?
+        } else {
+            w.skip(key_len)?;
+            String::new()
+        };
+        let ty = w.u32()?;
+        if key == "general.alignment" {
+            let a = match ty {
+                0 | 1 => w.u8()? as u64,
+                2 | 3 => w.u16()? as u64,
+                4 | 5 => w.u32()? as u64,
+                _ => {
+                    w.value(ty, v1, 0)?;
+                    continue;
+                }
+            };
+            // candle reads signed widths as negative and falls back to 32 then.
+            let negative = match ty {
+                1 => a >= 0x80,
+                3 => a >= 0x8000,
+                5 => a >= 0x8000_0000,
+                _ => false,
+            };
+            if a == 0 && !negative {
+                return Err("general.alignment is 0".into());
+            }
+        } else {
+            w.value(ty, v1, 0)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses tensors whose element count overflows, that do not fill whole blocks of their
+/// type, or whose data would lie beyond the file's `len` bytes.
+pub fn check_tensor_table(ct: &gguf_file::Content, len: u64) -> std::result::Result<(), String> {
+    for (name, t) in &ct.tensor_infos {
+        let elems = t
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| format!("tensor `{name}`: shape {:?} overflows", t.shape.dims()))?;
+        let block = t.ggml_dtype.block_size();
+        if !elems.is_multiple_of(block) {
+            return Err(format!(
+                "tensor `{name}`: {elems} elements are not whole blocks of {block}"
+            ));
+        }
+        let end = (elems / block)
+            .checked_mul(t.ggml_dtype.type_size())
+            .and_then(|b| (b as u64).checked_add(ct.tensor_data_offset))
+            .and_then(|b| b.checked_add(t.offset));
+        match end {
+            Some(e) if e <= len => {}
+            _ => {
+                return Err(format!(
+                    "tensor `{name}` ({:?}, {:?}) ends past the end of the file ({len} bytes): truncated or damaged",
+                    t.ggml_dtype,
+                    t.shape.dims()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A bounded reader of a GGUF header.
+struct Walker<'a, R> {
+    r: &'a mut R,
+    len: u64,
+    pos: u64,
+}
+
+impl<R: Read + Seek> Walker<'_, R> {
+    fn need(&self, n: u64) -> std::result::Result<(), String> {
+        if n > self.len.saturating_sub(self.pos) {
+            return Err(format!(
+                "{n} bytes needed at offset {}, the file ends at {} (truncated?)",
+                self.pos, self.len
+            ));
+        }
+        Ok(())
+    }
+    fn bytes<const N: usize>(&mut self) -> std::result::Result<[u8; N], String> {
+        self.need(N as u64)?;
+        let mut b = [0u8; N];
+        self.r.read_exact(&mut b).map_err(|e| e.to_string())?;
+        self.pos += N as u64;
+        Ok(b)
+    }
+    fn u8(&mut self) -> std::result::Result<u8, String> {
+        Ok(self.bytes::<1>()?[0])
+    }
+    fn u16(&mut self) -> std::result::Result<u16, String> {
+        Ok(u16::from_le_bytes(self.bytes()?))
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(self.bytes()?))
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(self.bytes()?))
+    }
+    fn length(&mut self, v1: bool) -> std::result::Result<u64, String> {
+        if v1 {
+            Ok(self.u32()? as u64)
+        } else {
+            self.u64()
+        }
+    }
+    fn skip(&mut self, n: u64) -> std::result::Result<(), String> {
+        self.need(n)?;
+        if n <= 4096 {
+            // Short skips are reads, which a buffered reader serves without a syscall.
+            let copied = std::io::copy(&mut (&mut *self.r).take(n), &mut std::io::sink())
+                .map_err(|e| e.to_string())?;
+            if copied != n {
+                return Err("the file ended early".into());
+            }
+        } else {
+            self.r
+                .seek(SeekFrom::Current(n as i64))
+                .map_err(|e| e.to_string())?;
+        }
+        self.pos += n;
+        Ok(())
+    }
+    fn string(&mut self, n: u64) -> std::result::Result<String, String> {
+        self.need(n)?;
+        let mut b = vec![0u8; n as usize];
+        self.r.read_exact(&mut b).map_err(|e| e.to_string())?;
+        self.pos += n;
+        Ok(String::from_utf8_lossy(&b)
+            .trim_end_matches('\0')
+            .to_string())
+    }
+    /// Skips one value of GGUF type `ty`.
+    fn value(&mut self, ty: u32, v1: bool, depth: usize) -> std::result::Result<(), String> {
+        if depth > MAX_DEPTH {
+            return Err(format!("metadata arrays nested deeper than {MAX_DEPTH}"));
+        }
+        match ty {
+            0 | 1 | 7 => self.skip(1),
+            2 | 3 => self.skip(2),
+            4..=6 => self.skip(4),
+            10..=12 => self.skip(8),
+            8 => {
+                let n = self.length(v1)?;
+                self.skip(n)
+            }
+            9 => {
+                let inner = self.u32()?;
+                let n = self.length(v1)?;
+                let size = match inner {
+                    0 | 1 | 7 => Some(1),
+                    2 | 3 => Some(2),
+                    4..=6 => Some(4),
+                    10..=12 => Some(8),
+                    8 | 9 => None,
+                    t => return Err(format!("unknown metadata value type {t}")),
+                };
+                match size {
+                    Some(s) => self.skip(n.checked_mul(s).ok_or("array length overflows")?),
+                    None => {
+                        // Each string or array takes at least its length prefix.
+                        self.need(n.saturating_mul(if v1 { 4 } else { 8 }))?;
+                        for _ in 0..n {
+                            self.value(inner, v1, depth + 1)?;
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            t => Err(format!("unknown metadata value type {t}")),
+        }
+    }
 }
 
 fn meta<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value> {
@@ -38,11 +252,19 @@ fn meta<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Valu
 
 fn meta_usize(ct: &gguf_file::Content, key: &str) -> Result<usize> {
     let v = meta(ct, key)?;
-    v.to_u32()
-        .map(|x| x as usize)
-        .or_else(|_| v.to_u64().map(|x| x as usize))
-        .or_else(|_| v.to_i32().map(|x| x as usize))
-        .map_err(|_| Error::model("GGUF", format!("`{key}` is not an integer")))
+    let n: Option<u64> = match v {
+        gguf_file::Value::U8(x) => Some(*x as u64),
+        gguf_file::Value::U16(x) => Some(*x as u64),
+        gguf_file::Value::U32(x) => Some(*x as u64),
+        gguf_file::Value::U64(x) => Some(*x),
+        gguf_file::Value::I8(x) => u64::try_from(*x).ok(),
+        gguf_file::Value::I16(x) => u64::try_from(*x).ok(),
+        gguf_file::Value::I32(x) => u64::try_from(*x).ok(),
+        gguf_file::Value::I64(x) => u64::try_from(*x).ok(),
+        _ => None,
+    };
+    n.and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| Error::model("GGUF", format!("`{key}` is not a whole number >= 0")))
 }
 
 fn meta_f64(ct: &gguf_file::Content, key: &str) -> Option<f64> {
@@ -93,6 +315,18 @@ pub fn config(ct: &gguf_file::Content) -> Result<Config> {
         }
         _ => None,
     };
+    let head_dim = match meta_usize(ct, &k("rope.dimension_count"))
+        .or_else(|_| meta_usize(ct, &k("attention.key_length")))
+    {
+        Ok(d) => d,
+        Err(_) if heads > 0 && !hidden.is_multiple_of(heads) => {
+            return Err(Error::model(
+                "GGUF",
+                format!("hidden_size (embedding_length) {hidden} is not a multiple of num_attention_heads (head_count) {heads}, and no head size is given"),
+            ))
+        }
+        Err(_) => hidden / heads.max(1),
+    };
     let tied = !ct.tensor_infos.contains_key("output.weight");
     Config {
         hidden_size: hidden,
@@ -100,9 +334,7 @@ pub fn config(ct: &gguf_file::Content) -> Result<Config> {
         num_layers: meta_usize(ct, &k("block_count"))?,
         num_heads: heads,
         num_kv_heads: kv_heads,
-        head_dim: meta_usize(ct, &k("rope.dimension_count"))
-            .or_else(|_| meta_usize(ct, &k("attention.key_length")))
-            .unwrap_or(hidden / heads.max(1)),
+        head_dim,
         vocab_size: vocab,
         rms_norm_eps: meta_f64(ct, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         rope_theta: meta_f64(ct, &k("rope.freq_base")).unwrap_or(10000.0),
@@ -163,7 +395,11 @@ pub fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 /// Reads and dequantizes every tensor, named as in Hugging Face checkpoints.
 pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
     let (content, mut f) = read_content(path)?;
-    let cfg = config(&content)?;
+    // Name the file in the configuration's errors (`config` only sees the header).
+    let cfg = config(&content).map_err(|e| match e {
+        Error::Model { message, .. } => Error::model(path.display().to_string(), message),
+        e => e,
+    })?;
     let mut tensors = HashMap::new();
     let mut rope_freqs = None;
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
@@ -204,6 +440,31 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_check_accepts_what_candle_writes() {
+        use gguf_file::Value as V;
+        let dev = Device::Cpu;
+        let t = candle_core::quantized::QTensor::quantize(
+            &Tensor::ones((4, 32), DType::F32, &dev).unwrap(),
+            candle_core::quantized::GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let tokens = V::Array(vec![V::String("a".into()), V::String("bc".into())]);
+        let meta = [
+            ("general.architecture", &V::String("llama".into())),
+            ("general.alignment", &V::U32(32)),
+            ("x.tokens", &tokens),
+            ("x.f", &V::F32(1.5)),
+        ];
+        let mut out = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut out, &meta, &[("t.weight", &t)]).unwrap();
+        let bytes = out.into_inner();
+        let len = bytes.len() as u64;
+        check_metadata(&mut std::io::Cursor::new(&bytes), len).unwrap();
+        let ct = gguf_file::Content::read(&mut std::io::Cursor::new(&bytes)).unwrap();
+        check_tensor_table(&ct, len).unwrap();
+    }
 
     #[test]
     fn names_map_to_hugging_face() {

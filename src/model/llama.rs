@@ -188,6 +188,32 @@ impl Config {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} is 0"));
         }
+        // Far above any Llama-family model, low enough that nothing sized from the config
+        // alone (layer lists, rotary tables) can ask for more memory than a machine has.
+        let at_most = [
+            ("hidden_size", c.hidden_size, 1 << 20),
+            ("intermediate_size", c.intermediate_size, 1 << 22),
+            ("num_hidden_layers", c.num_layers, 1 << 12),
+            ("num_attention_heads", c.num_heads, 1 << 14),
+            ("num_key_value_heads", c.num_kv_heads, 1 << 14),
+            ("head_dim", c.head_dim, 1 << 14),
+            ("vocab_size", c.vocab_size, 1 << 24),
+            (
+                "max_position_embeddings",
+                c.max_position_embeddings,
+                1 << 24,
+            ),
+        ];
+        if let Some((name, v, max)) = at_most.iter().find(|(_, v, max)| v > max) {
+            return Err(format!("{name} {v} is larger than farcer allows ({max})"));
+        }
+        // The rotary tables hold max_position_embeddings x head_dim / 2 values each.
+        if c.max_position_embeddings * c.head_dim > 1 << 28 {
+            return Err(format!(
+                "max_position_embeddings {} x head_dim {} is larger than farcer's rotary tables allow (2^28)",
+                c.max_position_embeddings, c.head_dim
+            ));
+        }
         if !c.num_heads.is_multiple_of(c.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",

@@ -9,6 +9,7 @@ pub mod lora;
 pub mod projection;
 pub mod tokenizer;
 pub mod vit;
+pub mod weights;
 
 use crate::error::{Error, IoContext, Result};
 use crate::prompt::template::{template_from_config, token_from_config, ChatTemplate};
@@ -226,14 +227,16 @@ fn load_dir(
     dtype: DType,
 ) -> Result<Llm> {
     let cfg_path = dir.join("config.json");
-    let raw: LlamaConfig = serde_json::from_value(read_json(&cfg_path)?)
+    // Parsed from the text (not a `Value`) so that a wrong value's error has its line.
+    let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
+    let raw: LlamaConfig = serde_json::from_str(&text)
         .map_err(|e| Error::input(cfg_path.display().to_string(), e.to_string()))?;
     let config = raw
         .into_config()
         .map_err(|m| Error::input(cfg_path.display().to_string(), m))?;
     let files = safetensors_files(dir)?;
-    // SAFETY: the files are memory-mapped read-only and not modified while we run.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
+    // Read tensor by tensor, not memory-mapped: see `weights` for why.
+    let vb = weights::var_builder(&files, dtype, device)?;
     let model = Llama::load(vb, &config)
         .map_err(|e| Error::model(dir.display().to_string(), e.to_string()))?;
 

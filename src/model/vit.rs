@@ -69,6 +69,19 @@ impl ViTConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} is 0"));
         }
+        // Far above any ViT, low enough that nothing sized from the config alone can ask
+        // for more memory than a machine has.
+        let at_most = [
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("image_size", self.image_size, 1 << 13),
+            ("num_channels", self.num_channels, 64),
+        ];
+        if let Some((name, v, max)) = at_most.iter().find(|(_, v, max)| v > max) {
+            return Err(format!("{name} {v} is larger than farcer allows ({max})"));
+        }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",

@@ -358,7 +358,8 @@ struct LoadArgs {
 struct PredictArgs {
     #[command(flatten)]
     load: LoadArgs,
-    /// A JSON-lines file of dialogues, or one dialogue as a JSON object.
+    /// A JSON-lines file of dialogues, or one dialogue as a JSON object; `-` reads standard
+    /// input (relative image and clip paths then resolve against the working directory).
     input: PathBuf,
     /// `last`: the last utterance of each dialogue; `all`: every utterance.
     #[arg(long, default_value_t = Scope::Last)]
@@ -1043,7 +1044,11 @@ fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn predict(a: PredictArgs) -> Result<()> {
-    let dialogues = farcer::data::jsonl::read(&a.input)?;
+    let dialogues = if a.input.as_os_str() == "-" {
+        farcer::data::jsonl::read_stdin()?
+    } else {
+        farcer::data::jsonl::read(&a.input)?
+    };
     let mut ds = Dataset {
         corpus: "jsonl".into(),
         split: "predict".into(),

@@ -125,6 +125,31 @@ fn tiny_checkpoint(dir: &Path, lora: bool) -> (PathBuf, PathBuf, PathBuf) {
     (run.join("best"), vit, data)
 }
 
+/// Runs `farcer args` in `cwd` with `input` on standard input: (success, stdout, stderr).
+fn farcer_stdin(args: &[&str], cwd: &Path, input: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_farcer"))
+        .current_dir(cwd)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 #[test]
 fn predict_from_a_checkpoint_with_images() {
     let dir = tmpdir("predict");
@@ -140,9 +165,22 @@ fn predict_from_a_checkpoint_with_images() {
         ),
     ] {
         let f = dir.join(name);
-        std::fs::write(&f, content).unwrap();
+        std::fs::write(&f, &content).unwrap();
         let (ok, stdout, stderr) = farcer(&["predict", "--checkpoint", ck.to_str().unwrap(), f.to_str().unwrap()]);
         assert!(ok, "{stderr}");
+        if name == "one.json" {
+            // `predict -` reads standard input; a relative image path resolves against the
+            // working directory, and the answer is the file's.
+            let rel = content.replace(&format!("{}/", data.display()), "");
+            assert!(rel.contains("\"images/demo-dev-000_0.png\""), "{rel}");
+            let (ok2, stdout2, stderr2) = farcer_stdin(&["predict", "--checkpoint", ck.to_str().unwrap(), "-"], &data, &rel);
+            assert!(ok2, "{stderr2}");
+            assert_eq!(stdout2, stdout);
+            // From another folder the image is not found, and the reason names it.
+            let (ok3, stdout3, stderr3) = farcer_stdin(&["predict", "--checkpoint", ck.to_str().unwrap(), "-"], &dir, &rel);
+            assert!(ok3 && stdout3 != stdout, "{stderr3}");
+            assert!(stderr3.contains(&dir.join("images/demo-dev-000_0.png").display().to_string()), "{stderr3}");
+        }
         let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), if name == "one.json" { 1 } else { 7 });
         for l in &lines {
@@ -153,6 +191,47 @@ fn predict_from_a_checkpoint_with_images() {
             assert!(probs.contains_key(l["label"].as_str().unwrap()));
         }
     }
+    // Images outside the limits are refused, each named with its reason (a FIFO is never
+    // opened, so nothing hangs), and the utterance is predicted without its image.
+    let big = dir.join("big.png");
+    image::RgbImage::from_pixel(50, 40, image::Rgb([std::process::id() as u8, 7, 9]))
+        .save(&big)
+        .unwrap();
+    let fifo = dir.join("fifo.png");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let line = |id: &str, img: &Path| {
+        format!(
+            r#"{{"id": "{id}", "utterances": [{{"speaker": "A", "text": "Okay.", "image": "{}"}}]}}"#,
+            img.display()
+        )
+    };
+    let two = dir.join("two.jsonl");
+    std::fs::write(&two, format!("{}\n{}\n", line("a", &big), line("b", &fifo))).unwrap();
+    let args = [
+        "predict",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        two.to_str().unwrap(),
+    ];
+    let (ok, stdout, stderr) = support::farcer_env(&args, &[("FARCER_MAX_IMAGE_PIXELS", "1999")]);
+    assert!(ok && stdout.lines().count() == 2, "{stderr}");
+    assert!(stderr.contains("2 images could not be read"), "{stderr}");
+    let want = format!(
+        "{}: 50x40 is 2000 pixels, more than the 1999 allowed (set FARCER_MAX_IMAGE_PIXELS",
+        big.display()
+    );
+    assert!(stderr.contains(&want), "{stderr}");
+    let want = format!("{}: not a regular file (a FIFO)", fifo.display());
+    assert!(stderr.contains(&want), "{stderr}");
+    let (ok, _, stderr) = support::farcer_env(&args, &[("FARCER_MAX_IMAGE_BYTES", "32M")]);
+    assert!(
+        !ok && stderr.contains("FARCER_MAX_IMAGE_BYTES: `32M` is not a whole number"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -247,6 +326,21 @@ fn bad_inputs_fail_with_messages_that_name_the_problem() {
         !ok && e.contains("bad.jsonl:2") && e.contains("speaker"),
         "{e}"
     );
+    // An empty input is an error, not an empty answer with exit 0 (a file or stdin).
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    let (ok, stdout, e) = farcer(&[
+        "predict",
+        "--llm",
+        llm.to_str().unwrap(),
+        empty.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stdout.is_empty() && e.contains("empty.jsonl: no dialogues"),
+        "{e}"
+    );
+    let (ok, _, e) = farcer_stdin(&["predict", "--llm", llm.to_str().unwrap(), "-"], &dir, "");
+    assert!(!ok && e.contains("<standard input>: no dialogues"), "{e}");
     let (ok, _, e) = farcer(&[
         "eval",
         "--llm",
