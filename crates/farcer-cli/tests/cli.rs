@@ -500,62 +500,39 @@ fn text_lora_dry_run_train_eval_and_image_control() {
     let best = run.join("best");
     assert!(best.join("adapter_model.safetensors").is_file());
     assert!(!best.join("projection.safetensors").exists());
+    // `eval` of a checkpoint on the dev split, with more flags.
+    let data_arg = format!("jsonl:{}", data.display());
+    let eval = |ck: &Path, more: &[&str], out: &Path| {
+        let mut args = vec!["eval", "--checkpoint", ck.to_str().unwrap()];
+        args.extend(["--data", &data_arg, "--split", "dev"]);
+        args.extend(more);
+        args.extend(["--out", out.to_str().unwrap()]);
+        farcer(&args)
+    };
     let out = dir.join("text-eval");
-    let (ok, _, stderr) = farcer(&[
-        "eval",
-        "--checkpoint",
-        best.to_str().unwrap(),
-        "--data",
-        &format!("jsonl:{}", data.display()),
-        "--split",
-        "dev",
-        "--decode",
-        "constrained",
-        "--limit",
-        "3",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, _, stderr) = eval(&best, &["--decode", "constrained", "--limit", "3"], &out);
     assert!(ok, "{stderr}");
     let rep: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(rep["images"], false);
     assert_eq!(rep["n"], 3);
-    let (ok, _, stderr) = farcer(&[
-        "eval",
-        "--checkpoint",
-        best.to_str().unwrap(),
-        "--data",
-        &format!("jsonl:{}", data.display()),
-        "--split",
-        "dev",
-        "--limit",
-        "3",
-        "--image-control",
-        "shuffle",
-        "--out",
-        dir.join("x").to_str().unwrap(),
-    ]);
+    let control = ["--limit", "3", "--image-control", "shuffle"];
+    let (ok, _, stderr) = eval(&best, &control, &dir.join("x"));
     assert!(!ok && stderr.contains("takes no images"), "{stderr}");
     // A model with images: the control runs beside the real evaluation.
     let out = dir.join("image-eval");
-    let (ok, stdout, stderr) = farcer(&[
-        "eval",
-        "--checkpoint",
-        image_ck.to_str().unwrap(),
-        "--data",
-        &format!("jsonl:{}", data.display()),
-        "--split",
-        "dev",
-        "--decode",
-        "constrained",
-        "--limit",
-        "4",
-        "--image-control",
-        "shuffle",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, stdout, stderr) = eval(
+        &image_ck,
+        &[
+            "--decode",
+            "constrained",
+            "--limit",
+            "4",
+            "--image-control",
+            "shuffle",
+        ],
+        &out,
+    );
     assert!(ok, "{stderr}");
     assert!(stdout.contains("real - shuffled"), "{stdout}");
     let control: serde_json::Value =
