@@ -214,7 +214,13 @@ impl Canvas {
             c.line(left, y, x_end, y, GREY, 1);
             c.text(ox + 8, y - 4, &format!("{yv:.2}"), 1, BLACK);
             let xv = xmax * k as f64 / 4.0;
-            c.text(px(xv) - 8, y_end + 8, &format!("{xv:.0}"), 1, BLACK);
+            // Whole numbers as such (epochs), fractions with one decimal.
+            let label = if xv.fract() == 0.0 {
+                format!("{xv:.0}")
+            } else {
+                format!("{xv:.1}")
+            };
+            c.text(px(xv) - 8, y_end + 8, &label, 1, BLACK);
         }
         c.text(
             ox + w / 2 - Canvas::text_width(x_label, 1) / 2,
