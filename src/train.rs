@@ -565,7 +565,7 @@ pub fn dialogue_loss(
 ) -> Result<(Tensor, usize)> {
     let utts = &ds.dialogues[unit.dialogue].utterances;
     let mut total: Option<Tensor> = None;
-    for (start, targets) in passes(f, ps, ds, unit)? {
+    for (start, targets) in eval::passes(f, ps, utts, &unit.samples)? {
         let packed = Packed::build(f, ps, &utts[start..], &targets, weights, use_cache)?;
         let l = packed.loss(f, ps, &utts[start..], use_cache, train.as_deref_mut())?;
         total = Some(match total {
@@ -591,36 +591,13 @@ pub fn dialogue_tokens(
         weights: HashMap::new(),
     };
     let mut n = 0;
-    for (start, targets) in passes(f, ps, ds, unit)? {
+    for (start, targets) in eval::passes(f, ps, utts, &unit.samples)? {
         n += Packed::build(f, ps, &utts[start..], &targets, &none, use_cache)?
             .pass
             .pack
             .len();
     }
     Ok(n)
-}
-
-/// The passes of a unit: where each target's context starts once cut to fit (as
-/// evaluation cuts), and the targets (indices from that start) sharing each start.
-fn passes(
-    f: &Farcer,
-    ps: &PreparedSet,
-    ds: &Dataset,
-    unit: &Unit,
-) -> Result<Vec<(usize, Vec<usize>)>> {
-    let utts = &ds.dialogues[unit.dialogue].utterances;
-    let has_image = |u: &Utterance| crate::eval::InputBuilder::has_image(f, u);
-    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-    for s in &unit.samples {
-        let ctx = &utts[s.start..=s.target];
-        let enc = ps.prompter.encode(ctx, &|i| has_image(&ctx[i]), None)?;
-        let start = s.start + enc.dropped;
-        match groups.last_mut() {
-            Some((g, t)) if *g == start => t.push(s.target - start),
-            _ => groups.push((start, vec![s.target - start])),
-        }
-    }
-    Ok(groups)
 }
 
 /// One packed pass over a dialogue (from its context start) for the targets at the given
@@ -872,10 +849,12 @@ pub fn dry_run(f: &Farcer, cfg: &TrainConfig, data: &RunData, steps: usize) -> R
     let plan = Plan::new(f, cfg, data)?;
     let labels = &data.train.labels;
     let ps = plan.prepare(f, cfg, labels, 0)?;
-    let mut tokens = 0;
-    for u in &plan.units {
-        tokens += dialogue_tokens(f, &ps, &data.train, u, plan.use_cache)?;
-    }
+    let per_unit = plan
+        .units
+        .iter()
+        .map(|u| dialogue_tokens(f, &ps, &data.train, u, plan.use_cache))
+        .collect::<Result<Vec<_>>>()?;
+    let tokens: usize = per_unit.iter().sum();
     let mut order: Vec<usize> = (0..plan.units.len()).collect();
     Rng::derive(cfg.seed, "epoch-0").shuffle(&mut order);
     let (mut timed_tokens, mut seconds, mut timed) = (0, 0.0, 0);
@@ -893,7 +872,7 @@ pub fn dry_run(f: &Farcer, cfg: &TrainConfig, data: &RunData, steps: usize) -> R
         )?;
         loss.backward()?;
         seconds += start.elapsed().as_secs_f64();
-        timed_tokens += dialogue_tokens(f, &ps, &data.train, unit, plan.use_cache)?;
+        timed_tokens += per_unit[ui];
         timed += 1;
     }
     let rate = timed_tokens as f64 / seconds.max(1e-9);
