@@ -161,6 +161,18 @@ pub fn line_chart(
     c.save(path)
 }
 
+/// One chart of a row of charts: `(title, x label, y label, series)`.
+pub type Panel<'a> = (&'a str, &'a str, &'a str, Vec<Series>);
+
+/// Line charts side by side, 700 x 560 pixels each.
+pub fn panels_png(path: &Path, panels: &[Panel]) -> Result<()> {
+    let mut c = Canvas::new(700 * panels.len().max(1) as u32, 560);
+    for (i, (title, x, y, series)) in panels.iter().enumerate() {
+        c.chart((700 * i as i64, 0, 700, 560), title, x, y, series);
+    }
+    c.save(path)
+}
+
 /// A run's learning curves: training loss (left) and validation weighted F1 (right) per
 /// epoch, from `(epoch (1-based), train loss, validation weighted F1)`.
 pub fn curves_png(path: &Path, title: &str, epochs: &[(f64, f64, f64)]) -> Result<()> {

@@ -1,5 +1,6 @@
 //! The `farcer` command: argument parsing and printing over the library.
 
+mod loadtest;
 mod stop;
 
 use anyhow::{bail, Context, Result};
@@ -49,6 +50,9 @@ enum Cmd {
     Predict(PredictArgs),
     /// Serve predictions and live conversations over HTTP (JSON), with a web page at `/`.
     Serve(ServeArgs),
+    /// Load a `farcer serve` on the loopback with concurrent clients mixing predict calls and
+    /// live sessions: throughput, latency percentiles, answers by status, server memory.
+    Loadtest(loadtest::LoadtestArgs),
     /// Print the prompt of one sample exactly as the LLM sees it, with token counts.
     Prompt(PromptArgs),
     /// Time fixed cases (kernels and method) and their peak memory; see BENCHMARKS.md.
@@ -457,6 +461,7 @@ fn main() {
         Cmd::Eval(a) => run_eval(a),
         Cmd::Predict(a) => predict(a),
         Cmd::Serve(a) => serve(a),
+        Cmd::Loadtest(a) => loadtest::run(a),
         Cmd::Prompt(a) => show_prompt(a),
         Cmd::Bench(a) => bench(a),
         Cmd::Grid { config, out } => grid(&config, &out),

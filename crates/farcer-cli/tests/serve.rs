@@ -759,3 +759,298 @@ fn long_sessions_drop_old_utterances_and_rebuild_rarely() {
         "{tokens:?}"
     );
 }
+
+/// `farcer loadtest` starts its own server, overloads it (8 clients against a queue of 1)
+/// and stops by itself: nothing but 2xx, and 503 with `Retry-After`, comes back; the
+/// server's memory is sampled; the JSON, markdown and PNG are written.
+#[test]
+fn load_test_sheds_overload_with_retry_after() {
+    let dir = tmpdir("loadtest");
+    let f = write_dialogue(&dir);
+    let llm = fixture("tiny-llama");
+    let out = dir.join("lt");
+    let (ok, stdout, err) = farcer(&[
+        "loadtest",
+        "--data",
+        f.to_str().unwrap(),
+        "--clients",
+        "8",
+        "--requests",
+        "120",
+        "--seconds",
+        "30",
+        "--out",
+        out.to_str().unwrap(),
+        "--",
+        "--llm",
+        llm.to_str().unwrap(),
+        "--queue",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("| predict |"), "{stdout}");
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("loadtest.json")).unwrap()).unwrap();
+    let status = r["status"].as_object().unwrap();
+    for k in status.keys() {
+        assert!(
+            ["200", "201", "204", "503"].contains(&k.as_str()),
+            "unexpected status {k}: {r}"
+        );
+    }
+    assert!(status["200"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        status.get("503").is_some(),
+        "8 clients on a queue of 1 shed: {r}"
+    );
+    assert_eq!(r["server_errors"], 0);
+    assert_eq!(r["missing_retry_after"], 0);
+    assert!(r["scored_utterances"].as_u64().unwrap() > 0);
+    assert!(!r["rss_mib"].as_array().unwrap().is_empty(), "{r}");
+    assert!(r["rss_growth_mib"].as_f64().unwrap() < 64.0, "{r}");
+    assert!(out.join("loadtest.png").is_file() && out.join("loadtest.md").is_file());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A headless Chromium (`chromium-headless-shell`, installed by scripts/setup; or the
+/// browser `FARCER_CHROMIUM` names), spoken to over the DevTools protocol.
+struct Browser {
+    child: Child,
+    ws: tungstenite::WebSocket<std::net::TcpStream>,
+    next: u64,
+    _profile: PathBuf,
+}
+
+impl Browser {
+    fn find() -> Option<PathBuf> {
+        if let Ok(p) = std::env::var("FARCER_CHROMIUM") {
+            return Some(PathBuf::from(p));
+        }
+        let path = std::env::var_os("PATH")?;
+        ["chromium-headless-shell", "chromium", "google-chrome"]
+            .iter()
+            .flat_map(|n| std::env::split_paths(&path).map(move |d| d.join(n)))
+            .find(|p| p.is_file())
+    }
+
+    fn start(exe: &Path, profile: PathBuf) -> Browser {
+        use std::os::unix::process::CommandExt;
+        // Its own process group: the launcher is often a shell script, and the browser's
+        // helper processes must all go when the test ends (else they hold the test's pipes).
+        let mut child = Command::new(exe)
+            .process_group(0)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--remote-debugging-port=0",
+                "--window-size=1100,900",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let port = loop {
+            let l = lines
+                .next()
+                .expect("the browser stopped before listening")
+                .unwrap();
+            if let Some(rest) = l.split("DevTools listening on ws://127.0.0.1:").nth(1) {
+                break rest.split('/').next().unwrap().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        // The page target's own socket: commands go straight to the page.
+        let list = Browser::targets(&port);
+        let url = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == "page")
+            .expect("a page target")["webSocketDebuggerUrl"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let host = url.trim_start_matches("ws://").split('/').next().unwrap();
+        let tcp = std::net::TcpStream::connect(host).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let (ws, _) = tungstenite::client(url.as_str(), tcp).unwrap();
+        Browser {
+            child,
+            ws,
+            next: 0,
+            _profile: profile,
+        }
+    }
+
+    /// `GET /json/list`, read by its Content-Length: the browser keeps the connection open
+    /// whatever the request says.
+    fn targets(port: &str) -> serde_json::Value {
+        let mut s = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "GET /json/list HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n\r\n"
+        )
+        .unwrap();
+        let mut r = BufReader::new(s);
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// Sends a command and returns its result, skipping the events in between.
+    fn cmd(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.next += 1;
+        let id = self.next;
+        let msg = serde_json::json!({"id": id, "method": method, "params": params});
+        self.ws
+            .send(tungstenite::Message::Text(msg.to_string().into()))
+            .unwrap();
+        loop {
+            let m = self.ws.read().unwrap();
+            let Ok(text) = m.to_text() else { continue };
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// The value of a JavaScript expression in the page.
+    fn eval(&mut self, js: &str) -> serde_json::Value {
+        let r = self.cmd(
+            "Runtime.evaluate",
+            serde_json::json!({"expression": js, "returnByValue": true, "awaitPromise": true}),
+        );
+        assert!(r.get("exceptionDetails").is_none(), "{js}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Waits up to a minute for `js` to be true.
+    fn wait_for(&mut self, js: &str) {
+        for _ in 0..600 {
+            if self.eval(js) == serde_json::Value::Bool(true) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("timed out waiting for {js}");
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// The web page in a real headless browser: three utterances typed in (one with a face
+/// image attached through the file input), each rendered with a label and seven bars, the
+/// labels the same as a session over plain HTTP gives; a screenshot is saved
+/// (`FARCER_PAGE_SCREENSHOT` names a copy to keep).
+#[test]
+fn web_page_scores_a_conversation_in_a_browser() {
+    let Some(exe) = Browser::find() else {
+        missing("a headless Chromium (scripts/setup installs chromium-headless-shell)");
+        return;
+    };
+    let dir = tmpdir("page");
+    let server = Server::start(&[]);
+    let mut b = Browser::start(&exe, dir.join("profile"));
+    b.cmd(
+        "Page.navigate",
+        serde_json::json!({"url": format!("http://{}/", server.addr)}),
+    );
+    b.wait_for("document.readyState === 'complete' && !!document.getElementById('add')");
+    let utts = dialogue()["utterances"].as_array().unwrap()[..3].to_vec();
+    let face = fixture("tiny-vit-image.png");
+    for (i, u) in utts.iter().enumerate() {
+        if i == 1 {
+            let doc = b.cmd("DOM.getDocument", serde_json::json!({}));
+            let node = b.cmd(
+                "DOM.querySelector",
+                serde_json::json!({"nodeId": doc["root"]["nodeId"], "selector": "#image"}),
+            );
+            b.cmd(
+                "DOM.setFileInputFiles",
+                serde_json::json!({"nodeId": node["nodeId"], "files": [face.to_str().unwrap()]}),
+            );
+        }
+        b.eval(&format!(
+            "document.getElementById('speaker').value = {}; \
+             document.getElementById('text').value = {}; \
+             document.getElementById('add').requestSubmit(); true",
+            u["speaker"], u["text"]
+        ));
+        b.wait_for(&format!(
+            "document.querySelectorAll('#log .utt').length === {} || \
+             document.getElementById('status').textContent !== ''",
+            i + 1
+        ));
+        assert_eq!(b.eval("document.getElementById('status').textContent"), "");
+    }
+    let shown = b.eval(
+        "JSON.stringify([...document.querySelectorAll('#log .utt')].map(r => ({ \
+           label: r.querySelector('.label').textContent, \
+           bars: r.querySelectorAll('.bar').length, \
+           face: !!r.querySelector('img.face') })))",
+    );
+    let shown: Vec<serde_json::Value> = serde_json::from_str(shown.as_str().unwrap()).unwrap();
+    // The same three utterances in a session over plain HTTP.
+    let id = server
+        .json("POST", "/v1/sessions", &serde_json::json!({}))
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (i, (u, s)) in utts.iter().zip(&shown).enumerate() {
+        let mut u = u.clone();
+        u.as_object_mut().unwrap().remove("label");
+        let a = server
+            .json("POST", &format!("/v1/sessions/{id}/utterances"), &u)
+            .json();
+        assert_eq!(s["label"], a["label"], "utterance {i}: {s} vs {a}");
+        assert_eq!(s["bars"], 7, "{s}");
+        assert_eq!(s["face"], i == 1, "{s}");
+    }
+    let shot = b.cmd(
+        "Page.captureScreenshot",
+        serde_json::json!({"format": "png"}),
+    );
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap())
+        .unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    let path = dir.join("page.png");
+    std::fs::write(&path, &png).unwrap();
+    if let Ok(keep) = std::env::var("FARCER_PAGE_SCREENSHOT") {
+        std::fs::write(&keep, &png).unwrap();
+        eprintln!("screenshot: {keep}");
+    }
+    drop(b);
+    assert!(server.stop());
+    std::fs::remove_dir_all(dir).unwrap();
+}

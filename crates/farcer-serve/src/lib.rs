@@ -9,6 +9,7 @@
 //! `POST /v1/sessions/{id}/utterances`, `GET /v1/sessions/{id}/events` (server-sent events).
 
 pub mod api;
+pub mod loadtest;
 pub mod metrics;
 
 use api::{Answer, PredictRequest, SessionRequest};

@@ -139,8 +139,21 @@ impl Metrics {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
             let _ = writeln!(s, "{name} {}", v.load(Ordering::Relaxed));
         }
+        if let Some(rss) = resident_bytes() {
+            let name = "process_resident_memory_bytes";
+            let _ = writeln!(s, "# HELP {name} Resident memory size in bytes.");
+            let _ = writeln!(s, "# TYPE {name} gauge\n{name} {rss}");
+        }
         s
     }
+}
+
+/// This process's resident memory from `/proc/self/statm`, counted in 4 KiB pages (the
+/// page size of x86-64 Linux; no libc call for one number); `None` off Linux.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }
 
 #[cfg(test)]
@@ -160,5 +173,12 @@ mod tests {
         assert!(t.contains("farcer_request_seconds_bucket{route=\"/v1/predict\",le=\"+Inf\"} 3"));
         assert!(t.contains("farcer_request_seconds_count{route=\"/v1/predict\"} 3"));
         assert_eq!(m.count("/v1/predict", 200), 2);
+        if cfg!(target_os = "linux") {
+            let rss = t
+                .lines()
+                .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+                .expect("RSS gauge on Linux");
+            assert!(rss.parse::<u64>().unwrap() > 1 << 20, "{rss}");
+        }
     }
 }
