@@ -640,3 +640,139 @@ pub fn session_curve(
     }
     Ok(out)
 }
+
+/// Serving `k` requests at once: one at a time, or packed into one forward.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchPoint {
+    pub requests: usize,
+    pub query_tokens: usize,
+    pub prefix_tokens: usize,
+    /// The `k` label queries scored one after another ([`crate::decode::score_labels`]).
+    pub separate_ms: f64,
+    /// The same `k` queries and their labels packed into one forward.
+    pub packed_ms: f64,
+    /// Largest difference of a label probability between the two.
+    pub max_prob_diff: f64,
+}
+
+/// Whether batching concurrent requests would pay on this device: `k` label queries of
+/// `query` tokens after a shared cached prompt prefix of `prefix` tokens, scored one after
+/// another and packed into one forward (each query a branch after the prefix, each of its
+/// labels a child branch: the packing that constrained decoding, sessions and one-pass
+/// training use). Best of `reps` timings of each; the probabilities must agree.
+pub fn batch_curve(
+    llm_path: &str,
+    prefix: usize,
+    query: usize,
+    ks: &[usize],
+    reps: usize,
+) -> Result<Vec<BatchPoint>> {
+    use crate::decode::score_labels;
+    use crate::model::llama::log_softmax;
+    use candle_core::IndexOp;
+    let llm = crate::model::load_llm(llm_path, &Device::Cpu, candle_core::DType::F32)?;
+    let labels: Vec<String> = crate::data::MELD_LABELS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let cands = LabelTokens::new(&llm, &labels)?;
+    let mut rng = Rng::derive(0, "batch-bench");
+    let mut ids =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| 200 + rng.below(20_000) as u32).collect() };
+    let mut cache = llm.model.new_cache();
+    let pre = llm.model.embed(&ids(prefix))?.unsqueeze(0)?;
+    llm.model
+        .forward(&pre, &mut cache, &Positions::default(), &[])?;
+    let kmax = ks.iter().copied().max().unwrap_or(1);
+    let queries: Vec<Tensor> = (0..kmax)
+        .map(|_| llm.model.embed(&ids(query))?.unsqueeze(0))
+        .collect::<std::result::Result<_, _>>()?;
+    let best = |f: &mut dyn FnMut() -> Result<Vec<Vec<f64>>>| -> Result<(f64, Vec<Vec<f64>>)> {
+        let mut out = f()?; // warm-up
+        let mut t = f64::INFINITY;
+        for _ in 0..reps.max(1) {
+            let s = Instant::now();
+            out = f()?;
+            t = t.min(s.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok((t, out))
+    };
+    let mut points = Vec::new();
+    for &k in ks {
+        let qs = &queries[..k];
+        let (separate_ms, sep) = best(&mut || {
+            qs.iter()
+                .map(|q| {
+                    Ok(score_labels(&llm, &cache, q, &cands)?
+                        .probs
+                        .unwrap_or_default())
+                })
+                .collect()
+        })?;
+        let (packed_ms, packed) = best(&mut || {
+            let mut pack = crate::pack::Packing::new(cache.len());
+            let mut rows = Vec::new();
+            let mut at = Vec::new();
+            for q in qs {
+                let r = pack.branch(query);
+                at.push(r.end - 1);
+                rows.push(q.clone());
+                let b = pack.last_branch().expect("just added");
+                for seq in cands.seqs.iter().filter(|s| s.len() > 1) {
+                    let r = pack.child(b, seq.len() - 1);
+                    at.extend(r);
+                    rows.push(llm.model.embed(&seq[..seq.len() - 1])?.unsqueeze(0)?);
+                }
+            }
+            let x = Tensor::cat(&rows, 1)?;
+            let mask = pack.mask(llm.model.device(), llm.model.dtype())?;
+            let mut c = cache.clone();
+            let pos = Positions {
+                ids: Some(pack.positions()),
+                mask: Some(&mask),
+            };
+            let logits = llm
+                .model
+                .forward(&x, &mut c, &pos, &at)?
+                .expect("logits asked");
+            let lp = log_softmax(&logits.i(0)?)?;
+            // Per request: the query's last row, then each label's rows in order.
+            let mut row = 0;
+            let mut out = Vec::new();
+            for _ in qs {
+                let first = lp.i(row)?.to_vec1::<f32>()?;
+                row += 1;
+                let mut scores: Vec<f64> = Vec::new();
+                for seq in &cands.seqs {
+                    let mut s = first[seq[0] as usize] as f64;
+                    for &tok in &seq[1..] {
+                        s += lp.i((row, tok as usize))?.to_scalar::<f32>()? as f64;
+                        row += 1;
+                    }
+                    scores.push(s);
+                }
+                out.push(
+                    crate::decode::probabilities(scores, &cands)?
+                        .probs
+                        .unwrap_or_default(),
+                );
+            }
+            Ok(out)
+        })?;
+        let max_prob_diff = sep
+            .iter()
+            .flatten()
+            .zip(packed.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        points.push(BatchPoint {
+            requests: k,
+            query_tokens: query,
+            prefix_tokens: prefix,
+            separate_ms,
+            packed_ms,
+            max_prob_diff,
+        });
+    }
+    Ok(points)
+}

@@ -162,6 +162,10 @@ struct BenchArgs {
     /// the conversation from scratch (JSON, markdown and a PNG into --plot-out).
     #[arg(long)]
     session: Option<usize>,
+    /// Time 1, 2, 4 and 8 label queries after a shared cached prefix, one at a time and
+    /// packed into one forward (does batching concurrent requests pay here?).
+    #[arg(long)]
+    batch: bool,
 }
 
 #[derive(Args, Clone)]
@@ -1446,6 +1450,37 @@ fn bench(a: BenchArgs) -> Result<()> {
             )?;
             println!("wrote {}", path.display());
         }
+        return Ok(());
+    }
+    if a.batch {
+        let mut pts = Vec::new();
+        for query in [32, 200] {
+            log(&format!("batching: queries of {query} tokens"));
+            pts.extend(farcer::bench::batch_curve(
+                &llm,
+                640,
+                query,
+                &[1, 2, 4, 8],
+                a.reps,
+            )?);
+        }
+        let mut md = String::from("| requests | query tokens | prefix tokens | one at a time ms | packed ms | packed / one at a time | max prob diff |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+        for p in &pts {
+            md.push_str(&format!(
+                "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.1e} |\n",
+                p.requests,
+                p.query_tokens,
+                p.prefix_tokens,
+                p.separate_ms,
+                p.packed_ms,
+                p.packed_ms / p.separate_ms,
+                p.max_prob_diff
+            ));
+        }
+        std::fs::create_dir_all(&a.plot_out)?;
+        farcer::util::write_json_atomic(&a.plot_out.join("batch.json"), &pts)?;
+        farcer::util::write_atomic(&a.plot_out.join("batch.md"), md.as_bytes())?;
+        print!("{md}");
         return Ok(());
     }
     if let Some(n) = a.session {
