@@ -125,29 +125,47 @@ pub fn score_labels(
     query: &Tensor,
     cands: &LabelTokens,
 ) -> Result<Prediction> {
-    let past = cache.len();
-    let m = query.dim(1)?;
-    if m == 0 {
-        return Err(Error::msg("a label query needs at least one token"));
+    let mut p = score_label_queries(llm, cache, std::slice::from_ref(query), cands)?;
+    Ok(p.remove(0))
+}
+
+/// [`score_labels`] for several queries that share `cache` (concurrent requests after one
+/// prompt prefix), all in one pass: each query is a branch after the cache and each of
+/// its labels' tokens (but the last, whose log-prob no later token needs) a child branch
+/// of it. Every query gets exactly what it gets alone; whether one pass is faster than
+/// several depends on the device and the queries' length (`farcer bench --batch`).
+pub fn score_label_queries(
+    llm: &Llm,
+    cache: &Cache,
+    queries: &[Tensor],
+    cands: &LabelTokens,
+) -> Result<Vec<Prediction>> {
+    if queries.is_empty() {
+        return Ok(Vec::new());
     }
-    // The query is trunk; every label's tokens but the last (whose log-prob no later
-    // token needs) are a branch after it.
-    let mut pack = Packing::new(past);
-    pack.trunk(m);
-    let mut tokens = Vec::new();
-    for seq in &cands.seqs {
-        pack.branch(seq.len() - 1);
-        tokens.extend_from_slice(&seq[..seq.len() - 1]);
+    let mut pack = Packing::new(cache.len());
+    let mut rows = Vec::new();
+    let mut at = Vec::new();
+    for q in queries {
+        let m = q.dim(1)?;
+        if m == 0 {
+            return Err(Error::msg("a label query needs at least one token"));
+        }
+        at.push(pack.branch(m).end - 1);
+        rows.push(q.clone());
+        let b = pack.last_branch().expect("a branch was just added");
+        let mut tokens = Vec::new();
+        for seq in cands.seqs.iter().filter(|s| s.len() > 1) {
+            at.extend(pack.child(b, seq.len() - 1));
+            tokens.extend_from_slice(&seq[..seq.len() - 1]);
+        }
+        if !tokens.is_empty() {
+            let labels = llm.model.embed(&tokens)?.unsqueeze(0)?;
+            rows.push(labels.to_dtype(q.dtype())?);
+        }
     }
-    let n = pack.len();
+    let x = Tensor::cat(&rows, 1)?;
     let mask = pack.mask(llm.model.device(), llm.model.dtype())?;
-    let x = if tokens.is_empty() {
-        query.clone()
-    } else {
-        let labels = llm.model.embed(&tokens)?.unsqueeze(0)?;
-        Tensor::cat(&[query, &labels.to_dtype(query.dtype())?], 1)?
-    };
-    let at: Vec<usize> = (m - 1..n).collect();
     let mut c = cache.clone();
     let logits = llm
         .model
@@ -162,21 +180,25 @@ pub fn score_labels(
         )?
         .expect("logits asked");
     let lp = log_softmax(&logits.i(0)?)?.to_dtype(candle_core::DType::F32)?;
-    let first = lp.i(0)?.to_vec1::<f32>()?;
-    let mut scores: Vec<f64> = cands
-        .seqs
-        .iter()
-        .map(|s| first[s[0] as usize] as f64)
-        .collect();
-    // Packed row r (output row r + 1) predicts the next token of its own label.
-    let mut r = 1;
-    for (j, seq) in cands.seqs.iter().enumerate() {
-        for &tok in &seq[1..] {
-            scores[j] += lp.i((r, tok as usize))?.to_scalar::<f32>()? as f64;
-            r += 1;
+    // Per query: its last row predicts each label's first token; then each label's rows,
+    // in order, predict its next tokens.
+    let mut row = 0;
+    let mut out = Vec::with_capacity(queries.len());
+    for _ in queries {
+        let first = lp.i(row)?.to_vec1::<f32>()?;
+        row += 1;
+        let mut scores = Vec::with_capacity(cands.seqs.len());
+        for seq in &cands.seqs {
+            let mut s = first[seq[0] as usize] as f64;
+            for &tok in &seq[1..] {
+                s += lp.i((row, tok as usize))?.to_scalar::<f32>()? as f64;
+                row += 1;
+            }
+            scores.push(s);
         }
+        out.push(probabilities(scores, cands)?);
     }
-    probabilities(scores, cands)
+    Ok(out)
 }
 
 /// The softmax over label scores, and the best label; a NaN score is an error naming it.

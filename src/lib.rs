@@ -5,7 +5,6 @@
 //! [`prompt`] (where a dialogue becomes tokens) -> [`model`] (the LLM) -> [`decode`],
 //! [`eval`], [`metrics`], [`report`]. The CLI in `main.rs` is a thin layer over them.
 
-pub mod bench;
 pub mod data;
 pub mod decode;
 pub mod error;

@@ -147,6 +147,26 @@ fn packed_constrained_scoring_equals_scoring_each_label_alone() {
     }
     assert_eq!(cache.len(), t - 3, "scoring adds nothing to the cache");
 
+    // Several queries after the same cache, packed into one pass (concurrent requests
+    // batched), each get what they get alone.
+    let queries: Vec<_> = [1usize, 3, 2]
+        .iter()
+        .map(|&n| prompt.narrow(1, t - n, n).unwrap())
+        .collect();
+    let packed = decode::score_label_queries(&llm, &cache, &queries, &cands).unwrap();
+    assert_eq!(packed.len(), 3);
+    for (q, p) in queries.iter().zip(&packed) {
+        let alone = decode::score_labels(&llm, &cache, q, &cands).unwrap();
+        assert_eq!(p.label, alone.label);
+        for (a, b) in p.probs.as_ref().unwrap().iter().zip(alone.probs.unwrap()) {
+            assert!((a - b).abs() <= 1e-5, "{p:?} vs alone");
+        }
+    }
+    assert_ne!(
+        packed[0].probs, packed[1].probs,
+        "different queries get different answers"
+    );
+
     // Non-finite inputs (a NaN in the query) are an error naming a label, not a panic
     // and not an arbitrary answer.
     let nan = (tail * f64::NAN).unwrap();

@@ -1,5 +1,6 @@
 //! The `farcer` command: argument parsing and printing over the library.
 
+mod bench;
 mod loadtest;
 mod stop;
 
@@ -467,7 +468,7 @@ fn main() {
         Cmd::Serve(a) => serve(a),
         Cmd::Loadtest(a) => loadtest::run(a),
         Cmd::Prompt(a) => show_prompt(a),
-        Cmd::Bench(a) => bench(a),
+        Cmd::Bench(a) => run_bench(a),
         Cmd::Grid { config, out } => grid(&config, &out),
         Cmd::Report { dir } => report_cmd(&dir),
         Cmd::Baseline {
@@ -1385,7 +1386,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench(a: BenchArgs) -> Result<()> {
+fn run_bench(a: BenchArgs) -> Result<()> {
     let llm = pipeline::resolve_llm(a.llm.as_deref(), &log)?;
     let meld = a
         .meld
@@ -1399,21 +1400,20 @@ fn bench(a: BenchArgs) -> Result<()> {
         .then_some(a.vit_s.as_path());
     if let Some(p) = &a.dump_inputs {
         let l = model::load_llm(&llm, &candle_core::Device::Cpu, candle_core::DType::F32)?;
-        let inputs = farcer::bench::shared_inputs(&l, meld)?;
+        let inputs = bench::shared_inputs(&l, meld)?;
         farcer::util::write_json_atomic(p, &inputs)?;
         println!("wrote {}", p.display());
         return Ok(());
     }
     if a.plot.len() == 2 {
-        let load = |p: &Path| -> Result<Vec<farcer::bench::SweepPoint>> {
+        let load = |p: &Path| -> Result<Vec<bench::SweepPoint>> {
             Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
         };
         let (f, t) = (load(&a.plot[0])?, load(&a.plot[1])?);
         for (what, get) in [
             (
                 "train",
-                (|p: &farcer::bench::SweepPoint| p.train_seconds)
-                    as fn(&farcer::bench::SweepPoint) -> f64,
+                (|p: &bench::SweepPoint| p.train_seconds) as fn(&bench::SweepPoint) -> f64,
             ),
             ("predict", |p| p.predict_seconds),
         ] {
@@ -1456,13 +1456,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         let mut pts = Vec::new();
         for query in [32, 200] {
             log(&format!("batching: queries of {query} tokens"));
-            pts.extend(farcer::bench::batch_curve(
-                &llm,
-                640,
-                query,
-                &[1, 2, 4, 8],
-                a.reps,
-            )?);
+            pts.extend(bench::batch_curve(&llm, 640, query, &[1, 2, 4, 8], a.reps)?);
         }
         let mut md = String::from("| requests | query tokens | prefix tokens | one at a time ms | packed ms | packed / one at a time | max prob diff |\n|---:|---:|---:|---:|---:|---:|---:|\n");
         for p in &pts {
@@ -1485,7 +1479,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     if let Some(n) = a.session {
         let b = bar("session");
-        let pts = farcer::bench::session_curve(&llm, &a.meld, n, &ticker(&b))?;
+        let pts = bench::session_curve(&llm, &a.meld, n, &ticker(&b))?;
         b.finish_and_clear();
         std::fs::create_dir_all(&a.plot_out)?;
         let mut md = String::from(
@@ -1535,7 +1529,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     if a.sweep {
-        let pts = farcer::bench::sweep(&llm, &a.meld, a.reps)?;
+        let pts = bench::sweep(&llm, &a.meld, a.reps)?;
         println!(
             "{:>10} {:>8} {:>14} {:>14}",
             "utterances", "tokens", "train s", "predict s"
@@ -1552,12 +1546,12 @@ fn bench(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     if let Some(c) = &a.case {
-        let r = farcer::bench::run_case(c, &llm, meld, vit_s, a.reps)?;
+        let r = bench::run_case(c, &llm, meld, vit_s, a.reps)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
     let cases: Vec<String> = if a.cases.is_empty() {
-        farcer::bench::CASES.iter().map(|s| s.to_string()).collect()
+        bench::CASES.iter().map(|s| s.to_string()).collect()
     } else {
         a.cases.clone()
     };
@@ -1594,7 +1588,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             );
             continue;
         }
-        let r: farcer::bench::CaseResult = serde_json::from_slice(
+        let r: bench::CaseResult = serde_json::from_slice(
             out.stdout
                 .split(|b| *b == b'\n')
                 .rfind(|l| !l.is_empty())

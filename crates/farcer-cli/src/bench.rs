@@ -4,20 +4,20 @@
 //! so its peak memory is its own. The inputs (token ids, positions of image slots) are
 //! written to JSON so `tools/bench_reference.py` runs exactly the same work in PyTorch.
 
-use crate::data::{spec::DataSpec, Scope};
-use crate::decode::{Decode, LabelTokens};
-use crate::error::{Error, Result};
-use crate::eval::{self, EvalOptions};
-use crate::farcer::{Farcer, Kind};
-use crate::model::dropout::Dropout;
-use crate::model::llama::Positions;
-use crate::model::lora::LoraConfig;
-use crate::model::projection::{Projection, ProjectionConfig};
-use crate::model::Llm;
-use crate::prompt::{PromptConfig, PromptSet};
-use crate::train::{sample_loss, target_tokens, TokenWeights};
-use crate::util::Rng;
 use candle_core::{Device, Tensor};
+use farcer::data::{spec::DataSpec, Scope};
+use farcer::decode::{Decode, LabelTokens};
+use farcer::error::{Error, Result};
+use farcer::eval::{self, EvalOptions};
+use farcer::farcer::{Farcer, Kind};
+use farcer::model::dropout::Dropout;
+use farcer::model::llama::Positions;
+use farcer::model::lora::LoraConfig;
+use farcer::model::projection::{Projection, ProjectionConfig};
+use farcer::model::Llm;
+use farcer::prompt::{PromptConfig, PromptSet};
+use farcer::train::{sample_loss, target_tokens, TokenWeights};
+use farcer::util::Rng;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
@@ -116,7 +116,7 @@ pub struct SweepPoint {
 }
 
 /// A dialogue of `n` utterances made of MELD test utterances in order (images on all).
-fn sweep_dialogue(meld: &crate::data::Dataset, n: usize) -> Vec<crate::data::Utterance> {
+fn sweep_dialogue(meld: &farcer::data::Dataset, n: usize) -> Vec<farcer::data::Utterance> {
     let mut out = Vec::new();
     for d in &meld.dialogues {
         for u in &d.utterances {
@@ -135,7 +135,7 @@ fn sweep_dialogue(meld: &crate::data::Dataset, n: usize) -> Vec<crate::data::Utt
 /// dialogue length.
 pub fn sweep(llm_path: &str, meld: &std::path::Path, reps: usize) -> Result<Vec<SweepPoint>> {
     let dev = Device::Cpu;
-    let llm = crate::model::load_llm(llm_path, &dev, candle_core::DType::F32)?;
+    let llm = farcer::model::load_llm(llm_path, &dev, candle_core::DType::F32)?;
     let spec = DataSpec::Meld(meld.to_path_buf());
     let test = spec.load("test", 0)?;
     let pool = spec.load("dev", 0)?;
@@ -222,7 +222,7 @@ fn step_with_image(
         .forward_train(&x, &mut cache, &Positions::default(), &at, &mut dropout)?
         .expect("logits")
         .squeeze(0)?;
-    let lp = crate::model::llama::log_softmax(&logits)?;
+    let lp = farcer::model::llama::log_softmax(&logits)?;
     let idx = Tensor::new(targets, dev)?.unsqueeze(1)?;
     let loss = lp.gather(&idx, 1)?.mean_all()?.neg()?;
     loss.backward()?;
@@ -277,11 +277,11 @@ pub fn run_case(
     };
     if case.starts_with("vit") {
         let enc = if case == "vit-b16" {
-            let dir = crate::util::farcer_home()
+            let dir = farcer::util::farcer_home()
                 .join("models")
                 .join("bench-vit-b16");
             if !dir.join("model.safetensors").is_file() {
-                let mut c = crate::vision::demo_vit_config();
+                let mut c = farcer::vision::demo_vit_config();
                 (
                     c.hidden_size,
                     c.num_hidden_layers,
@@ -290,18 +290,18 @@ pub fn run_case(
                     c.image_size,
                     c.patch_size,
                 ) = (768, 12, 12, 3072, 224, 16);
-                let mut p = crate::vision::demo_preprocess();
-                p.size = crate::vision::Size::Exact {
+                let mut p = farcer::vision::demo_preprocess();
+                p.size = farcer::vision::Size::Exact {
                     height: 224,
                     width: 224,
                 };
-                crate::vision::VisionEncoder::write_random(&dir, 0, &c, &p)?;
+                farcer::vision::VisionEncoder::write_random(&dir, 0, &c, &p)?;
             }
-            crate::vision::VisionEncoder::load(dir.to_str().unwrap(), &dev, false)?
+            farcer::vision::VisionEncoder::load(dir.to_str().unwrap(), &dev, false)?
         } else {
             let p = vit_s
                 .ok_or_else(|| Error::msg("vit-s14 needs the shared ViT-S folder (--vit-s)"))?;
-            crate::vision::VisionEncoder::load(p.to_str().unwrap(), &dev, false)?
+            farcer::vision::VisionEncoder::load(p.to_str().unwrap(), &dev, false)?
         };
         let n = 8;
         let s = enc.vit.config.image_size;
@@ -316,7 +316,7 @@ pub fn run_case(
             },
         );
     }
-    let llm = crate::model::load_llm(llm_path, &dev, candle_core::DType::F32)?;
+    let llm = farcer::model::load_llm(llm_path, &dev, candle_core::DType::F32)?;
     let inputs = shared_inputs(&llm, meld)?;
     match case {
         "prefill-512" => {
@@ -473,7 +473,7 @@ fn meld_farcer(
     llm: Llm,
     meld: Option<&std::path::Path>,
     dim: usize,
-) -> Result<(Farcer, crate::data::Dataset, crate::data::Dataset)> {
+) -> Result<(Farcer, farcer::data::Dataset, farcer::data::Dataset)> {
     let dir = meld.ok_or_else(|| Error::msg("this case needs MELD's CSVs (--meld <dir>)"))?;
     let spec = DataSpec::Meld(dir.to_path_buf());
     let mut data = spec.load("test", 0)?;
@@ -527,7 +527,7 @@ pub fn shared_inputs(llm: &Llm, meld: Option<&std::path::Path>) -> Result<Shared
             past_labels: false,
             images: true,
         };
-        let p = crate::prompt::Prompter::new(
+        let p = farcer::prompt::Prompter::new(
             &llm.tokenizer,
             &llm.template,
             &data.labels,
@@ -536,14 +536,14 @@ pub fn shared_inputs(llm: &Llm, meld: Option<&std::path::Path>) -> Result<Shared
             llm.model.config.max_position_embeddings,
         )?;
         out.farcer_prefix = p.prefix.clone();
-        let flat = |e: &crate::prompt::Encoded| -> Vec<i64> {
+        let flat = |e: &farcer::prompt::Encoded| -> Vec<i64> {
             e.pieces
                 .iter()
                 .flat_map(|x| match x {
-                    crate::prompt::Piece::Tokens(t) => {
+                    farcer::prompt::Piece::Tokens(t) => {
                         t.iter().map(|&i| i as i64).collect::<Vec<_>>()
                     }
-                    crate::prompt::Piece::Image(_) => vec![-1],
+                    farcer::prompt::Piece::Image(_) => vec![-1],
                 })
                 .collect()
         };
@@ -595,8 +595,8 @@ pub fn session_curve(
     n: usize,
     progress: &dyn Fn(usize, usize),
 ) -> Result<Vec<SessionPoint>> {
-    use crate::infer::{Engine, PredictOptions, Predictor, SessionOptions};
-    let llm = crate::model::load_llm(llm_path, &Device::Cpu, candle_core::DType::F32)?;
+    use farcer::infer::{Engine, PredictOptions, Predictor, SessionOptions};
+    let llm = farcer::model::load_llm(llm_path, &Device::Cpu, candle_core::DType::F32)?;
     let spec = DataSpec::Meld(meld.to_path_buf());
     let test = spec.load("test", 0)?;
     let pool = spec.load("dev", 0)?;
@@ -647,9 +647,9 @@ pub struct BatchPoint {
     pub requests: usize,
     pub query_tokens: usize,
     pub prefix_tokens: usize,
-    /// The `k` label queries scored one after another ([`crate::decode::score_labels`]).
+    /// The `k` label queries scored one after another ([`farcer::decode::score_labels`]).
     pub separate_ms: f64,
-    /// The same `k` queries and their labels packed into one forward.
+    /// The same `k` queries packed into one forward ([`farcer::decode::score_label_queries`]).
     pub packed_ms: f64,
     /// Largest difference of a label probability between the two.
     pub max_prob_diff: f64,
@@ -667,11 +667,9 @@ pub fn batch_curve(
     ks: &[usize],
     reps: usize,
 ) -> Result<Vec<BatchPoint>> {
-    use crate::decode::score_labels;
-    use crate::model::llama::log_softmax;
-    use candle_core::IndexOp;
-    let llm = crate::model::load_llm(llm_path, &Device::Cpu, candle_core::DType::F32)?;
-    let labels: Vec<String> = crate::data::MELD_LABELS
+    use farcer::decode::score_labels;
+    let llm = farcer::model::load_llm(llm_path, &Device::Cpu, candle_core::DType::F32)?;
+    let labels: Vec<String> = farcer::data::MELD_LABELS
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -710,54 +708,10 @@ pub fn batch_curve(
                 .collect()
         })?;
         let (packed_ms, packed) = best(&mut || {
-            let mut pack = crate::pack::Packing::new(cache.len());
-            let mut rows = Vec::new();
-            let mut at = Vec::new();
-            for q in qs {
-                let r = pack.branch(query);
-                at.push(r.end - 1);
-                rows.push(q.clone());
-                let b = pack.last_branch().expect("just added");
-                for seq in cands.seqs.iter().filter(|s| s.len() > 1) {
-                    let r = pack.child(b, seq.len() - 1);
-                    at.extend(r);
-                    rows.push(llm.model.embed(&seq[..seq.len() - 1])?.unsqueeze(0)?);
-                }
-            }
-            let x = Tensor::cat(&rows, 1)?;
-            let mask = pack.mask(llm.model.device(), llm.model.dtype())?;
-            let mut c = cache.clone();
-            let pos = Positions {
-                ids: Some(pack.positions()),
-                mask: Some(&mask),
-            };
-            let logits = llm
-                .model
-                .forward(&x, &mut c, &pos, &at)?
-                .expect("logits asked");
-            let lp = log_softmax(&logits.i(0)?)?;
-            // Per request: the query's last row, then each label's rows in order.
-            let mut row = 0;
-            let mut out = Vec::new();
-            for _ in qs {
-                let first = lp.i(row)?.to_vec1::<f32>()?;
-                row += 1;
-                let mut scores: Vec<f64> = Vec::new();
-                for seq in &cands.seqs {
-                    let mut s = first[seq[0] as usize] as f64;
-                    for &tok in &seq[1..] {
-                        s += lp.i((row, tok as usize))?.to_scalar::<f32>()? as f64;
-                        row += 1;
-                    }
-                    scores.push(s);
-                }
-                out.push(
-                    crate::decode::probabilities(scores, &cands)?
-                        .probs
-                        .unwrap_or_default(),
-                );
-            }
-            Ok(out)
+            farcer::decode::score_label_queries(&llm, &cache, qs, &cands)?
+                .into_iter()
+                .map(|p| Ok(p.probs.unwrap_or_default()))
+                .collect()
         })?;
         let max_prob_diff = sep
             .iter()
