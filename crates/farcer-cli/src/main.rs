@@ -490,6 +490,15 @@ fn main() {
     }
 }
 
+/// `n` samples as `limit` (0: none) cuts them: "1905 of 9989" when it does.
+fn limited(n: usize, limit: usize) -> String {
+    if limit > 0 && limit < n {
+        format!("{limit} of {n}")
+    } else {
+        n.to_string()
+    }
+}
+
 fn log(s: &str) {
     eprintln!("{s}");
 }
@@ -994,8 +1003,11 @@ fn train(a: TrainArgs) -> Result<()> {
             .chain(run.farcer.llm.model.lora_vars().iter())
             .map(|(_, v)| v.elem_count())
             .sum::<usize>(),
-        run.data.train.samples(cfg.train_scope).len(),
-        run.data.val.samples(cfg.val_scope).len()
+        limited(
+            run.data.train.samples(cfg.train_scope).len(),
+            cfg.run.limit_train
+        ),
+        limited(run.data.val.samples(cfg.val_scope).len(), cfg.run.limit_val)
     );
     if a.dry_run {
         const STEPS: usize = 5;
