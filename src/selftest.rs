@@ -140,6 +140,7 @@ struct Outputs {
     train_logits: Tensor,
     grad_input: Tensor,
     grad_lora_a: Tensor,
+    grad_lora_down: Tensor,
 }
 
 fn run_model(
@@ -151,8 +152,20 @@ fn run_model(
     let c = config();
     let vb = VarBuilder::from_tensors(weights.clone(), dtype, device);
     let mut model = Llama::load_with(vb, &c, backend)?;
+    // Adapters on all seven projections: each sits at its own place in the fused op.
     let lora = LoraConfig {
         dropout: 0.1,
+        target_modules: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .map(String::from)
+        .to_vec(),
         ..Default::default()
     };
     let vars = model.add_lora(&lora, 1)?;
@@ -204,12 +217,18 @@ fn run_model(
         .find(|(n, _)| n.ends_with("layers.0.self_attn.q_proj.lora_A.weight"))
         .ok_or_else(|| crate::Error::msg("selftest: no adapter on q"))?
         .1;
+    let down = &vars
+        .iter()
+        .find(|(n, _)| n.ends_with("layers.0.mlp.down_proj.lora_A.weight"))
+        .ok_or_else(|| crate::Error::msg("selftest: no adapter on down"))?
+        .1;
     let missing = || crate::Error::msg("selftest: a gradient is missing");
     Ok(Outputs {
         logits: cpu(&logits)?,
         train_logits: cpu(&train_logits)?,
         grad_input: cpu(grads.get(&x).ok_or_else(missing)?)?,
         grad_lora_a: cpu(grads.get(a).ok_or_else(missing)?)?,
+        grad_lora_down: cpu(grads.get(down).ok_or_else(missing)?)?,
     })
 }
 
@@ -262,6 +281,12 @@ pub fn run(device: &Device, dtype: DType) -> Result<Report> {
                 "gradient of an adapter (layer 0 q_proj lora_A)",
                 &got.grad_lora_a,
                 &want.grad_lora_a,
+                tol,
+            )?,
+            compare(
+                "gradient of an adapter (layer 0 down_proj lora_A)",
+                &got.grad_lora_down,
+                &want.grad_lora_down,
                 tol,
             )?,
         ],

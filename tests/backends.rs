@@ -12,7 +12,7 @@ use farcer::model::frozen::Backend;
 fn candle_path_matches_the_kernels_in_every_dtype() {
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let r = farcer::selftest::run(&Device::Cpu, dtype).unwrap();
-        assert_eq!(r.checks.len(), 4);
+        assert_eq!(r.checks.len(), 5);
         for c in &r.checks {
             assert!(
                 c.passed && c.scale > 0.0,

@@ -200,8 +200,11 @@ fn peft_loads_the_adapter_farcer_writes() {
 #[test]
 fn fused_layers_with_adapters_match_the_op_by_op_path() {
     let mut llm = tiny();
+    // Adapters on all seven projections: each is added at its own place inside the fused
+    // layer op (q/k/v, o, gate/up, down), with dropout.
     let cfg = LoraConfig {
         dropout: 0.3,
+        target_modules: ALL_MODULES.map(String::from).to_vec(),
         ..Default::default()
     };
     let vars = llm.model.add_lora(&cfg, 3).unwrap();

@@ -705,9 +705,10 @@ impl candle_core::CustomOp2 for Precomputed2 {
     }
 }
 
-/// A LoRA adapter on the fused q/k/v projection, for [`layer_lora`].
+/// A LoRA adapter inside the fused decoder-layer op, for [`layer`].
 pub struct LoraInput {
-    /// Its columns in the q/k/v projection.
+    /// The product it adds to, and its columns there.
+    pub site: kernels::Site,
     pub col: usize,
     pub width: usize,
     /// `(r, in)` and `(width, r)`; attached to their variables when training.
@@ -729,6 +730,7 @@ fn with_lora<R>(parts: &[LoraInput], f: impl FnOnce(&[kernels::LoraPart]) -> R) 
         .zip(&views)
         .map(|(p, (a, b))| {
             Ok(kernels::LoraPart {
+                site: p.site,
                 col: p.col,
                 width: p.width,
                 r: p.a.dim(0)?,
@@ -744,7 +746,7 @@ fn with_lora<R>(parts: &[LoraInput], f: impl FnOnce(&[kernels::LoraPart]) -> R) 
 
 /// A whole frozen decoder layer as one op (CPU, f32): `h` `(b, t, hidden)` in, the new
 /// hidden states and the keys and values `(b, hk, p + t, d)` for the cache out. Adapters
-/// on q, k, v (`parts`, possibly none) are added inside the op. With a graph, the
+/// on any of its projections (`parts`, possibly none) are added inside the op. With a graph, the
 /// backward ([`kernels::layer_backward`]) returns the gradient of `h` and, with adapters,
 /// of every `A` and `B`: the op then also takes the adapters' weights, flattened and
 /// concatenated, so candle hands each variable its slice. Candle's autograd sees one node

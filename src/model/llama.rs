@@ -696,25 +696,38 @@ impl Llama {
                         past: past.as_ref(),
                         mask: mask.as_ref(),
                     };
-                    // Adapters on q, k, v (if any) are added inside the fused op.
+                    // Adapters (if any) are added inside the fused op, each to its
+                    // columns of its product.
+                    use farcer_kernels::Site;
                     let (nq, nk) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
-                    let n = b * t * h.dim(2)?;
-                    let parts = [(&a.q, 0, nq), (&a.k, nq, nk), (&a.v, nq + nk, nk)]
-                        .into_iter()
-                        .filter_map(|(p, col, width)| {
-                            p.lora.as_ref().map(|l| {
-                                let (la, lb) = l.weights(train.is_some());
-                                frozen::LoraInput {
-                                    col,
-                                    width,
-                                    a: la,
-                                    b: lb,
-                                    scale: l.scale as f32,
-                                    mask: l.dropout_mask(n, train.as_deref_mut()),
-                                }
-                            })
+                    let (dim, inter) = (h.dim(2)?, layer.mlp.down.weight.dim(1)?);
+                    let rows = b * t;
+                    let m = &layer.mlp;
+                    let parts = [
+                        (&a.q, Site::Qkv, 0, nq, dim),
+                        (&a.k, Site::Qkv, nq, nk, dim),
+                        (&a.v, Site::Qkv, nq + nk, nk, dim),
+                        (&a.o, Site::O, 0, dim, nq),
+                        (&m.gate, Site::GateUp, 0, inter, dim),
+                        (&m.up, Site::GateUp, inter, inter, dim),
+                        (&m.down, Site::Down, 0, dim, inter),
+                    ]
+                    .into_iter()
+                    .filter_map(|(p, site, col, width, input)| {
+                        p.lora.as_ref().map(|l| {
+                            let (la, lb) = l.weights(train.is_some());
+                            frozen::LoraInput {
+                                site,
+                                col,
+                                width,
+                                a: la,
+                                b: lb,
+                                scale: l.scale as f32,
+                                mask: l.dropout_mask(rows * input, train.as_deref_mut()),
+                            }
                         })
-                        .collect();
+                    })
+                    .collect();
                     let (out, k, v) = frozen::layer(&h, &fl, &args, parts)?;
                     cache.kvs[i] = Some((k, v));
                     h = out;
@@ -907,13 +920,10 @@ impl Block {
     }
 
     /// The layer as one fused frozen op, on the kernels' backend when no projection has
-    /// a bias and adapters sit on q, k, v only (the op adds those).
+    /// a bias (the op adds the adapters on any of them).
     fn frozen(&self, be: Backend, eps: f64) -> Option<frozen::FrozenLayer> {
         let ps = self.projections();
         let no_bias = ps.iter().all(|(_, _, p)| p.bias.is_none());
-        let rest_plain = !ps.iter().any(|(n, _, p)| {
-            ["o_proj", "gate_proj", "up_proj", "down_proj"].contains(n) && p.lora.is_some()
-        });
         let weights = [
             &self.input_norm,
             &self.attn.qkv,
@@ -923,7 +933,6 @@ impl Block {
             &self.mlp.down.weight,
         ];
         let ok = no_bias
-            && rest_plain
             && be == Backend::Kernels
             && self.transposed.is_some()
             && weights.iter().all(|w| w.is_contiguous());

@@ -50,7 +50,7 @@ pub type LayerOutput<S> = (Vec<f32>, Vec<f32>, Vec<f32>, Option<S>);
 
 /// What a layer's backward needs besides the weights and the keys and values.
 pub struct LayerSaved {
-    /// Per adapter on q/k/v (none without adapters).
+    /// Per adapter, in the order given (none without adapters).
     lora: Vec<LoraSaved>,
     r1: Vec<f32>,
     q: Vec<f32>,
@@ -62,25 +62,44 @@ pub struct LayerSaved {
 }
 
 /// The layer from its q/k/v projection `qkv` `(b t, (h + 2 hk) d)` on (so adapters on q,
-/// k, v can be added outside): attention, output projection, residual, MLP, residual.
-pub(crate) fn layer_after_qkv(
+/// k, v can be added outside): attention, output projection, residual, MLP, residual, with
+/// the adapters of `parts` that sit on o, gate/up and down added to their products (their
+/// saved inputs go to `lsaved`, by index into `parts`).
+fn layer_after_qkv(
     h: &[f32],
     qkv: &[f32],
     w: &LayerWeights,
     a: &LayerInput,
+    parts: &[LoraPart],
+    lsaved: &mut [Option<LoraSaved>],
     save: bool,
 ) -> LayerOutput<LayerSaved> {
     let hs = a.heads;
     let (dim, n) = (w.hidden, h.len() / w.hidden);
     let hd = hs.heads * hs.head_dim;
+    let at = |site: Site| {
+        parts
+            .iter()
+            .enumerate()
+            .filter(move |(_, p)| p.site == site)
+    };
     let (q, k, v) = split_rope(qkv, hs, a.t, a.cos, a.sin, a.scale, a.past, a.p);
     let (att, lse) = attention(&q, &k, &v, a.mask, hs, a.t, a.p + a.t);
-    let h1 = linear(&att, w.o_t, None, Some(h), n, hd, dim);
+    let mut h1 = linear(&att, w.o_t, None, Some(h), n, hd, dim);
+    for (i, p) in at(Site::O) {
+        lsaved[i] = Some(lora_forward(&att, n, hd, p, &mut h1, dim));
+    }
     let (n2, r2) = rms_norm(&h1, w.post_norm, w.eps, dim);
-    let gu = linear(&n2, w.gate_up_t, None, None, n, dim, 2 * w.inter);
+    let mut gu = linear(&n2, w.gate_up_t, None, None, n, dim, 2 * w.inter);
+    for (i, p) in at(Site::GateUp) {
+        lsaved[i] = Some(lora_forward(&n2, n, dim, p, &mut gu, 2 * w.inter));
+    }
     drop(n2);
     let m = swiglu(&gu, n, w.inter);
-    let out = linear(&m, w.down_t, None, Some(&h1), n, w.inter, dim);
+    let mut out = linear(&m, w.down_t, None, Some(&h1), n, w.inter, dim);
+    for (i, p) in at(Site::Down) {
+        lsaved[i] = Some(lora_forward(&m, n, w.inter, p, &mut out, dim));
+    }
     let saved = save.then_some(LayerSaved {
         lora: Vec::new(),
         r1: Vec::new(),
@@ -94,37 +113,79 @@ pub(crate) fn layer_after_qkv(
     (out, k, v, saved)
 }
 
+/// Per adapter, `(dA, dB)` once its site's backward has run.
+type LoraGrads = Vec<Option<(Vec<f32>, Vec<f32>)>>;
+
 /// The backward of [`layer_after_qkv`]: the gradients of `qkv` and of `h` (through the
-/// residual).
-pub(crate) fn layer_after_qkv_backward(
+/// residual), and those of the adapters on o, gate/up and down (by index into `parts`).
+fn layer_after_qkv_backward(
     s: &LayerSaved,
     k: &[f32],
     v: &[f32],
     w: &LayerWeights,
     a: &LayerInput,
+    parts: &[LoraPart],
     dout: &[f32],
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, LoraGrads) {
     let hs = a.heads;
     let (dim, n) = (w.hidden, dout.len() / w.hidden);
     let hd = hs.heads * hs.head_dim;
-    let dm = matmul_nn(dout, w.down, n, dim, w.inter);
+    let at = |site: Site| {
+        parts
+            .iter()
+            .enumerate()
+            .filter(move |(_, p)| p.site == site)
+    };
+    let mut grads: LoraGrads = vec![None; parts.len()];
+    let mut dm = matmul_nn(dout, w.down, n, dim, w.inter);
+    for (i, p) in at(Site::Down) {
+        grads[i] = Some(lora_backward(dout, dim, n, w.inter, p, &s.lora[i], &mut dm));
+    }
     let dgu = swiglu_grad(&s.gu, &dm, n, w.inter);
     drop(dm);
-    let dn2 = matmul_nn(&dgu, w.gate_up, n, 2 * w.inter, dim);
+    let mut dn2 = matmul_nn(&dgu, w.gate_up, n, 2 * w.inter, dim);
+    for (i, p) in at(Site::GateUp) {
+        grads[i] = Some(lora_backward(
+            &dgu,
+            2 * w.inter,
+            n,
+            dim,
+            p,
+            &s.lora[i],
+            &mut dn2,
+        ));
+    }
     drop(dgu);
     let dh1 = rms_norm_grad(&s.h1, w.post_norm, &s.r2, &dn2, Some(dout), dim);
     drop(dn2);
-    let datt = matmul_nn(&dh1, w.o, n, dim, hd);
+    let mut datt = matmul_nn(&dh1, w.o, n, dim, hd);
+    for (i, p) in at(Site::O) {
+        grads[i] = Some(lora_backward(&dh1, dim, n, hd, p, &s.lora[i], &mut datt));
+    }
     let s_len = a.p + a.t;
     let (dq, dk, dv) = attention_grad(&s.q, k, v, a.mask, &s.att, &datt, &s.lse, hs, a.t, s_len);
     drop(datt);
     let dqkv = split_rope_grad(&dq, &dk, &dv, hs, a.t, a.cos, a.sin, a.scale, a.p);
-    (dqkv, dh1)
+    (dqkv, dh1, grads)
 }
 
-/// A LoRA adapter on columns `col .. col + width` of the fused q/k/v projection:
+/// Which of a layer's products an adapter adds to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    /// The fused q/k/v projection (input: the normed hidden states).
+    Qkv,
+    /// The output projection (input: the attention's output).
+    O,
+    /// The fused gate/up projection (input: the normed hidden states after attention).
+    GateUp,
+    /// The down projection (input: the SwiGLU output).
+    Down,
+}
+
+/// A LoRA adapter on columns `col .. col + width` of the product at `site`:
 /// `scale * (x * mask) A^T B^T`, `a` `(r, in)`, `b` `(width, r)`.
 pub struct LoraPart<'a> {
+    pub site: Site,
     pub col: usize,
     pub width: usize,
     pub r: usize,
@@ -143,10 +204,143 @@ pub struct LoraSaved {
     u: Vec<f32>,
 }
 
-/// One frozen Llama decoder layer on `h` `(b t, hidden)`, with LoRA adapters on q, k, v
-/// (`parts`, possibly none: each adds its low-rank product to its columns of the q/k/v
-/// projection). Returns the new hidden states, the keys and values `(b, hk, p + t, d)`
-/// for the cache, and (with `save`) what the backward needs.
+/// Adds adapter `p`'s product on `x` `(n, input)` to its columns of `y` (row stride `ldy`).
+fn lora_forward(
+    x: &[f32],
+    n: usize,
+    input: usize,
+    p: &LoraPart,
+    y: &mut [f32],
+    ldy: usize,
+) -> LoraSaved {
+    let xd = match p.mask {
+        Some(m) => x.iter().zip(m).map(|(x, m)| x * m).collect(),
+        None => x.to_vec(),
+    };
+    let u = matmul_nt(&xd, p.a, n, input, p.r);
+    // y[:, col..col + width] += scale * u B^T.
+    let ub: Vec<f32> = u.iter().map(|v| v * p.scale).collect();
+    unsafe {
+        gemm_raw(
+            n,
+            p.width,
+            p.r,
+            y.as_mut_ptr().add(p.col),
+            ldy,
+            true,
+            ub.as_ptr(),
+            p.r,
+            1,
+            p.b.as_ptr(),
+            1,
+            p.r,
+            parallelism(),
+        )
+    };
+    LoraSaved { xd, u }
+}
+
+/// The backward of [`lora_forward`] from the gradient `g` of `y` (row stride `ldg`): adds
+/// the gradient of `x` to `dx` and returns `(dA, dB)`.
+#[allow(clippy::too_many_arguments)]
+fn lora_backward(
+    g: &[f32],
+    ldg: usize,
+    n: usize,
+    input: usize,
+    p: &LoraPart,
+    sv: &LoraSaved,
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let g = unsafe { g.as_ptr().add(p.col) };
+    let mut db = uninit(p.width * p.r);
+    let mut gb = uninit(n * p.r);
+    let mut da = uninit(p.r * input);
+    let mut dxd = uninit(n * input);
+    unsafe {
+        // dB = scale g^T u: (width, r).
+        gemm_raw(
+            p.width,
+            p.r,
+            n,
+            db.as_mut_ptr(),
+            p.r,
+            false,
+            g,
+            1,
+            ldg,
+            sv.u.as_ptr(),
+            p.r,
+            1,
+            parallelism(),
+        );
+        // gB = g B: (n, r).
+        gemm_raw(
+            n,
+            p.r,
+            p.width,
+            gb.as_mut_ptr(),
+            p.r,
+            false,
+            g,
+            ldg,
+            1,
+            p.b.as_ptr(),
+            p.r,
+            1,
+            parallelism(),
+        );
+        // dA = scale gB^T xd: (r, in).
+        gemm_raw(
+            p.r,
+            input,
+            n,
+            da.as_mut_ptr(),
+            input,
+            false,
+            gb.as_ptr(),
+            1,
+            p.r,
+            sv.xd.as_ptr(),
+            input,
+            1,
+            parallelism(),
+        );
+        // d xd = scale gB A: (n, in).
+        gemm_raw(
+            n,
+            input,
+            p.r,
+            dxd.as_mut_ptr(),
+            input,
+            false,
+            gb.as_ptr(),
+            p.r,
+            1,
+            p.a.as_ptr(),
+            input,
+            1,
+            parallelism(),
+        );
+    }
+    db.iter_mut()
+        .chain(da.iter_mut())
+        .for_each(|x| *x *= p.scale);
+    match p.mask {
+        Some(m) => dx
+            .iter_mut()
+            .zip(&dxd)
+            .zip(m)
+            .for_each(|((d, x), m)| *d += p.scale * x * m),
+        None => dx.iter_mut().zip(&dxd).for_each(|(d, x)| *d += p.scale * x),
+    }
+    (da, db)
+}
+
+/// One frozen Llama decoder layer on `h` `(b t, hidden)`, with LoRA adapters (`parts`,
+/// possibly none: each adds its low-rank product to its columns of the q/k/v, o, gate/up
+/// or down product). Returns the new hidden states, the keys and values
+/// `(b, hk, p + t, d)` for the cache, and (with `save`) what the backward needs.
 pub fn layer_forward(
     h: &[f32],
     w: &LayerWeights,
@@ -158,40 +352,21 @@ pub fn layer_forward(
     let wd = a.heads.width();
     let (n1, r1) = rms_norm(h, w.input_norm, w.eps, dim);
     let mut qkv = linear(&n1, w.qkv_t, None, None, n, dim, wd);
-    let mut lsaved = Vec::new();
-    for p in parts {
-        let xd = match p.mask {
-            Some(m) => n1.iter().zip(m).map(|(x, m)| x * m).collect(),
-            None => n1.clone(),
-        };
-        let u = matmul_nt(&xd, p.a, n, dim, p.r);
-        // qkv[:, col..col + width] += scale * u B^T.
-        let ub: Vec<f32> = u.iter().map(|v| v * p.scale).collect();
-        unsafe {
-            gemm_raw(
-                n,
-                p.width,
-                p.r,
-                qkv.as_mut_ptr().add(p.col),
-                wd,
-                true,
-                ub.as_ptr(),
-                p.r,
-                1,
-                p.b.as_ptr(),
-                1,
-                p.r,
-                parallelism(),
-            )
-        };
-        if save {
-            lsaved.push(LoraSaved { xd, u });
-        }
+    let mut lsaved: Vec<Option<LoraSaved>> = parts.iter().map(|_| None).collect();
+    for (i, p) in parts
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.site == Site::Qkv)
+    {
+        lsaved[i] = Some(lora_forward(&n1, n, dim, p, &mut qkv, wd));
     }
     drop(n1);
-    let (out, k, v, saved) = layer_after_qkv(h, &qkv, w, a, save);
+    let (out, k, v, saved) = layer_after_qkv(h, &qkv, w, a, parts, &mut lsaved, save);
     let saved = saved.map(|s| LayerSaved {
-        lora: lsaved,
+        lora: lsaved
+            .into_iter()
+            .map(|x| x.expect("every adapter ran at its site"))
+            .collect(),
         r1,
         ..s
     });
@@ -214,100 +389,21 @@ pub fn layer_backward(
 ) -> (Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>) {
     let (dim, n) = (w.hidden, dout.len() / w.hidden);
     let wd = a.heads.width();
-    let (dqkv, dh1) = layer_after_qkv_backward(s, k, v, w, a, dout);
+    let (dqkv, dh1, mut grads) = layer_after_qkv_backward(s, k, v, w, a, parts, dout);
     let mut dn1 = matmul_nn(&dqkv, w.qkv, n, wd, dim);
-    let mut grads = Vec::new();
-    for (p, sv) in parts.iter().zip(&s.lora) {
-        let g = unsafe { dqkv.as_ptr().add(p.col) };
-        let mut db = uninit(p.width * p.r);
-        let mut gb = uninit(n * p.r);
-        let mut da = uninit(p.r * dim);
-        let mut dxd = uninit(n * dim);
-        unsafe {
-            // dB = scale g^T u: (width, r).
-            gemm_raw(
-                p.width,
-                p.r,
-                n,
-                db.as_mut_ptr(),
-                p.r,
-                false,
-                g,
-                1,
-                wd,
-                sv.u.as_ptr(),
-                p.r,
-                1,
-                parallelism(),
-            );
-            // gB = g B: (n, r).
-            gemm_raw(
-                n,
-                p.r,
-                p.width,
-                gb.as_mut_ptr(),
-                p.r,
-                false,
-                g,
-                wd,
-                1,
-                p.b.as_ptr(),
-                p.r,
-                1,
-                parallelism(),
-            );
-            // dA = scale gB^T xd: (r, in).
-            gemm_raw(
-                p.r,
-                dim,
-                n,
-                da.as_mut_ptr(),
-                dim,
-                false,
-                gb.as_ptr(),
-                1,
-                p.r,
-                sv.xd.as_ptr(),
-                dim,
-                1,
-                parallelism(),
-            );
-            // d xd = scale gB A: (n, in).
-            gemm_raw(
-                n,
-                dim,
-                p.r,
-                dxd.as_mut_ptr(),
-                dim,
-                false,
-                gb.as_ptr(),
-                p.r,
-                1,
-                p.a.as_ptr(),
-                dim,
-                1,
-                parallelism(),
-            );
-        }
-        db.iter_mut()
-            .chain(da.iter_mut())
-            .for_each(|x| *x *= p.scale);
-        match p.mask {
-            Some(m) => dn1
-                .iter_mut()
-                .zip(&dxd)
-                .zip(m)
-                .for_each(|((d, x), m)| *d += p.scale * x * m),
-            None => dn1
-                .iter_mut()
-                .zip(&dxd)
-                .for_each(|(d, x)| *d += p.scale * x),
-        }
-        grads.push((da, db));
+    for (i, p) in parts
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.site == Site::Qkv)
+    {
+        grads[i] = Some(lora_backward(&dqkv, wd, n, dim, p, &s.lora[i], &mut dn1));
     }
     drop(dqkv);
     (
         rms_norm_grad(h, w.input_norm, &s.r1, &dn1, Some(&dh1), dim),
-        grads,
+        grads
+            .into_iter()
+            .map(|g| g.expect("every adapter's site ran its backward"))
+            .collect(),
     )
 }

@@ -26,7 +26,7 @@ pub use attention::{attention, attention_grad};
 pub use gemm::{linear, linear_acc, linear_gelu, matmul_nn, matmul_nt};
 pub use layer::{
     layer_backward, layer_forward, LayerInput, LayerOutput, LayerSaved, LayerWeights, LoraPart,
-    LoraSaved,
+    LoraSaved, Site,
 };
 pub use norm::{layer_norm, rms_norm, rms_norm_grad};
 pub use rope::{split_rope, split_rope_grad, Heads};
