@@ -1,5 +1,5 @@
 //! A whole frozen Llama decoder layer in one forward and one input-only backward, with
-//! optional LoRA adapters on q/k/v.
+//! optional LoRA adapters on any of its projections.
 
 use crate::activation::{swiglu, swiglu_grad};
 use crate::attention::{attention, attention_grad};
