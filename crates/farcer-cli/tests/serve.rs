@@ -25,8 +25,12 @@ struct Server {
 }
 
 impl Server {
+    /// `farcer serve` with the tiny fixture Llama.
     fn start(extra: &[&str]) -> Server {
-        let llm = fixture("tiny-llama");
+        Server::start_llm(&fixture("tiny-llama"), extra)
+    }
+
+    fn start_llm(llm: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_farcer"))
             .current_dir(root())
             .args([
@@ -201,10 +205,24 @@ fn write_dialogue(dir: &Path) -> PathBuf {
 /// dialogue (probabilities within 1e-5), for the last utterance and for all of them.
 #[test]
 fn predict_equals_the_cli() {
-    let dir = tmpdir("predict");
+    predict_equals_the_cli_with(&fixture("tiny-llama"), "predict");
+}
+
+/// The CLI and session checks with the pinned SmolLM2, the model users serve.
+#[test]
+fn predict_and_sessions_equal_the_cli_on_smollm2() {
+    let Some(llm) = default_llm() else {
+        missing("the pinned SmolLM2 (farcer fetch)");
+        return;
+    };
+    predict_equals_the_cli_with(&llm, "predict-smollm2");
+    sessions_equal_predict_all_with(&llm);
+}
+
+fn predict_equals_the_cli_with(llm: &Path, name: &str) {
+    let dir = tmpdir(name);
     let f = write_dialogue(&dir);
-    let llm = fixture("tiny-llama");
-    let server = Server::start(&[]);
+    let server = Server::start_llm(llm, &[]);
     for scope in ["last", "all"] {
         let mut req = dialogue();
         req["scope"] = scope.into();
@@ -268,7 +286,11 @@ fn predict_equals_the_cli() {
 /// only the new utterance's tokens each time.
 #[test]
 fn sessions_equal_predict_all() {
-    let server = Server::start(&[]);
+    sessions_equal_predict_all_with(&fixture("tiny-llama"));
+}
+
+fn sessions_equal_predict_all_with(llm: &Path) {
+    let server = Server::start_llm(llm, &[]);
     for past in [false, true] {
         let r = server.json(
             "POST",
