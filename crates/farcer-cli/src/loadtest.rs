@@ -46,6 +46,9 @@ pub struct LoadtestArgs {
     api_key: Option<String>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Seconds a call may go unanswered before it counts as a transport failure.
+    #[arg(long, default_value_t = 150.0)]
+    timeout: f64,
     /// Where loadtest.json, loadtest.md and loadtest.png go.
     #[arg(long, default_value = "runs/loadtest")]
     out: PathBuf,
@@ -133,11 +136,16 @@ pub fn run(a: LoadtestArgs) -> Result<()> {
         a.seconds,
         100.0 * a.session_share
     );
+    let secs = |v: f64, flag: &str| {
+        Duration::try_from_secs_f64(v)
+            .map_err(|_| anyhow::anyhow!("--{flag} {v}: give a number of seconds, 0 or more"))
+    };
     let report = loadtest::run_blocking(LoadConfig {
         addr,
         clients: a.clients,
         max_requests: a.requests,
-        max_duration: Duration::from_secs_f64(a.seconds.max(0.0)),
+        max_duration: secs(a.seconds, "seconds")?,
+        request_timeout: secs(a.timeout, "timeout")?,
         session_share: a.session_share.clamp(0.0, 1.0),
         session_utterances: a.session_utterances,
         scope: a.scope.to_string(),

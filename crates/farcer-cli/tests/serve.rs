@@ -837,10 +837,23 @@ fn load_test_sheds_overload_with_retry_after() {
 /// A headless Chromium (`chromium-headless-shell`, installed by scripts/setup; or the
 /// browser `FARCER_CHROMIUM` names), spoken to over the DevTools protocol.
 struct Browser {
-    child: Child,
+    // Declared first so the socket closes before the browser is killed.
     ws: tungstenite::WebSocket<std::net::TcpStream>,
     next: u64,
-    _profile: PathBuf,
+    _group: Group,
+}
+
+/// The browser's process group, killed as a whole when dropped (also when the test
+/// panics while starting it): the launcher is often a shell script, and helper processes
+/// left behind would hold the test's pipes open.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.0.wait();
+    }
 }
 
 impl Browser {
@@ -855,7 +868,7 @@ impl Browser {
             .find(|p| p.is_file())
     }
 
-    fn start(exe: &Path, profile: PathBuf) -> Browser {
+    fn start(exe: &Path, profile: &Path) -> Browser {
         use std::os::unix::process::CommandExt;
         // Its own process group: the launcher is often a shell script, and the browser's
         // helper processes must all go when the test ends (else they hold the test's pipes).
@@ -875,7 +888,9 @@ impl Browser {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let stderr = child.stderr.take().unwrap();
+        let group = Group(child);
+        let mut lines = BufReader::new(stderr).lines();
         let port = loop {
             let l = lines
                 .next()
@@ -887,25 +902,30 @@ impl Browser {
         };
         std::thread::spawn(move || for _ in lines {});
         // The page target's own socket: commands go straight to the page.
-        let list = Browser::targets(&port);
-        let url = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["type"] == "page")
-            .expect("a page target")["webSocketDebuggerUrl"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        // The first page may appear a moment after the browser listens.
+        let mut url = None;
+        for _ in 0..100 {
+            url = Browser::targets(&port)
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["type"] == "page")
+                .and_then(|t| t["webSocketDebuggerUrl"].as_str())
+                .map(str::to_string);
+            if url.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let url = url.expect("a page target within 10 s");
         let host = url.trim_start_matches("ws://").split('/').next().unwrap();
         let tcp = std::net::TcpStream::connect(host).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let (ws, _) = tungstenite::client(url.as_str(), tcp).unwrap();
         Browser {
-            child,
             ws,
             next: 0,
-            _profile: profile,
+            _group: group,
         }
     }
 
@@ -980,18 +1000,12 @@ impl Browser {
     }
 }
 
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-        let _ = self.child.wait();
-    }
-}
-
 /// The web page in a real headless browser: three utterances typed in (one with a face
-/// image attached through the file input), each rendered with a label and seven bars, the
-/// labels the same as a session over plain HTTP gives; a screenshot is saved
-/// (`FARCER_PAGE_SCREENSHOT` names a copy to keep).
+/// image attached through the file input, which the page uploads and the server decodes),
+/// each rendered with a label and seven bars, the labels the same as a session over plain
+/// HTTP gives on the same utterances and image; a screenshot is saved
+/// (`FARCER_PAGE_SCREENSHOT` names a copy to keep). The fixture model is text-only, so
+/// this checks the page's upload path, not what a face changes in the answer.
 #[test]
 fn web_page_scores_a_conversation_in_a_browser() {
     let Some(exe) = Browser::find() else {
@@ -1000,7 +1014,7 @@ fn web_page_scores_a_conversation_in_a_browser() {
     };
     let dir = tmpdir("page");
     let server = Server::start(&[]);
-    let mut b = Browser::start(&exe, dir.join("profile"));
+    let mut b = Browser::start(&exe, &dir.join("profile"));
     b.cmd(
         "Page.navigate",
         serde_json::json!({"url": format!("http://{}/", server.addr)}),
@@ -1050,6 +1064,11 @@ fn web_page_scores_a_conversation_in_a_browser() {
     for (i, (u, s)) in utts.iter().zip(&shown).enumerate() {
         let mut u = u.clone();
         u.as_object_mut().unwrap().remove("label");
+        if i == 1 {
+            use base64::Engine as _;
+            let png = std::fs::read(&face).unwrap();
+            u["image_b64"] = base64::engine::general_purpose::STANDARD.encode(png).into();
+        }
         let a = server
             .json("POST", &format!("/v1/sessions/{id}/utterances"), &u)
             .json();

@@ -42,6 +42,9 @@ pub struct LoadConfig {
     /// Dialogues as the JSON utterances a request carries.
     pub dialogues: Vec<Vec<serde_json::Value>>,
     pub seed: u64,
+    /// A call unanswered after this counts as a transport failure (its connection is
+    /// dropped), so a stalled server cannot hold the run past its deadline for long.
+    pub request_timeout: Duration,
 }
 
 /// The kinds of call a client makes.
@@ -91,8 +94,9 @@ pub struct LoadReport {
     pub missing_retry_after: usize,
     /// `(seconds since the start, resident MiB)` of the server.
     pub rss_mib: Vec<(f64, f64)>,
-    /// Resident MiB growth from the end of the first quarter of the run to its end.
-    pub rss_growth_mib: f64,
+    /// Resident MiB growth from the end of the first quarter of the run to its end;
+    /// `None` when the server's `/metrics` gave no resident memory to sample.
+    pub rss_growth_mib: Option<f64>,
     /// `(seconds since the start, ms)` of every answered call, for plots.
     #[serde(skip)]
     pub timeline: Vec<(f64, f64)>,
@@ -136,8 +140,12 @@ impl Conn {
         path: &str,
         body: Option<&serde_json::Value>,
         key: Option<&str>,
+        timeout: Duration,
     ) -> Result<Reply, String> {
-        let r = self.try_send(method, path, body, key).await;
+        let r = match tokio::time::timeout(timeout, self.try_send(method, path, body, key)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        };
         if r.is_err() {
             self.sender = None;
         }
@@ -214,7 +222,13 @@ async fn call(
 ) -> Option<serde_json::Value> {
     let t0 = Instant::now();
     let r = conn
-        .send(method, path, body, sh.cfg.api_key.as_deref())
+        .send(
+            method,
+            path,
+            body,
+            sh.cfg.api_key.as_deref(),
+            sh.cfg.request_timeout,
+        )
         .await;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     let at = sh.start.elapsed().as_secs_f64();
@@ -305,7 +319,13 @@ async fn sample_rss(sh: Arc<Shared>, stop: Arc<AtomicBool>) -> Vec<(f64, f64)> {
     let mut out = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         if let Ok(r) = conn
-            .send(Method::GET, "/metrics", None, sh.cfg.api_key.as_deref())
+            .send(
+                Method::GET,
+                "/metrics",
+                None,
+                sh.cfg.api_key.as_deref(),
+                Duration::from_secs(5),
+            )
             .await
         {
             let text = String::from_utf8_lossy(&r.body);
@@ -435,8 +455,8 @@ pub async fn run(cfg: LoadConfig) -> Result<LoadReport, String> {
     let scored: usize = records.iter().map(|r| r.scored).sum();
     let quarter = seconds / 4.0;
     let rss_growth_mib = match (rss_mib.iter().find(|p| p.0 >= quarter), rss_mib.last()) {
-        (Some(a), Some(b)) => b.1 - a.1,
-        _ => 0.0,
+        (Some(a), Some(b)) => Some(b.1 - a.1),
+        _ => None,
     };
     Ok(LoadReport {
         clients,
@@ -469,9 +489,18 @@ impl LoadReport {
             .iter()
             .map(|(k, v)| format!("{k}: {v}"))
             .collect();
-        let peak = self.rss_mib.iter().map(|p| p.1).fold(0.0, f64::max);
+        let (growth, peak) = match self.rss_growth_mib {
+            Some(g) => (
+                format!("{g:+.1}"),
+                format!(
+                    "{:.0}",
+                    self.rss_mib.iter().map(|p| p.1).fold(0.0, f64::max)
+                ),
+            ),
+            None => ("n/a".into(), "n/a".into()),
+        };
         s.push_str(&format!(
-            "| {} | {:.1} | {} | {:.2} | {} | {:.2} | {} | {} | {} | {:+.1} | {:.0} |\n\n",
+            "| {} | {:.1} | {} | {:.2} | {} | {:.2} | {} | {} | {} | {} | {} |\n\n",
             self.clients,
             self.seconds,
             self.requests,
@@ -481,7 +510,7 @@ impl LoadReport {
             statuses.join(", "),
             self.server_errors,
             self.missing_retry_after,
-            self.rss_growth_mib,
+            growth,
             peak
         ));
         s.push_str("| call | answered | p50 ms | p95 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|---:|\n");
@@ -519,6 +548,7 @@ mod tests {
             api_key: None,
             dialogues: vec![vec![json!({"speaker": "A", "text": "hi"})]],
             seed: 0,
+            request_timeout: Duration::from_secs(1),
         };
         let e = run(cfg).await.unwrap_err();
         assert!(e.contains("loopback"), "{e}");

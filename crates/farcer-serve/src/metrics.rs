@@ -148,12 +148,18 @@ impl Metrics {
     }
 }
 
-/// This process's resident memory from `/proc/self/statm`, counted in 4 KiB pages (the
-/// page size of x86-64 Linux; no libc call for one number); `None` off Linux.
+/// This process's resident memory (`VmRSS` in `/proc/self/status`, whatever the page
+/// size); `None` off Linux.
 fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 #[cfg(test)]
