@@ -1,4 +1,4 @@
-//! `farcer bench`: fixed cases that time the raw kernels (prefill, a projection-training
+//! `farcer bench`, the whole command: fixed cases that time the raw kernels (prefill, a projection-training
 //! step, a LoRA step) and the method (a full FARCER training step with the 7-shot prompt,
 //! constrained-decoding evaluation, ViT image vectors). Each case runs in its own process
 //! so its peak memory is its own. The inputs (token ids, positions of image slots) are
@@ -20,6 +20,11 @@ use farcer::train::{sample_loss, target_tokens, TokenWeights};
 use farcer::util::Rng;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
+
+use crate::{bar, log, ticker};
+use clap::Args;
+use farcer::{model, pipeline};
+use std::path::{Path, PathBuf};
 
 /// The case names, in report order.
 pub const CASES: [&str; 11] = [
@@ -729,4 +734,277 @@ pub fn batch_curve(
         });
     }
     Ok(points)
+}
+
+// `farcer bench` itself: its arguments and what it prints and writes.
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// LLM (default: the pinned SmolLM2).
+    #[arg(long)]
+    llm: Option<String>,
+    /// Cases to run (default: all).
+    #[arg(long, value_delimiter = ',')]
+    cases: Vec<String>,
+    /// Timed repetitions per case (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// MELD CSV folder for the method cases.
+    #[arg(long, default_value = "../shared/data/meld")]
+    meld: PathBuf,
+    /// The shared ViT-S folder for the vit-s14 case.
+    #[arg(long, default_value = "../shared/models/vit-small-dinov2")]
+    vit_s: PathBuf,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the exact inputs of every case (for tools/bench_reference.py) and exit.
+    #[arg(long)]
+    dump_inputs: Option<PathBuf>,
+    /// Run one case in this process and print its JSON (used by the parent).
+    #[arg(long, hide = true)]
+    case: Option<String>,
+    /// Time a training step and a prediction for dialogues of 1 to 40 utterances (JSON to --json).
+    #[arg(long)]
+    sweep: bool,
+    /// Plot sweeps: farcer's JSON then PyTorch's, to --plot-out (two PNGs).
+    #[arg(long, num_args = 2)]
+    plot: Vec<PathBuf>,
+    #[arg(long, default_value = "runs/bench/sweep")]
+    plot_out: PathBuf,
+    /// Time a live session of this many MELD utterances, one by one, against answering
+    /// the conversation from scratch (JSON, markdown and a PNG into --plot-out).
+    #[arg(long)]
+    session: Option<usize>,
+    /// Time 1, 2, 4 and 8 label queries after a shared cached prefix, one at a time and
+    /// packed into one forward (does batching concurrent requests pay here?).
+    #[arg(long)]
+    batch: bool,
+}
+
+/// `farcer bench`.
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let llm = pipeline::resolve_llm(a.llm.as_deref(), &log)?;
+    let meld = a
+        .meld
+        .join("dev_sent_emo.csv")
+        .is_file()
+        .then_some(a.meld.as_path());
+    let vit_s = a
+        .vit_s
+        .join("config.json")
+        .is_file()
+        .then_some(a.vit_s.as_path());
+    if let Some(p) = &a.dump_inputs {
+        let l = model::load_llm(&llm, &candle_core::Device::Cpu, candle_core::DType::F32)?;
+        let inputs = shared_inputs(&l, meld)?;
+        farcer::util::write_json_atomic(p, &inputs)?;
+        println!("wrote {}", p.display());
+        return Ok(());
+    }
+    if a.plot.len() == 2 {
+        let load = |p: &Path| -> anyhow::Result<Vec<SweepPoint>> {
+            Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
+        };
+        let (f, t) = (load(&a.plot[0])?, load(&a.plot[1])?);
+        for (what, get) in [
+            (
+                "train",
+                (|p: &SweepPoint| p.train_seconds) as fn(&SweepPoint) -> f64,
+            ),
+            ("predict", |p| p.predict_seconds),
+        ] {
+            let series = vec![
+                (
+                    "farcer".to_string(),
+                    image::Rgb([200, 40, 40]),
+                    f.iter().map(|p| (p.utterances as f64, get(p))).collect(),
+                ),
+                (
+                    "PyTorch, the authors' way".to_string(),
+                    image::Rgb([40, 80, 200]),
+                    t.iter().map(|p| (p.utterances as f64, get(p))).collect(),
+                ),
+            ];
+            let path = a.plot_out.with_file_name(format!(
+                "{}-{what}.png",
+                a.plot_out.file_name().unwrap().to_string_lossy()
+            ));
+            if let Some(d) = path.parent() {
+                std::fs::create_dir_all(d)?;
+            }
+            let title = if what == "train" {
+                "seconds per training sample (7-shot)"
+            } else {
+                "seconds per prediction (7-shot)"
+            };
+            farcer::plot::line_chart(
+                &path,
+                title,
+                "utterances in the dialogue",
+                "seconds",
+                &series,
+            )?;
+            println!("wrote {}", path.display());
+        }
+        return Ok(());
+    }
+    if a.batch {
+        let mut pts = Vec::new();
+        for query in [32, 200] {
+            log(&format!("batching: queries of {query} tokens"));
+            pts.extend(batch_curve(&llm, 640, query, &[1, 2, 4, 8], a.reps)?);
+        }
+        let mut md = String::from("| requests | query tokens | prefix tokens | one at a time ms | packed ms | packed / one at a time | max prob diff |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+        for p in &pts {
+            md.push_str(&format!(
+                "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.1e} |\n",
+                p.requests,
+                p.query_tokens,
+                p.prefix_tokens,
+                p.separate_ms,
+                p.packed_ms,
+                p.packed_ms / p.separate_ms,
+                p.max_prob_diff
+            ));
+        }
+        std::fs::create_dir_all(&a.plot_out)?;
+        farcer::util::write_json_atomic(&a.plot_out.join("batch.json"), &pts)?;
+        farcer::util::write_atomic(&a.plot_out.join("batch.md"), md.as_bytes())?;
+        print!("{md}");
+        return Ok(());
+    }
+    if let Some(n) = a.session {
+        let b = bar("session");
+        let pts = session_curve(&llm, &a.meld, n, &ticker(&b))?;
+        b.finish_and_clear();
+        std::fs::create_dir_all(&a.plot_out)?;
+        let mut md = String::from(
+            "| utterances | tokens | ms | cache tokens | dropped | recompute ms |\n|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for p in &pts {
+            md.push_str(&format!(
+                "| {} | {} | {:.1} | {} | {} | {} |\n",
+                p.utterances,
+                p.tokens,
+                p.seconds * 1e3,
+                p.cache_tokens,
+                p.dropped,
+                p.recompute_seconds
+                    .map(|s| format!("{:.1}", s * 1e3))
+                    .unwrap_or_default()
+            ));
+        }
+        print!("{md}");
+        farcer::util::write_json_atomic(&a.plot_out.join("session.json"), &pts)?;
+        std::fs::write(a.plot_out.join("session.md"), &md)?;
+        let series = vec![
+            (
+                "session: one utterance".to_string(),
+                image::Rgb([40, 90, 200]),
+                pts.iter()
+                    .map(|p| (p.utterances as f64, p.seconds * 1e3))
+                    .collect(),
+            ),
+            (
+                "recomputing the conversation".to_string(),
+                image::Rgb([200, 60, 40]),
+                pts.iter()
+                    .filter_map(|p| p.recompute_seconds.map(|s| (p.utterances as f64, s * 1e3)))
+                    .collect(),
+            ),
+        ];
+        let png = a.plot_out.join("session.png");
+        farcer::plot::line_chart(
+            &png,
+            "Latency per utterance of a live session (SmolLM2, 3-shot, CPU)",
+            "utterances in the conversation",
+            "ms",
+            &series,
+        )?;
+        println!("wrote {}", png.display());
+        return Ok(());
+    }
+    if a.sweep {
+        let pts = sweep(&llm, &a.meld, a.reps)?;
+        println!(
+            "{:>10} {:>8} {:>14} {:>14}",
+            "utterances", "tokens", "train s", "predict s"
+        );
+        for p in &pts {
+            println!(
+                "{:>10} {:>8} {:>14.3} {:>14.3}",
+                p.utterances, p.tokens, p.train_seconds, p.predict_seconds
+            );
+        }
+        if let Some(j) = &a.json {
+            farcer::util::write_json_atomic(j, &pts)?;
+        }
+        return Ok(());
+    }
+    if let Some(c) = &a.case {
+        let r = run_case(c, &llm, meld, vit_s, a.reps)?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let cases: Vec<String> = if a.cases.is_empty() {
+        CASES.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.cases.clone()
+    };
+    let exe = std::env::current_exe()?;
+    let mut results = Vec::new();
+    println!(
+        "{:<28} {:>10} {:>14} {:>10}  what",
+        "case", "seconds", "per second", "peak MiB"
+    );
+    for c in &cases {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "bench",
+                "--case",
+                c,
+                "--reps",
+                &a.reps.to_string(),
+                "--llm",
+                &llm,
+            ])
+            .arg("--meld")
+            .arg(&a.meld)
+            .arg("--vit-s")
+            .arg(&a.vit_s)
+            .output()?;
+        if !out.status.success() {
+            println!(
+                "{c:<28} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .trim()
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            );
+            continue;
+        }
+        let r: CaseResult = serde_json::from_slice(
+            out.stdout
+                .split(|b| *b == b'\n')
+                .rfind(|l| !l.is_empty())
+                .unwrap_or(&[]),
+        )?;
+        println!(
+            "{:<28} {:>10.3} {:>10.1} {:<3} {:>10.0}  {}",
+            r.case,
+            r.seconds,
+            r.per_second,
+            &r.unit[..3.min(r.unit.len())],
+            r.peak_mib,
+            r.what
+        );
+        results.push(r);
+    }
+    if let Some(p) = &a.json {
+        farcer::util::write_json_atomic(p, &results)?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
 }
