@@ -155,17 +155,7 @@ fn run_model(
     // Adapters on all seven projections: each sits at its own place in the fused op.
     let lora = LoraConfig {
         dropout: 0.1,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: crate::model::lora::PROJECTIONS.map(String::from).to_vec(),
         ..Default::default()
     };
     let vars = model.add_lora(&lora, 1)?;

@@ -50,18 +50,7 @@ fn fresh_adapters_change_nothing_and_merging_changes_nothing() {
     let want = logits(&base, &ids);
     let mut llm = tiny();
     let cfg = LoraConfig {
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
+        target_modules: ALL_MODULES.map(String::from).to_vec(),
         ..Default::default()
     };
     let vars = llm.model.add_lora(&cfg, 0).unwrap();
@@ -267,15 +256,7 @@ fn fused_layers_with_adapters_match_the_op_by_op_path() {
 }
 
 /// The seven decoder projections PEFT can adapt.
-const ALL_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const ALL_MODULES: [&str; 7] = farcer::model::lora::PROJECTIONS;
 
 /// A text-only adapter (as `kind = "text-lora"` saves it) on every decoder projection.
 fn text_adapter() -> (farcer::model::Llm, LoraConfig) {

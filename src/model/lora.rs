@@ -29,6 +29,17 @@ fn default_alpha() -> f64 {
 fn default_dropout() -> f64 {
     0.1
 }
+/// The decoder projections an adapter may sit on, by their PEFT names.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 fn default_targets() -> Vec<String> {
     vec!["q_proj".into(), "k_proj".into(), "v_proj".into()]
 }

@@ -72,6 +72,13 @@ impl Server {
         )
     }
 
+    /// Opens a session with the default options; its id.
+    fn open_session(&self) -> String {
+        let r = self.json("POST", "/v1/sessions", &serde_json::json!({}));
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["id"].as_str().unwrap().to_string()
+    }
+
     /// Stops the server as an operator would (SIGTERM) and returns whether it exited cleanly.
     fn stop(mut self) -> bool {
         let ok = Command::new("kill")
@@ -640,14 +647,7 @@ fn api_key_is_required_when_set() {
 #[test]
 fn sessions_are_evicted_expire_and_stream() {
     let server = Server::start(&["--max-sessions", "2", "--session-idle", "2"]);
-    let open = || {
-        server
-            .json("POST", "/v1/sessions", &serde_json::json!({}))
-            .json()["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let open = || server.open_session();
     let utt = serde_json::json!({"speaker": "Ann", "text": "Hello there."});
     let (a, b) = (open(), open());
     assert_eq!(
@@ -753,12 +753,7 @@ fn concurrent_answers_equal_serial_ones() {
 #[test]
 fn long_sessions_drop_old_utterances_and_rebuild_rarely() {
     let server = Server::start(&[]);
-    let id = server
-        .json("POST", "/v1/sessions", &serde_json::json!({}))
-        .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = server.open_session();
     let mut tokens = Vec::new();
     for i in 0..40 {
         let u = serde_json::json!({"speaker": if i % 2 == 0 { "Ann" } else { "Bob" }, "text": "Fine, thanks."});
@@ -1055,12 +1050,7 @@ fn web_page_scores_a_conversation_in_a_browser() {
     );
     let shown: Vec<serde_json::Value> = serde_json::from_str(shown.as_str().unwrap()).unwrap();
     // The same three utterances in a session over plain HTTP.
-    let id = server
-        .json("POST", "/v1/sessions", &serde_json::json!({}))
-        .json()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = server.open_session();
     for (i, (u, s)) in utts.iter().zip(&shown).enumerate() {
         let mut u = u.clone();
         u.as_object_mut().unwrap().remove("label");
