@@ -10,7 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::metrics::{parse_answer, INVALID};
-use crate::model::llama::{argmax, log_softmax, Cache, Positions};
+use crate::model::llama::{argmax, log_softmax, Cache, Positions, Segment};
 use crate::model::Llm;
 use crate::pack::Packing;
 use candle_core::{IndexOp, Tensor};
@@ -125,59 +125,72 @@ pub fn score_labels(
     query: &Tensor,
     cands: &LabelTokens,
 ) -> Result<Prediction> {
-    let mut p = score_label_queries(llm, cache, std::slice::from_ref(query), cands)?;
+    let mut p = score_label_queries(llm, &[(cache, query)], cands)?;
     Ok(p.remove(0))
 }
 
-/// [`score_labels`] for several queries that share `cache` (concurrent requests after one
-/// prompt prefix), all in one pass: each query is a branch after the cache and each of
-/// its labels' tokens (but the last, whose log-prob no later token needs) a child branch
-/// of it. Every query gets exactly what it gets alone; whether one pass is faster than
-/// several depends on the device and the queries' length (`farcer bench --batch`).
+/// [`score_labels`] for several queries, each after its own cache (concurrent sessions'
+/// utterances, or concurrent requests after one prompt prefix), all in one pass: each
+/// query with its labels packed as in [`score_labels`] is one segment of
+/// [`crate::model::llama::Llama::forward_segments`], attending to its own cache only,
+/// while the model's products run once over every segment's rows. Every query gets
+/// exactly what it gets alone; whether one pass is faster than several depends on the
+/// device and the queries' length (`farcer bench --batch`).
 pub fn score_label_queries(
     llm: &Llm,
-    cache: &Cache,
-    queries: &[Tensor],
+    queries: &[(&Cache, &Tensor)],
     cands: &LabelTokens,
 ) -> Result<Vec<Prediction>> {
     if queries.is_empty() {
         return Ok(Vec::new());
     }
-    let mut pack = Packing::new(cache.len());
+    let dtype = llm.model.dtype();
     let mut rows = Vec::new();
     let mut at = Vec::new();
-    for q in queries {
+    let mut packs = Vec::with_capacity(queries.len());
+    let mut off = 0;
+    for (cache, q) in queries {
         let m = q.dim(1)?;
         if m == 0 {
             return Err(Error::msg("a label query needs at least one token"));
         }
-        at.push(pack.branch(m).end - 1);
-        rows.push(q.clone());
+        let mut pack = Packing::new(cache.len());
+        at.push(off + pack.branch(m).end - 1);
+        rows.push(q.to_dtype(dtype)?);
         let b = pack.last_branch().expect("a branch was just added");
         let mut tokens = Vec::new();
         for seq in cands.seqs.iter().filter(|s| s.len() > 1) {
-            at.extend(pack.child(b, seq.len() - 1));
+            at.extend(pack.child(b, seq.len() - 1).map(|i| off + i));
             tokens.extend_from_slice(&seq[..seq.len() - 1]);
         }
         if !tokens.is_empty() {
-            let labels = llm.model.embed(&tokens)?.unsqueeze(0)?;
-            rows.push(labels.to_dtype(q.dtype())?);
+            rows.push(llm.model.embed(&tokens)?.unsqueeze(0)?.to_dtype(dtype)?);
         }
+        off += pack.len();
+        packs.push(pack);
     }
     let x = Tensor::cat(&rows, 1)?;
-    let mask = pack.mask(llm.model.device(), llm.model.dtype())?;
-    let mut c = cache.clone();
+    let masks = packs
+        .iter()
+        .map(|p| p.mask(llm.model.device(), dtype))
+        .collect::<Result<Vec<_>>>()?;
+    let mut caches: Vec<Cache> = queries.iter().map(|(c, _)| (*c).clone()).collect();
+    let mut segs: Vec<Segment> = caches
+        .iter_mut()
+        .zip(&packs)
+        .zip(&masks)
+        .map(|((cache, p), mask)| Segment {
+            cache,
+            len: p.len(),
+            pos: Positions {
+                ids: Some(p.positions()),
+                mask: Some(mask),
+            },
+        })
+        .collect();
     let logits = llm
         .model
-        .forward(
-            &x,
-            &mut c,
-            &Positions {
-                ids: Some(pack.positions()),
-                mask: Some(&mask),
-            },
-            &at,
-        )?
+        .forward_segments(&x, &mut segs, &at)?
         .expect("logits asked");
     let lp = log_softmax(&logits.i(0)?)?.to_dtype(candle_core::DType::F32)?;
     // Per query: its last row predicts each label's first token; then each label's rows,

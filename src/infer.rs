@@ -13,7 +13,7 @@ use crate::decode::{self, Decode, LabelTokens};
 use crate::error::{Error, Result};
 use crate::eval::{predict_one, prepare_set, InputBuilder, PastSource, PreparedSet};
 use crate::farcer::Farcer;
-use crate::model::llama::{Cache, Positions};
+use crate::model::llama::{Cache, Positions, Segment};
 use crate::model::Llm;
 use crate::prompt::{Encoded, PromptConfig, PromptSet};
 use crate::vision::VisionEncoder;
@@ -316,13 +316,133 @@ impl Predictor {
     pub fn add(
         &self,
         s: &mut Session,
-        mut u: Utterance,
+        u: Utterance,
         image: Option<Vec<f32>>,
     ) -> Result<UtterancePrediction> {
+        self.add_many(vec![Step {
+            session: s,
+            utterance: u,
+            image,
+        }])
+        .pop()
+        .expect("one answer per step")
+    }
+
+    /// [`Predictor::add`] for one utterance in each of several sessions at once: each
+    /// model pass (the utterances' lines, their label queries, the lines with the
+    /// answers as past labels) runs once for all of them, every session attending to
+    /// its own cache only, so each answer equals what [`Predictor::add`] gives alone.
+    /// The sessions must be distinct. A step that fails leaves its session as it was.
+    pub fn add_many(&self, mut steps: Vec<Step>) -> Vec<Result<UtterancePrediction>> {
+        let before: Vec<Snapshot> = steps.iter().map(|st| st.session.snapshot()).collect();
+        let mut preps: Vec<Result<Prep>> = steps.iter_mut().map(|st| self.begin(st)).collect();
+        let past_labels = |st: &Step| st.session.set.prompter.config.past_labels;
+        // The new lines (without past labels: the line does not depend on the answer).
+        let lines: Vec<usize> = (0..steps.len())
+            .filter(|&j| preps[j].is_ok() && !past_labels(&steps[j]))
+            .collect();
+        self.append(&mut steps, &mut preps, &lines, |p| &p.line);
+        // Every label query in one pass.
+        let ok: Vec<usize> = (0..steps.len()).filter(|&j| preps[j].is_ok()).collect();
+        let scored = (|| -> Result<Vec<decode::Prediction>> {
+            let mut qs = Vec::with_capacity(ok.len());
+            for &j in &ok {
+                let (st, p) = (&steps[j], preps[j].as_ref().expect("ok"));
+                let b = self.builder(&st.session.vectors);
+                let ctx = std::slice::from_ref(&st.session.utterances[p.i]);
+                qs.push(b.suffix_embeds(&p.query, ctx)?);
+            }
+            let pairs: Vec<_> = ok
+                .iter()
+                .zip(&qs)
+                .map(|(&j, q)| (&steps[j].session.cache, q))
+                .collect();
+            decode::score_label_queries(self.llm(), &pairs, &self.cands)
+        })();
+        let mut answers: Vec<Option<decode::Prediction>> = (0..steps.len()).map(|_| None).collect();
+        match scored {
+            Ok(preds) => {
+                for (&j, pred) in ok.iter().zip(preds) {
+                    if let Ok(p) = &mut preps[j] {
+                        p.tokens += p.query.len() + self.packed();
+                    }
+                    answers[j] = Some(pred);
+                }
+            }
+            Err(e) => {
+                let m = e.to_string();
+                for &j in &ok {
+                    preps[j] = Err(Error::msg(m.clone()));
+                }
+            }
+        }
+        // With past labels: the lines with the answers in them.
+        let kept: Vec<usize> = (0..steps.len())
+            .filter(|&j| preps[j].is_ok() && past_labels(&steps[j]))
+            .collect();
+        for &j in &kept {
+            let label = answers[j].as_ref().expect("scored").label.clone();
+            let s = &mut *steps[j].session;
+            let p = preps[j].as_mut().expect("ok");
+            match s
+                .set
+                .prompter
+                .line(&s.utterances[p.i], 0, p.has_image, Some(&label))
+            {
+                Ok(l) => p.line = l,
+                Err(e) => preps[j] = Err(e),
+            }
+        }
+        let kept: Vec<usize> = kept.into_iter().filter(|&j| preps[j].is_ok()).collect();
+        self.append(&mut steps, &mut preps, &kept, |p| &p.line);
+        for &j in &kept {
+            if let Ok(p) = &preps[j] {
+                let s = &mut *steps[j].session;
+                s.line_tokens[p.i] = p.line.len();
+                s.labels[p.i] = answers[j].as_ref().map(|a| a.label.clone());
+            }
+        }
+        steps
+            .into_iter()
+            .zip(preps)
+            .zip(answers)
+            .zip(before)
+            .map(|(((st, prep), answer), before)| {
+                let s = st.session;
+                match prep {
+                    Ok(p) => {
+                        let pred = answer.expect("answered");
+                        Ok(UtterancePrediction {
+                            index: p.i,
+                            id: s.utterances[p.i].id.clone(),
+                            speaker: s.utterances[p.i].speaker.clone(),
+                            label: pred.label,
+                            probs: pred.probs,
+                            text: None,
+                            dropped: s.first,
+                            tokens: p.tokens,
+                            seconds: p.start.elapsed().as_secs_f64(),
+                        })
+                    }
+                    Err(e) => {
+                        s.restore(before);
+                        Err(e)
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Checks that the step's utterance fits, adds it to its session (dropping old
+    /// utterances and rebuilding the cache when the context is full) and encodes its line
+    /// and label query.
+    fn begin(&self, st: &mut Step) -> Result<Prep> {
         let start = std::time::Instant::now();
+        let s = &mut *st.session;
         let i = s.utterances.len();
+        let mut u = st.utterance.clone();
         u.image = None;
-        if let (Some(v), true) = (image, self.takes_images()) {
+        if let (Some(v), true) = (st.image.take(), self.takes_images()) {
             let key = PathBuf::from(format!("session-image:{i}"));
             s.vectors.insert(key.clone(), v);
             u.image = Some(key);
@@ -354,50 +474,100 @@ impl Predictor {
                 kept -= s.line_tokens[s.first];
                 s.first += 1;
             }
-            // The new utterance's line is added below, not in the rebuild.
+            // The new utterance's line is added after the rebuild, not in it.
             let (u, l, t) = (s.utterances.pop(), s.labels.pop(), s.line_tokens.pop());
-            self.rebuild(s)?;
-            tokens += s.cache.len() - s.set.cache.len();
+            let r = self.rebuild(s);
             s.utterances.extend(u);
             s.labels.extend(l);
             s.line_tokens.extend(t);
+            r?;
+            tokens += s.cache.len() - s.set.cache.len();
         }
-        let llm = self.llm();
-        let b = self.builder(&s.vectors);
-        let ctx = std::slice::from_ref(&s.utterances[i]);
         if !past_labels {
-            let x = b.suffix_embeds(&line, ctx)?;
-            llm.model
-                .forward(&x, &mut s.cache, &Positions::default(), &[])?;
             tokens += line.len();
         }
-        let q = b.suffix_embeds(&query, ctx)?;
-        let pred = decode::score_labels(llm, &s.cache, &q, &self.cands)?;
-        tokens += query.len() + self.packed();
-        if past_labels {
-            let kept = s
-                .set
-                .prompter
-                .line(&s.utterances[i], 0, has_image, Some(&pred.label))?;
-            let x = b.suffix_embeds(&kept, ctx)?;
-            llm.model
-                .forward(&x, &mut s.cache, &Positions::default(), &[])?;
-            tokens += kept.len();
-            s.line_tokens[i] = kept.len();
-            s.labels[i] = Some(pred.label.clone());
-        }
-        Ok(UtterancePrediction {
-            index: i,
-            id: s.utterances[i].id.clone(),
-            speaker: s.utterances[i].speaker.clone(),
-            label: pred.label,
-            probs: pred.probs,
-            text: None,
-            dropped: s.first,
+        Ok(Prep {
+            i,
+            has_image,
+            line,
+            query,
             tokens,
-            seconds: start.elapsed().as_secs_f64(),
+            start,
         })
     }
+
+    /// Appends each listed step's line (`which`) to its session's cache, all in one pass;
+    /// on failure every listed step fails and no cache changes.
+    fn append(
+        &self,
+        steps: &mut [Step],
+        preps: &mut [Result<Prep>],
+        list: &[usize],
+        which: impl Fn(&Prep) -> &Encoded,
+    ) {
+        if list.is_empty() {
+            return;
+        }
+        let run = || -> Result<Vec<Cache>> {
+            let mut xs = Vec::with_capacity(list.len());
+            for &j in list {
+                let (st, p) = (&steps[j], preps[j].as_ref().expect("listed steps are ok"));
+                let b = self.builder(&st.session.vectors);
+                let ctx = std::slice::from_ref(&st.session.utterances[p.i]);
+                xs.push(b.suffix_embeds(which(p), ctx)?);
+            }
+            let mut caches: Vec<Cache> = list
+                .iter()
+                .map(|&j| steps[j].session.cache.clone())
+                .collect();
+            let mut segs: Vec<Segment> = caches
+                .iter_mut()
+                .zip(&xs)
+                .map(|(cache, x)| {
+                    Ok(Segment {
+                        cache,
+                        len: x.dim(1)?,
+                        pos: Positions::default(),
+                    })
+                })
+                .collect::<Result<_>>()?;
+            self.llm()
+                .model
+                .forward_segments(&Tensor::cat(&xs, 1)?, &mut segs, &[])?;
+            Ok(caches)
+        };
+        match run() {
+            Ok(caches) => {
+                for (&j, c) in list.iter().zip(caches) {
+                    steps[j].session.cache = c;
+                }
+            }
+            Err(e) => {
+                let m = e.to_string();
+                for &j in list {
+                    preps[j] = Err(Error::msg(m.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// One utterance for one session, for [`Predictor::add_many`].
+pub struct Step<'s> {
+    pub session: &'s mut Session,
+    pub utterance: Utterance,
+    /// The utterance's image vector, if it has one.
+    pub image: Option<Vec<f32>>,
+}
+
+/// A step under way: the utterance's index, tokens and what the passes have run.
+struct Prep {
+    i: usize,
+    has_image: bool,
+    line: Encoded,
+    query: Encoded,
+    tokens: usize,
+    start: std::time::Instant,
 }
 
 impl Predictor {
@@ -502,4 +672,35 @@ impl Session {
     pub fn dropped(&self) -> usize {
         self.first
     }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            len: self.utterances.len(),
+            cache: self.cache.clone(),
+            first: self.first,
+            rebuilds: self.rebuilds,
+        }
+    }
+
+    /// Back to `snap`: what a failed step added is gone.
+    fn restore(&mut self, snap: Snapshot) {
+        for i in snap.len..self.utterances.len() {
+            self.vectors
+                .remove(&PathBuf::from(format!("session-image:{i}")));
+        }
+        self.utterances.truncate(snap.len);
+        self.labels.truncate(snap.len);
+        self.line_tokens.truncate(snap.len);
+        self.cache = snap.cache;
+        self.first = snap.first;
+        self.rebuilds = snap.rebuilds;
+    }
+}
+
+/// A session's state before a step (the cache is shared, not copied).
+struct Snapshot {
+    len: usize,
+    cache: Cache,
+    first: usize,
+    rebuilds: usize,
 }

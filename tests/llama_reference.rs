@@ -5,6 +5,7 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use common::*;
 use farcer::decode::{self, LabelTokens};
+use farcer::model::frozen::Backend;
 use farcer::model::llama::Positions;
 use farcer::model::load_llm;
 
@@ -147,25 +148,56 @@ fn packed_constrained_scoring_equals_scoring_each_label_alone() {
     }
     assert_eq!(cache.len(), t - 3, "scoring adds nothing to the cache");
 
-    // Several queries after the same cache, packed into one pass (concurrent requests
-    // batched), each get what they get alone.
-    let queries: Vec<_> = [1usize, 3, 2]
-        .iter()
-        .map(|&n| prompt.narrow(1, t - n, n).unwrap())
-        .collect();
-    let packed = decode::score_label_queries(&llm, &cache, &queries, &cands).unwrap();
-    assert_eq!(packed.len(), 3);
-    for (q, p) in queries.iter().zip(&packed) {
-        let alone = decode::score_labels(&llm, &cache, q, &cands).unwrap();
-        assert_eq!(p.label, alone.label);
-        for (a, b) in p.probs.as_ref().unwrap().iter().zip(alone.probs.unwrap()) {
-            assert!((a - b).abs() <= 1e-5, "{p:?} vs alone");
+    // Several queries, each after its own cache (concurrent sessions) or after the same
+    // one (concurrent requests after one prompt prefix), in one pass: each gets what it
+    // gets alone, on the fused kernels and on candle's op-by-op path (what a GPU runs).
+    let mut short = llm.model.new_cache();
+    llm.model
+        .forward(
+            &prompt.narrow(1, 0, t - 6).unwrap(),
+            &mut short,
+            &Positions::default(),
+            &[],
+        )
+        .unwrap();
+    let empty = llm.model.new_cache();
+    let q = |n: usize| prompt.narrow(1, t - n, n).unwrap();
+    let (q1, q3, q6, q2) = (q(1), q(3), q(6), q(2));
+    let queries = [
+        (&cache, &q1),
+        (&empty, &prompt),
+        (&short, &q6),
+        (&cache, &q3),
+        (&cache, &q2),
+    ];
+    for backend in [Backend::Kernels, Backend::Candle] {
+        let mut llm = tiny();
+        llm.model = llm.model.clone().with_backend(backend).unwrap();
+        let packed = decode::score_label_queries(&llm, &queries, &cands).unwrap();
+        assert_eq!(packed.len(), queries.len());
+        for ((c, q), p) in queries.iter().zip(&packed) {
+            let alone = decode::score_labels(&llm, c, q, &cands).unwrap();
+            assert_eq!(p.label, alone.label);
+            for (a, b) in p.probs.as_ref().unwrap().iter().zip(alone.probs.unwrap()) {
+                assert!((a - b).abs() <= 1e-5, "{backend:?}: {p:?} vs alone");
+            }
         }
+        assert_ne!(
+            packed[0].probs, packed[3].probs,
+            "different queries get different answers"
+        );
+        // The whole prompt on an empty cache and its last 6 tokens after the rest are
+        // the same question.
+        for (a, b) in packed[1]
+            .probs
+            .iter()
+            .flatten()
+            .zip(packed[2].probs.iter().flatten())
+        {
+            assert!((a - b).abs() <= 1e-4, "{backend:?}: {packed:?}");
+        }
+        assert_eq!((cache.len(), short.len(), empty.len()), (t - 3, t - 6, 0));
     }
-    assert_ne!(
-        packed[0].probs, packed[1].probs,
-        "different queries get different answers"
-    );
 
     // Non-finite inputs (a NaN in the query) are an error naming a label, not a panic
     // and not an arbitrary answer.

@@ -646,26 +646,46 @@ impl LayerCtx {
 
     /// Runs `f` on the context's values.
     fn with<R>(&self, f: impl FnOnce(&kernels::LayerInput) -> R) -> Result<R> {
-        let (cos, sin) = (view(&self.cos)?, view(&self.sin)?);
-        let past = match &self.past {
-            Some((k, v)) => Some((view(k)?, view(v)?)),
-            None => None,
-        };
-        let mask = self.mask.as_ref().map(view).transpose()?;
-        let p = match &self.past {
-            Some((k, _)) => k.dim(2)?,
-            None => 0,
-        };
-        Ok(f(&kernels::LayerInput {
-            heads: self.heads,
-            t: self.t,
-            cos: cos.s(),
-            sin: sin.s(),
-            scale: self.scale,
-            past: past.as_ref().map(|(k, v)| (k.s(), v.s())),
+        let v = CtxView::new(self)?;
+        Ok(f(&v.input(self)))
+    }
+}
+
+/// Borrowed views of a [`LayerCtx`]'s tensors, from which its kernel input is made.
+struct CtxView<G> {
+    cos: View<G>,
+    sin: View<G>,
+    past: Option<(View<G>, View<G>)>,
+    mask: Option<View<G>>,
+}
+
+impl CtxView<()> {
+    fn new(c: &LayerCtx) -> Result<CtxView<impl std::ops::Deref<Target = Storage> + '_>> {
+        Ok(CtxView {
+            cos: view(&c.cos)?,
+            sin: view(&c.sin)?,
+            past: match &c.past {
+                Some((k, v)) => Some((view(k)?, view(v)?)),
+                None => None,
+            },
+            mask: c.mask.as_ref().map(view).transpose()?,
+        })
+    }
+}
+
+impl<G: std::ops::Deref<Target = Storage>> CtxView<G> {
+    fn input<'b>(&'b self, c: &LayerCtx) -> kernels::LayerInput<'b> {
+        let p = c.past.as_ref().map_or(0, |(k, _)| k.dims()[2]);
+        kernels::LayerInput {
+            heads: c.heads,
+            t: c.t,
+            cos: self.cos.s(),
+            sin: self.sin.s(),
+            scale: c.scale,
+            past: self.past.as_ref().map(|(k, v)| (k.s(), v.s())),
             p,
-            mask: mask.as_ref().map(|m| m.s()),
-        }))
+            mask: self.mask.as_ref().map(|m| m.s()),
+        }
     }
 }
 
@@ -838,6 +858,50 @@ pub fn layer(
         }
     };
     Ok((out, k, v))
+}
+
+/// [`layer`] for several independent sequences in one op (inference, no graph): `h`
+/// `(1, rows, hidden)` holds each segment's new positions in turn, and each segment
+/// attends to its own cache and mask (`args`, one per segment, batch 1). The products run
+/// once over all rows. Returns the hidden states and each segment's keys and values
+/// `(1, hk, p + t, d)`.
+pub fn layer_segments(
+    h: &Tensor,
+    l: &FrozenLayer,
+    args: &[AttendArgs],
+    parts: &[LoraInput],
+) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+    if h.track_op() || parts.iter().any(|p| p.a.track_op() || p.b.track_op()) {
+        candle_core::bail!("several segments in one pass are for inference: no graph");
+    }
+    if args.iter().any(|a| a.heads.batch != 1) {
+        candle_core::bail!("segments in one pass have batch 1 each");
+    }
+    let h = h.contiguous()?;
+    let ctxs = args.iter().map(LayerCtx::new).collect::<Result<Vec<_>>>()?;
+    let views = ctxs.iter().map(CtxView::new).collect::<Result<Vec<_>>>()?;
+    let inputs: Vec<kernels::LayerInput> =
+        ctxs.iter().zip(&views).map(|(c, v)| v.input(c)).collect();
+    let (out, kvs) = {
+        let hv = view(&h)?;
+        with_lora(parts, |kp| {
+            l.with(|w| kernels::layer_forward_segments(hv.s(), w, &inputs, kp))
+        })??
+    };
+    let dev = candle_core::Device::Cpu;
+    let kvs = kvs
+        .into_iter()
+        .zip(args)
+        .map(|((k, v), a)| {
+            let (hk, d) = (a.heads.kv_heads, a.heads.head_dim);
+            let s = k.len() / (hk * d);
+            Ok((
+                Tensor::from_vec(k, (1, hk, s, d), &dev)?,
+                Tensor::from_vec(v, (1, hk, s, d), &dev)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((Tensor::from_vec(out, h.shape().clone(), &dev)?, kvs))
 }
 
 /// A ViT encoder layer's weights, for [`vit_layer`]: (transposed weight `(in, out)`,

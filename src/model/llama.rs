@@ -349,6 +349,15 @@ pub struct Positions<'a> {
     pub mask: Option<&'a Tensor>,
 }
 
+/// One independent sequence of [`Llama::forward_segments`]: its cache, its number of
+/// new positions (its rows of the input, after the segments before it) and where they
+/// sit.
+pub struct Segment<'a, 'c> {
+    pub cache: &'c mut Cache,
+    pub len: usize,
+    pub pos: Positions<'a>,
+}
+
 use farcer_kernels::Heads;
 use frozen::{rms_norm, rope};
 
@@ -629,32 +638,41 @@ impl Llama {
         logits_at: &[usize],
         train: Option<&mut Dropout>,
     ) -> Result<Option<Tensor>> {
-        let h = self.hidden(x, cache, pos, train)?;
+        let t = x.dim(1)?;
+        let mut segs = [Segment {
+            cache,
+            len: t,
+            pos: pos.clone(),
+        }];
+        let h = self.hidden(x, &mut segs, train)?;
         if logits_at.is_empty() {
             return Ok(None);
         }
         Ok(Some(self.logits(&h, logits_at)?))
     }
 
-    /// The final hidden states (before the last norm) of the new positions.
-    fn hidden(
+    /// Several independent sequences in one pass (inference): `x` `(1, rows, hidden)`
+    /// holds each segment's new positions in turn, each segment attends to its own cache
+    /// (and mask) only, and its keys and values are appended to its own cache. The
+    /// products run once over all rows, so a batch of short queries (concurrent sessions'
+    /// utterances) costs less than one pass each; every segment gets what it gets alone.
+    /// Logits as in [`Llama::forward`], at indices into all rows.
+    pub fn forward_segments(
         &self,
         x: &Tensor,
-        cache: &mut Cache,
-        pos: &Positions,
-        mut train: Option<&mut Dropout>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let past = cache.len;
-        let ids: Vec<u32> = match pos.ids {
-            Some(ids) => {
-                if ids.len() != t {
-                    candle_core::bail!("{} position ids for {t} new positions", ids.len());
-                }
-                ids.to_vec()
-            }
-            None => (past as u32..(past + t) as u32).collect(),
-        };
+        segs: &mut [Segment],
+        logits_at: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let h = self.hidden(x, segs, None)?;
+        if logits_at.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.logits(&h, logits_at)?))
+    }
+
+    /// RoPE tables `(t, d / 2)` at positions `ids`.
+    fn rope_at(&self, ids: &[u32]) -> Result<(Tensor, Tensor)> {
+        let t = ids.len();
         let max = *ids.iter().max().unwrap_or(&0) as usize;
         if max >= self.cos.dim(0)? {
             candle_core::bail!(
@@ -663,45 +681,91 @@ impl Llama {
             );
         }
         let contiguous = ids.windows(2).all(|w| w[1] == w[0] + 1);
-        let (cos, sin) = if contiguous && !ids.is_empty() {
-            (
+        if contiguous && !ids.is_empty() {
+            return Ok((
                 self.cos.narrow(0, ids[0] as usize, t)?,
                 self.sin.narrow(0, ids[0] as usize, t)?,
-            )
-        } else {
-            let idx = Tensor::new(ids.as_slice(), &self.device)?;
-            (
-                self.cos.index_select(&idx, 0)?,
-                self.sin.index_select(&idx, 0)?,
-            )
-        };
-        let mask = match pos.mask {
-            Some(m) => Some(m.clone()),
-            None if t > 1 => Some(causal_mask(t, past, &self.device, x.dtype())?),
-            None => None,
-        };
+            ));
+        }
+        let idx = Tensor::new(ids, &self.device)?;
+        Ok((
+            self.cos.index_select(&idx, 0)?,
+            self.sin.index_select(&idx, 0)?,
+        ))
+    }
+
+    /// The final hidden states (before the last norm) of the new positions of every
+    /// segment (one segment, or several with batch 1 and no training).
+    fn hidden(
+        &self,
+        x: &Tensor,
+        segs: &mut [Segment],
+        mut train: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let (b, total, _) = x.dims3()?;
+        if segs.is_empty() {
+            candle_core::bail!("a forward pass needs at least one segment");
+        }
+        let multi = segs.len() > 1;
+        if multi && (b != 1 || train.is_some()) {
+            candle_core::bail!("several segments in one pass need batch 1 and no training");
+        }
+        if segs.iter().map(|s| s.len).sum::<usize>() != total {
+            candle_core::bail!("the segments do not cover the {total} new positions");
+        }
+        // Per segment: RoPE tables and mask.
+        let mut ropes = Vec::with_capacity(segs.len());
+        let mut masks = Vec::with_capacity(segs.len());
+        for s in segs.iter() {
+            let (t, past) = (s.len, s.cache.len);
+            let ids: Vec<u32> = match s.pos.ids {
+                Some(ids) => {
+                    if ids.len() != t {
+                        candle_core::bail!("{} position ids for {t} new positions", ids.len());
+                    }
+                    ids.to_vec()
+                }
+                None => (past as u32..(past + t) as u32).collect(),
+            };
+            ropes.push(self.rope_at(&ids)?);
+            masks.push(match s.pos.mask {
+                Some(m) => Some(m.clone()),
+                None if t > 1 => Some(causal_mask(t, past, &self.device, x.dtype())?),
+                None => None,
+            });
+        }
         let mut h = x.clone();
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(fl) = layer.frozen(self.backend, eps) {
                 let a = &layer.attn;
-                let past = cache.kvs[i].take();
-                if kernels_take(past.as_ref(), mask.as_ref(), t) {
-                    let args = frozen::AttendArgs {
-                        heads: a.heads(b),
-                        t,
-                        cos: &cos,
-                        sin: &sin,
-                        scale: a.scale(),
-                        past: past.as_ref(),
-                        mask: mask.as_ref(),
-                    };
+                let pasts: Vec<_> = segs.iter_mut().map(|s| s.cache.kvs[i].take()).collect();
+                let fits = segs
+                    .iter()
+                    .zip(&pasts)
+                    .zip(&masks)
+                    .all(|((s, p), m)| kernels_take(p.as_ref(), m.as_ref(), s.len));
+                if fits {
+                    let args: Vec<_> = segs
+                        .iter()
+                        .zip(&pasts)
+                        .zip(ropes.iter().zip(&masks))
+                        .map(|((s, past), ((cos, sin), mask))| frozen::AttendArgs {
+                            heads: a.heads(b),
+                            t: s.len,
+                            cos,
+                            sin,
+                            scale: a.scale(),
+                            past: past.as_ref(),
+                            mask: mask.as_ref(),
+                        })
+                        .collect();
                     // Adapters (if any) are added inside the fused op, each to its
                     // columns of its product.
                     use farcer_kernels::Site;
                     let (nq, nk) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
                     let (dim, inter) = (h.dim(2)?, layer.mlp.down.weight.dim(1)?);
-                    let rows = b * t;
+                    let rows = b * total;
                     let m = &layer.mlp;
                     let parts = [
                         (&a.q, Site::Qkv, 0, nq, dim),
@@ -727,28 +791,63 @@ impl Llama {
                             }
                         })
                     })
-                    .collect();
-                    let (out, k, v) = frozen::layer(&h, &fl, &args, parts)?;
-                    cache.kvs[i] = Some((k, v));
-                    h = out;
+                    .collect::<Vec<_>>();
+                    if multi {
+                        let (out, kvs) = frozen::layer_segments(&h, &fl, &args, &parts)?;
+                        for (s, kv) in segs.iter_mut().zip(kvs) {
+                            s.cache.kvs[i] = Some(kv);
+                        }
+                        h = out;
+                    } else {
+                        let (out, k, v) = frozen::layer(&h, &fl, &args[0], parts)?;
+                        segs[0].cache.kvs[i] = Some((k, v));
+                        h = out;
+                    }
                     continue;
                 }
-                cache.kvs[i] = past;
+                for (s, p) in segs.iter_mut().zip(pasts) {
+                    s.cache.kvs[i] = p;
+                }
             }
             let residual = &h;
             let be = self.backend;
             let n = rms_norm(be, &h, &layer.input_norm, eps)?;
-            let kv = &mut cache.kvs[i];
-            let a =
-                layer
-                    .attn
-                    .forward(be, &n, &cos, &sin, mask.as_ref(), kv, train.as_deref_mut())?;
+            let a = if multi {
+                // Each segment's attention on its own rows and cache.
+                let mut outs = Vec::with_capacity(segs.len());
+                let mut off = 0;
+                for ((s, (cos, sin)), mask) in segs.iter_mut().zip(&ropes).zip(&masks) {
+                    let rows = n.narrow(1, off, s.len)?;
+                    off += s.len;
+                    let kv = &mut s.cache.kvs[i];
+                    outs.push(
+                        layer
+                            .attn
+                            .forward(be, &rows, cos, sin, mask.as_ref(), kv, None)?,
+                    );
+                }
+                Tensor::cat(&outs, 1)?
+            } else {
+                let (cos, sin) = &ropes[0];
+                let kv = &mut segs[0].cache.kvs[i];
+                layer.attn.forward(
+                    be,
+                    &n,
+                    cos,
+                    sin,
+                    masks[0].as_ref(),
+                    kv,
+                    train.as_deref_mut(),
+                )?
+            };
             let h1 = (residual + a)?;
             let n = rms_norm(be, &h1, &layer.post_norm, eps)?;
             let m = layer.mlp.forward(be, &n, train.as_deref_mut())?;
             h = (h1 + m)?;
         }
-        cache.len = past + t;
+        for s in segs.iter_mut() {
+            s.cache.len += s.len;
+        }
         Ok(h)
     }
 

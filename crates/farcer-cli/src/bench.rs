@@ -661,10 +661,10 @@ pub struct BatchPoint {
 }
 
 /// Whether batching concurrent requests would pay on this device: `k` label queries of
-/// `query` tokens after a shared cached prompt prefix of `prefix` tokens, scored one after
-/// another and packed into one forward (each query a branch after the prefix, each of its
-/// labels a child branch: the packing that constrained decoding, sessions and one-pass
-/// training use). Best of `reps` timings of each; the probabilities must agree.
+/// `query` tokens, each after its own cache of `prefix` tokens (a live session each),
+/// scored one after another and in one forward (each query with its labels packed as
+/// constrained decoding, sessions and one-pass training pack them, one segment per
+/// cache). Best of `reps` timings of each; the probabilities must agree.
 pub fn batch_curve(
     llm_path: &str,
     prefix: usize,
@@ -682,11 +682,16 @@ pub fn batch_curve(
     let mut rng = Rng::derive(0, "batch-bench");
     let mut ids =
         |n: usize| -> Vec<u32> { (0..n).map(|_| 200 + rng.below(20_000) as u32).collect() };
-    let mut cache = llm.model.new_cache();
-    let pre = llm.model.embed(&ids(prefix))?.unsqueeze(0)?;
-    llm.model
-        .forward(&pre, &mut cache, &Positions::default(), &[])?;
+    // One cache per request (a session each), all of the same length.
     let kmax = ks.iter().copied().max().unwrap_or(1);
+    let mut caches = Vec::with_capacity(kmax);
+    for _ in 0..kmax {
+        let mut cache = llm.model.new_cache();
+        let pre = llm.model.embed(&ids(prefix))?.unsqueeze(0)?;
+        llm.model
+            .forward(&pre, &mut cache, &Positions::default(), &[])?;
+        caches.push(cache);
+    }
     let queries: Vec<Tensor> = (0..kmax)
         .map(|_| llm.model.embed(&ids(query))?.unsqueeze(0))
         .collect::<std::result::Result<_, _>>()?;
@@ -702,18 +707,15 @@ pub fn batch_curve(
     };
     let mut points = Vec::new();
     for &k in ks {
-        let qs = &queries[..k];
+        let qs: Vec<(&farcer::model::llama::Cache, &Tensor)> =
+            caches.iter().zip(&queries).take(k).collect();
         let (separate_ms, sep) = best(&mut || {
             qs.iter()
-                .map(|q| {
-                    Ok(score_labels(&llm, &cache, q, &cands)?
-                        .probs
-                        .unwrap_or_default())
-                })
+                .map(|(c, q)| Ok(score_labels(&llm, c, q, &cands)?.probs.unwrap_or_default()))
                 .collect()
         })?;
         let (packed_ms, packed) = best(&mut || {
-            farcer::decode::score_label_queries(&llm, &cache, qs, &cands)?
+            farcer::decode::score_label_queries(&llm, &qs, &cands)?
                 .into_iter()
                 .map(|p| Ok(p.probs.unwrap_or_default()))
                 .collect()
@@ -776,8 +778,8 @@ pub struct BenchArgs {
     /// the conversation from scratch (JSON, markdown and a PNG into --plot-out).
     #[arg(long)]
     session: Option<usize>,
-    /// Time 1, 2, 4 and 8 label queries after a shared cached prefix, one at a time and
-    /// packed into one forward (does batching concurrent requests pay here?).
+    /// Time 1, 2, 4 and 8 label queries, each after its own cached context (concurrent
+    /// sessions), one at a time and in one forward (does batching them pay here?).
     #[arg(long)]
     batch: bool,
 }
@@ -855,7 +857,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             log(&format!("batching: queries of {query} tokens"));
             pts.extend(batch_curve(&llm, 640, query, &[1, 2, 4, 8], a.reps)?);
         }
-        let mut md = String::from("| requests | query tokens | prefix tokens | one at a time ms | packed ms | packed / one at a time | max prob diff |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+        let mut md = String::from("| requests | query tokens | context tokens each | one at a time ms | one pass ms | one pass / one at a time | max prob diff |\n|---:|---:|---:|---:|---:|---:|---:|\n");
         for p in &pts {
             md.push_str(&format!(
                 "| {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.1e} |\n",

@@ -376,6 +376,14 @@ struct ServeArgs {
     /// Requests on the model at once (the CPU kernels already use every core).
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Utterances of different sessions answered in one model pass when they wait
+    /// together (1: one at a time; see `farcer bench --batch` for what batching gains).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Milliseconds a free worker waits for more session utterances to batch (0: none;
+    /// those that arrive while the model is busy are batched anyway).
+    #[arg(long, default_value_t = 0)]
+    batch_wait_ms: u64,
     #[arg(long, default_value_t = 64)]
     max_sessions: usize,
     /// Total KV cache of all sessions, in MiB.
@@ -1079,6 +1087,8 @@ fn serve(a: ServeArgs) -> Result<()> {
         request_timeout: std::time::Duration::from_secs(a.timeout),
         queue: a.queue,
         workers: a.workers,
+        max_batch: a.max_batch,
+        batch_wait: std::time::Duration::from_millis(a.batch_wait_ms),
         max_sessions: a.max_sessions,
         max_session_bytes: a.max_session_mib << 20,
         session_idle: std::time::Duration::from_secs(a.session_idle),

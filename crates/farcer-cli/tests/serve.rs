@@ -747,6 +747,108 @@ fn concurrent_answers_equal_serial_ones() {
     );
 }
 
+/// Utterances of several sessions that arrive together are answered in one model pass
+/// (the server's metrics count the batches), and each answer equals the one a session
+/// gets alone, with and without past labels.
+#[test]
+fn concurrent_sessions_are_batched_and_answer_as_alone() {
+    let server = Server::start(&["--batch-wait-ms", "300", "--queue", "64"]);
+    let utts: Vec<serde_json::Value> = dialogue()["utterances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            let mut u = u.clone();
+            u.as_object_mut().unwrap().remove("label");
+            u
+        })
+        .collect();
+    let open = |past: bool| {
+        let r = server.json(
+            "POST",
+            "/v1/sessions",
+            &serde_json::json!({"past_labels": past}),
+        );
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    // Alone: one session at a time, one utterance at a time.
+    let mut alone = HashMap::new();
+    for past in [false, true] {
+        let id = open(past);
+        let answers: Vec<serde_json::Value> = utts
+            .iter()
+            .map(|u| {
+                let a = server.json("POST", &format!("/v1/sessions/{id}/utterances"), u);
+                assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+                a.json()
+            })
+            .collect();
+        alone.insert(past, answers);
+    }
+    let metric = |name: &str| -> f64 {
+        let m = server.call("GET", "/metrics", &[], b"");
+        let text = String::from_utf8_lossy(&m.body).to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (batches0, utts0) = (
+        metric("farcer_session_batches_total"),
+        metric("farcer_session_batched_utterances_total"),
+    );
+    assert_eq!(batches0, utts0, "one at a time: batches of one");
+    // Together: six sessions, each sending its utterances in order, all at once.
+    let sessions: Vec<(bool, String)> = (0..6).map(|k| (k % 2 == 1, open(k % 2 == 1))).collect();
+    let threads: Vec<_> = sessions
+        .into_iter()
+        .map(|(past, id)| {
+            let (addr, utts) = (server.addr.clone(), utts.clone());
+            std::thread::spawn(move || {
+                let answers: Vec<serde_json::Value> = utts
+                    .iter()
+                    .map(|u| {
+                        let r = http(
+                            &addr,
+                            "POST",
+                            &format!("/v1/sessions/{id}/utterances"),
+                            &[("content-type", "application/json")],
+                            u.to_string().as_bytes(),
+                        );
+                        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                        r.json()
+                    })
+                    .collect();
+                (past, answers)
+            })
+        })
+        .collect();
+    for t in threads {
+        let (past, answers) = t.join().unwrap();
+        for (a, b) in answers.iter().zip(&alone[&past]) {
+            assert_eq!(a["index"], b["index"]);
+            assert_eq!(a["label"], b["label"], "past labels {past}: {a} vs {b}");
+            assert_eq!(a["tokens"], b["tokens"]);
+            assert!(
+                close(&probs(a), &probs(b), 1e-5),
+                "past labels {past}: {a} vs {b}"
+            );
+        }
+    }
+    let (batches, batched) = (
+        metric("farcer_session_batches_total") - batches0,
+        metric("farcer_session_batched_utterances_total") - utts0,
+    );
+    assert_eq!(batched, 30.0, "every utterance answered once");
+    assert!(
+        batches < batched,
+        "utterances that waited together were answered together: {batched} in {batches} passes"
+    );
+}
+
 /// A conversation far longer than the context: the oldest utterances are dropped and the
 /// cache rebuilt now and then, not once per utterance, and an utterance's cost does not
 /// grow with the conversation.

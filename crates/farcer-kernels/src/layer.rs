@@ -61,30 +61,60 @@ pub struct LayerSaved {
     gu: Vec<f32>,
 }
 
-/// The layer from its q/k/v projection `qkv` `(b t, (h + 2 hk) d)` on (so adapters on q,
+/// Keys and values `(b, hk, p + t, d)` of one segment, for its cache.
+pub type SegmentKv = (Vec<f32>, Vec<f32>);
+
+/// The layer from its q/k/v projection `qkv` `(rows, (h + 2 hk) d)` on (so adapters on q,
 /// k, v can be added outside): attention, output projection, residual, MLP, residual, with
 /// the adapters of `parts` that sit on o, gate/up and down added to their products (their
-/// saved inputs go to `lsaved`, by index into `parts`).
+/// saved inputs go to `lsaved`, by index into `parts`). The rows are the segments' new
+/// positions, one segment after another; each attends to its own cache and mask only,
+/// while every product runs once over all rows. `save` needs a single segment.
 fn layer_after_qkv(
     h: &[f32],
     qkv: &[f32],
     w: &LayerWeights,
-    a: &LayerInput,
+    segs: &[LayerInput],
     parts: &[LoraPart],
     lsaved: &mut [Option<LoraSaved>],
     save: bool,
-) -> LayerOutput<LayerSaved> {
-    let hs = a.heads;
+) -> (Vec<f32>, Vec<SegmentKv>, Option<LayerSaved>) {
+    assert!(
+        !save || segs.len() == 1,
+        "a backward needs a single segment"
+    );
     let (dim, n) = (w.hidden, h.len() / w.hidden);
-    let hd = hs.heads * hs.head_dim;
+    let hs0 = segs[0].heads;
+    let (wd, hd) = (hs0.width(), hs0.heads * hs0.head_dim);
     let at = |site: Site| {
         parts
             .iter()
             .enumerate()
             .filter(move |(_, p)| p.site == site)
     };
-    let (q, k, v) = split_rope(qkv, hs, a.t, a.cos, a.sin, a.scale, a.past, a.p);
-    let (att, lse) = attention(&q, &k, &v, a.mask, hs, a.t, a.p + a.t);
+    let mut kvs = Vec::with_capacity(segs.len());
+    let mut atts = Vec::with_capacity(segs.len());
+    let mut qlse = None;
+    let mut off = 0;
+    for a in segs {
+        let hs = a.heads;
+        let rows = hs.batch * a.t;
+        let mine = &qkv[off * wd..(off + rows) * wd];
+        off += rows;
+        let (q, k, v) = split_rope(mine, hs, a.t, a.cos, a.sin, a.scale, a.past, a.p);
+        let (att, lse) = attention(&q, &k, &v, a.mask, hs, a.t, a.p + a.t);
+        kvs.push((k, v));
+        atts.push(att);
+        if save {
+            qlse = Some((q, lse));
+        }
+    }
+    assert_eq!(off, n, "the segments cover every row");
+    let att = if atts.len() == 1 {
+        atts.pop().expect("one segment")
+    } else {
+        atts.concat()
+    };
     let mut h1 = linear(&att, w.o_t, None, Some(h), n, hd, dim);
     for (i, p) in at(Site::O) {
         lsaved[i] = Some(lora_forward(&att, n, hd, p, &mut h1, dim));
@@ -100,7 +130,7 @@ fn layer_after_qkv(
     for (i, p) in at(Site::Down) {
         lsaved[i] = Some(lora_forward(&m, n, w.inter, p, &mut out, dim));
     }
-    let saved = save.then_some(LayerSaved {
+    let saved = qlse.map(|(q, lse)| LayerSaved {
         lora: Vec::new(),
         r1: Vec::new(),
         q,
@@ -110,7 +140,7 @@ fn layer_after_qkv(
         r2,
         gu,
     });
-    (out, k, v, saved)
+    (out, kvs, saved)
 }
 
 /// Per adapter, `(dA, dB)` once its site's backward has run.
@@ -348,8 +378,36 @@ pub fn layer_forward(
     parts: &[LoraPart],
     save: bool,
 ) -> LayerOutput<LayerSaved> {
+    let (out, mut kvs, saved) = forward(h, w, std::slice::from_ref(a), parts, save);
+    let (k, v) = kvs.pop().expect("one segment");
+    (out, k, v, saved)
+}
+
+/// [`layer_forward`] for several independent sequences at once (inference): `h` holds
+/// the new rows of each segment in turn (`heads.batch * t` rows each). Every product runs
+/// once over all rows, which is what makes a batch of short queries cheaper than one at
+/// a time; each segment's attention sees only its own cache and mask, so each gets what
+/// it would get alone. Returns the hidden states and each segment's keys and values.
+pub fn layer_forward_segments(
+    h: &[f32],
+    w: &LayerWeights,
+    segs: &[LayerInput],
+    parts: &[LoraPart],
+) -> (Vec<f32>, Vec<SegmentKv>) {
+    let (out, kvs, _) = forward(h, w, segs, parts, false);
+    (out, kvs)
+}
+
+fn forward(
+    h: &[f32],
+    w: &LayerWeights,
+    segs: &[LayerInput],
+    parts: &[LoraPart],
+    save: bool,
+) -> (Vec<f32>, Vec<SegmentKv>, Option<LayerSaved>) {
+    assert!(!segs.is_empty(), "a layer needs at least one segment");
     let (dim, n) = (w.hidden, h.len() / w.hidden);
-    let wd = a.heads.width();
+    let wd = segs[0].heads.width();
     let (n1, r1) = rms_norm(h, w.input_norm, w.eps, dim);
     let mut qkv = linear(&n1, w.qkv_t, None, None, n, dim, wd);
     let mut lsaved: Vec<Option<LoraSaved>> = parts.iter().map(|_| None).collect();
@@ -361,7 +419,7 @@ pub fn layer_forward(
         lsaved[i] = Some(lora_forward(&n1, n, dim, p, &mut qkv, wd));
     }
     drop(n1);
-    let (out, k, v, saved) = layer_after_qkv(h, &qkv, w, a, parts, &mut lsaved, save);
+    let (out, kvs, saved) = layer_after_qkv(h, &qkv, w, segs, parts, &mut lsaved, save);
     let saved = saved.map(|s| LayerSaved {
         lora: lsaved
             .into_iter()
@@ -370,7 +428,7 @@ pub fn layer_forward(
         r1,
         ..s
     });
-    (out, k, v, saved)
+    (out, kvs, saved)
 }
 
 /// The backward of [`layer_forward`]: the gradient of the layer's input `h` and, per

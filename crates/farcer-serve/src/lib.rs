@@ -43,6 +43,13 @@ pub struct Limits {
     pub queue: usize,
     /// Requests running on the model at once.
     pub workers: usize,
+    /// Utterances of different sessions answered in one model pass when they arrive
+    /// together (1: one at a time).
+    pub max_batch: usize,
+    /// How long a worker waits for more session utterances before answering fewer than
+    /// `max_batch` (0: answer what waits at once; utterances that arrive while the model
+    /// is busy are batched anyway).
+    pub batch_wait: Duration,
     pub max_sessions: usize,
     /// Total KV cache of all sessions.
     pub max_session_bytes: usize,
@@ -60,6 +67,8 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(120),
             queue: 32,
             workers: 1,
+            max_batch: 8,
+            batch_wait: Duration::ZERO,
             max_sessions: 64,
             max_session_bytes: 2 << 30,
             session_idle: Duration::from_secs(900),
@@ -169,7 +178,39 @@ pub struct AppState {
     sessions: Mutex<Sessions>,
     queue: Arc<Semaphore>,
     workers: Arc<Semaphore>,
+    /// Session utterances waiting for the model; whoever gets a worker answers up to
+    /// `max_batch` of them (of distinct sessions) in one pass.
+    pending: Mutex<VecDeque<Pending>>,
     started: Instant,
+}
+
+/// What answering one session utterance gives: the answer, the session's cache bytes
+/// after it, and how many times its cache was rebuilt meanwhile.
+type Added = (Answer, usize, usize);
+
+/// A session utterance waiting for the model.
+struct Pending {
+    session: Arc<Mutex<Session>>,
+    utterance: farcer::data::Utterance,
+    image: Option<image::DynamicImage>,
+    answer: tokio::sync::oneshot::Sender<Result<Added, ApiError>>,
+    /// The request's queue place, released once it is answered.
+    _place: Place,
+}
+
+/// A request's place in the queue (counted in the queue-depth gauge until dropped).
+struct Place {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    state: Arc<AppState>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.state
+            .metrics
+            .queue_depth
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl AppState {
@@ -187,8 +228,23 @@ impl AppState {
             config,
             metrics: Default::default(),
             sessions: Default::default(),
+            pending: Default::default(),
             started: Instant::now(),
         }))
+    }
+
+    /// A place in the queue, or 503 when it is full.
+    fn place(self: &Arc<Self>) -> Result<Place, ApiError> {
+        let permit = self
+            .queue
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::busy("the server is at capacity: retry shortly"))?;
+        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        Ok(Place {
+            _permit: permit,
+            state: self.clone(),
+        })
     }
 
     /// Runs `f` on the model: takes a queue place now (or answers 503), waits for a
@@ -198,23 +254,144 @@ impl AppState {
         self: &Arc<Self>,
         f: impl FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        let place = self
-            .queue
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ApiError::busy("the server is at capacity: retry shortly"))?;
-        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        let place = self.place()?;
         let worker = self.workers.clone().acquire_owned().await;
         let me = self.clone();
         let out = tokio::task::spawn_blocking(move || {
             let r = f(&me);
-            me.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
             drop((place, worker));
             r
         })
         .await
         .map_err(|e| ApiError::new(500, "model", format!("the model's thread failed: {e}")))?;
         out
+    }
+
+    /// Answers one session utterance: takes a queue place now (or answers 503), and
+    /// leaves the utterance for whoever next gets a worker, which answers it together
+    /// with the others waiting (see [`AppState::answer_pending`]).
+    async fn add_to_session(
+        self: &Arc<Self>,
+        session: Arc<Mutex<Session>>,
+        utterance: farcer::data::Utterance,
+        image: Option<image::DynamicImage>,
+    ) -> Result<Added, ApiError> {
+        let place = self.place()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pending.lock().expect("pending").push_back(Pending {
+            session,
+            utterance,
+            image,
+            answer: tx,
+            _place: place,
+        });
+        // On its own task, so that a request that times out still leaves a worker to
+        // answer what waits.
+        let me = self.clone();
+        tokio::spawn(async move {
+            let Ok(worker) = me.workers.clone().acquire_owned().await else {
+                return;
+            };
+            let l = &me.config.limits;
+            let until = Instant::now() + l.batch_wait;
+            while Instant::now() < until && me.pending.lock().expect("pending").len() < l.max_batch
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let _ = tokio::task::spawn_blocking(move || {
+                me.answer_pending();
+                drop(worker);
+            })
+            .await;
+        });
+        rx.await.map_err(|_| {
+            ApiError::new(500, "model", "the model's thread ended without an answer")
+        })?
+    }
+
+    /// Takes up to `max_batch` waiting utterances of distinct sessions (in arrival
+    /// order; later ones of a session wait for the next batch) and answers them in one
+    /// pass of [`Predictor::add_many`]. Runs on a blocking thread holding a worker.
+    fn answer_pending(&self) {
+        let batch: Vec<Pending> = {
+            let mut q = self.pending.lock().expect("pending");
+            let mut batch: Vec<Pending> = Vec::new();
+            let mut rest = VecDeque::new();
+            while let Some(p) = q.pop_front() {
+                let taken = batch.iter().any(|b| Arc::ptr_eq(&b.session, &p.session));
+                if taken || batch.len() >= self.config.limits.max_batch.max(1) {
+                    rest.push_back(p);
+                } else {
+                    batch.push(p);
+                }
+            }
+            *q = rest;
+            batch
+        };
+        if batch.is_empty() {
+            return;
+        }
+        self.metrics.batches.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .batched_utterances
+            .fetch_add(batch.len(), Ordering::Relaxed);
+        let p = &self.predictor;
+        // Images first, each on its own (a bad one fails only its request).
+        let mut jobs = Vec::with_capacity(batch.len());
+        for b in batch {
+            let vector = match &b.image {
+                Some(i) => match p.encode_images(std::slice::from_ref(i)) {
+                    Ok(v) => v.into_iter().next(),
+                    Err(e) => {
+                        self.finish(b, Err(ApiError::from_lib(e)));
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            jobs.push((b, vector));
+        }
+        // Sessions locked in one order (by address), so two batches never wait on
+        // each other.
+        jobs.sort_by_key(|(b, _)| Arc::as_ptr(&b.session) as usize);
+        let sessions: Vec<Arc<Mutex<Session>>> =
+            jobs.iter().map(|(b, _)| b.session.clone()).collect();
+        let mut guards: Vec<_> = sessions
+            .iter()
+            .map(|s| s.lock().expect("session"))
+            .collect();
+        let before: Vec<usize> = guards.iter().map(|g| g.rebuilds).collect();
+        let steps = guards
+            .iter_mut()
+            .zip(&mut jobs)
+            .map(|(g, (b, v))| farcer::infer::Step {
+                session: g,
+                utterance: b.utterance.clone(),
+                image: v.take(),
+            })
+            .collect();
+        let answers = p.add_many(steps);
+        let done: Vec<Result<Added, ApiError>> = answers
+            .into_iter()
+            .zip(guards.iter().zip(before))
+            .map(|(a, (g, before))| {
+                let a = a.map_err(ApiError::from_lib)?;
+                Ok((
+                    Answer::new(a, &p.labels),
+                    g.cache_bytes(),
+                    g.rebuilds - before,
+                ))
+            })
+            .collect();
+        drop(guards);
+        for ((b, _), r) in jobs.into_iter().zip(done) {
+            self.finish(b, r);
+        }
+    }
+
+    /// Answers a waiting request; its queue place goes with it.
+    fn finish(&self, p: Pending, r: Result<Added, ApiError>) {
+        let _ = p.answer.send(r);
     }
 
     /// Ends sessions idle longer than the limit; returns how many.
@@ -586,27 +763,7 @@ async fn add_utterance(
         st.config.image_root.as_deref(),
         &st.predictor.labels,
     )?;
-    let (answer, bytes, rebuilt) = st
-        .run(move |st| {
-            let p = &st.predictor;
-            let vector = match img {
-                Some(i) => p
-                    .encode_images(&[i])
-                    .map_err(ApiError::from_lib)?
-                    .into_iter()
-                    .next(),
-                None => None,
-            };
-            let mut s = session.lock().expect("session");
-            let before = s.rebuilds;
-            let a = p.add(&mut s, u, vector).map_err(ApiError::from_lib)?;
-            Ok((
-                Answer::new(a, &p.labels),
-                s.cache_bytes(),
-                s.rebuilds - before,
-            ))
-        })
-        .await?;
+    let (answer, bytes, rebuilt) = st.add_to_session(session, u, img).await?;
     st.metrics
         .cache_rebuilds
         .fetch_add(rebuilt, Ordering::Relaxed);

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub sessions_expired: AtomicUsize,
     pub kv_cache_bytes: AtomicUsize,
     pub cache_rebuilds: AtomicUsize,
+    /// Model passes over waiting session utterances, and the utterances they answered.
+    pub batches: AtomicUsize,
+    pub batched_utterances: AtomicUsize,
 }
 
 impl Metrics {
@@ -133,6 +136,18 @@ impl Metrics {
                 "counter",
                 "KV cache rebuilds after dropping a session's oldest utterances.",
                 &self.cache_rebuilds,
+            ),
+            (
+                "farcer_session_batches_total",
+                "counter",
+                "Model passes answering waiting session utterances together.",
+                &self.batches,
+            ),
+            (
+                "farcer_session_batched_utterances_total",
+                "counter",
+                "Session utterances answered by those passes (over batches: the mean batch).",
+                &self.batched_utterances,
             ),
         ];
         for (name, kind, help, v) in gauges {
