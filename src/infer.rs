@@ -118,6 +118,8 @@ pub struct Predictor {
     /// Prepared prompt sets by (shots, set, past labels): one prefix cache serves all
     /// requests with that prompt.
     sets: Mutex<HashMap<(usize, u64, bool), Arc<PreparedSet>>>,
+    /// The cache of a session just opened, by prompt set: new sessions start from it.
+    opened: Mutex<HashMap<(usize, u64, bool), Cache>>,
 }
 
 impl Predictor {
@@ -140,6 +142,7 @@ impl Predictor {
             pool,
             max_tokens,
             sets: Mutex::new(HashMap::new()),
+            opened: Mutex::new(HashMap::new()),
         })
     }
 
@@ -268,24 +271,45 @@ impl Predictor {
             .collect())
     }
 
-    /// Opens a live conversation.
+    /// Opens a live conversation. The first session of a prompt set runs the opening of
+    /// the conversation's turn through the model; the others start from its cache.
     pub fn session(&self, opts: &SessionOptions) -> Result<Session> {
-        let shots = opts.shots.unwrap_or(self.prompt.shots);
-        let past_labels = opts.past_labels.unwrap_or(self.prompt.past_labels);
-        let set = self.prepared(shots, opts.prompt_set, past_labels)?;
-        let mut s = Session {
-            cache: set.cache.clone(),
-            set,
-            utterances: Vec::new(),
-            labels: Vec::new(),
-            line_tokens: Vec::new(),
-            first: 0,
-            vectors: Vectors::new(),
-            rebuilds: 0,
-        };
+        if let Some(s) = self.ready_session(opts) {
+            return Ok(s);
+        }
+        let key = self.session_key(opts);
+        let set = self.prepared(key.0, key.1, key.2)?;
+        let mut s = Session::starting(set, None);
         self.rebuild(&mut s)?;
         s.rebuilds = 0;
+        self.opened
+            .lock()
+            .expect("opened sessions")
+            .insert(key, s.cache.clone());
         Ok(s)
+    }
+
+    /// A new session without running the model, when a session of its prompt set was
+    /// opened before (a server opens it without waiting for the model).
+    pub fn ready_session(&self, opts: &SessionOptions) -> Option<Session> {
+        let key = self.session_key(opts);
+        let set = self.sets.lock().expect("prompt sets").get(&key)?.clone();
+        let cache = self
+            .opened
+            .lock()
+            .expect("opened sessions")
+            .get(&key)?
+            .clone();
+        Some(Session::starting(set, Some(cache)))
+    }
+
+    /// The prompt set a session uses: (shots, set, past labels).
+    fn session_key(&self, opts: &SessionOptions) -> (usize, u64, bool) {
+        (
+            opts.shots.unwrap_or(self.prompt.shots),
+            opts.prompt_set,
+            opts.past_labels.unwrap_or(self.prompt.past_labels),
+        )
     }
 
     /// The session's cache from its prompt prefix and the utterances from `first` on.
@@ -654,6 +678,21 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session of `set` with no utterances; `cache` is its opened conversation's
+    /// (none: the prompt prefix alone, to be rebuilt).
+    fn starting(set: Arc<PreparedSet>, cache: Option<Cache>) -> Self {
+        Session {
+            cache: cache.unwrap_or_else(|| set.cache.clone()),
+            set,
+            utterances: Vec::new(),
+            labels: Vec::new(),
+            line_tokens: Vec::new(),
+            first: 0,
+            vectors: Vectors::new(),
+            rebuilds: 0,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.utterances.len()
     }

@@ -661,9 +661,14 @@ async fn open_session(
     } else {
         api::parse(&bytes)?
     };
-    let session = st
-        .run(move |st| st.predictor.session(&opts).map_err(ApiError::from_lib))
-        .await?;
+    // After the first session of a prompt set, opening one needs no model pass.
+    let session = match st.predictor.ready_session(&opts) {
+        Some(s) => s,
+        None => {
+            st.run(move |st| st.predictor.session(&opts).map_err(ApiError::from_lib))
+                .await?
+        }
+    };
     let id = format!("{:032x}", rand::random::<u128>());
     let bytes = session.cache_bytes();
     let mut s = st.sessions.lock().expect("sessions");
