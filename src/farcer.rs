@@ -256,7 +256,7 @@ impl Farcer {
             crate::util::save_tensors(&p.tensors(), &tmp.join("projection.safetensors"))?;
         }
         if let Some(cfg) = &manifest.lora {
-            crate::model::lora::save_peft(
+            crate::model::peft::save_peft(
                 &tmp,
                 cfg,
                 lora,
@@ -324,7 +324,7 @@ impl Farcer {
                 // A text-only adapter is saved in plain PEFT names (no `lm.`).
                 let saved = t
                     .get(k)
-                    .or_else(|| t.get(&crate::model::lora::plain_peft_key(k)))
+                    .or_else(|| t.get(&crate::model::peft::plain_peft_key(k)))
                     .ok_or_else(|| bad(&p, format!("no adapter weight `{k}`")))?;
                 if saved.dims() != v.dims() {
                     return Err(bad(
@@ -360,7 +360,7 @@ pub fn load_checkpoint(dir: &Path, mut llm: Llm, device: &Device) -> Result<(Far
         None => None,
     };
     if m.lora.is_some() {
-        crate::model::lora::load_peft(&d, &mut llm.model)?;
+        crate::model::peft::load_peft(&d, &mut llm.model)?;
     }
     Ok((Farcer::new(llm, projection, m.kind), m))
 }

@@ -708,7 +708,7 @@ pub fn import_peft(
     let device = Device::Cpu;
     let llm_path = resolve_llm(Some(llm_spec), log)?;
     let mut llm = load_llm(Some(&llm_path), &device, log)?;
-    let (lora, saved) = crate::model::lora::load_peft(peft_dir, &mut llm.model)?;
+    let (lora, saved) = crate::model::peft::load_peft(peft_dir, &mut llm.model)?;
     let layers = (0..)
         .take_while(|i| saved.contains_key(&format!("mp.{}.weight", 3 * i)))
         .count();

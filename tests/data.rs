@@ -6,7 +6,6 @@ use common::*;
 use farcer::data::{iemocap, meld, spec::DataSpec, Scope};
 use farcer::prompt::{Piece, PromptConfig, PromptSet, Prompter};
 
-#[test]
 fn meld_counts_match_the_corpus() {
     let Some(dir) = shared("data/meld") else {
         return;
@@ -43,7 +42,6 @@ fn meld_counts_match_the_corpus() {
     assert!(!train.dialogues.iter().any(|d| d.id == "60"));
 }
 
-#[test]
 fn meld_reads_the_old_cp1252_encoding() {
     let Some(dir) = shared("data/meld") else {
         return;
@@ -68,7 +66,6 @@ fn meld_reads_the_old_cp1252_encoding() {
     std::fs::remove_dir_all(tmp).unwrap();
 }
 
-#[test]
 fn iemocap_layout_splits_cutting_and_labels() {
     let root = fixture("iemocap");
     let spec: DataSpec = format!("iemocap:{}", root.display()).parse().unwrap();
@@ -156,7 +153,6 @@ fn tiny() -> farcer::model::Llm {
     .unwrap()
 }
 
-#[test]
 fn prompt_prefix_and_suffix_tokenize_like_the_whole_and_images_take_slots() {
     let llm = tiny();
     let d = farcer::data::demo::load("dev");
@@ -189,7 +185,6 @@ fn prompt_prefix_and_suffix_tokenize_like_the_whole_and_images_take_slots() {
     assert!(matches!(enc.pieces.last(), Some(Piece::Tokens(_))));
 }
 
-#[test]
 fn long_dialogues_are_cut_from_the_front() {
     let llm = tiny();
     let d = farcer::data::demo::load("dev");
@@ -237,7 +232,6 @@ fn long_dialogues_are_cut_from_the_front() {
     );
 }
 
-#[test]
 fn hub_ids_fail_offline_with_a_clear_message() {
     std::env::set_var("HF_HUB_OFFLINE", "1");
     let e = farcer::model::load_llm(
@@ -259,7 +253,6 @@ fn hub_ids_fail_offline_with_a_clear_message() {
     assert!(e.to_string().contains("no such file or folder"), "{e}");
 }
 
-#[test]
 fn shipped_configs_parse() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
     let mut n = 0;
@@ -284,7 +277,6 @@ fn shipped_configs_parse() {
 /// The demo's data, written to a relative folder (as `farcer demo --out runs/demo`
 /// does), reads back with every image found: image paths are stored relative to the
 /// JSON-lines folder, which the reader resolves them against.
-#[test]
 fn demo_data_written_to_a_relative_folder_finds_its_images() {
     let dir = std::path::PathBuf::from(format!("target/test-demo-data-{}", std::process::id()));
     assert!(dir.is_relative());
@@ -299,4 +291,17 @@ fn demo_data_written_to_a_relative_folder_finds_its_images() {
         }
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+fn main() -> std::process::ExitCode {
+    common::harness::main(tests![
+        meld_counts_match_the_corpus.needs_shared("data/meld"),
+        meld_reads_the_old_cp1252_encoding.needs_shared("data/meld"),
+        iemocap_layout_splits_cutting_and_labels,
+        prompt_prefix_and_suffix_tokenize_like_the_whole_and_images_take_slots,
+        long_dialogues_are_cut_from_the_front,
+        hub_ids_fail_offline_with_a_clear_message,
+        shipped_configs_parse,
+        demo_data_written_to_a_relative_folder_finds_its_images,
+    ])
 }

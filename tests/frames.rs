@@ -81,7 +81,6 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-#[test]
 fn iemocap_frames_show_the_speakers_half_without_borders() {
     if !ffmpeg_ok() {
         return;
@@ -146,7 +145,6 @@ fn iemocap_frames_show_the_speakers_half_without_borders() {
     std::fs::remove_dir_all(tmp).unwrap();
 }
 
-#[test]
 fn meld_middle_frames_short_broken_and_missing_clips() {
     if !ffmpeg_ok() {
         return;
@@ -300,4 +298,13 @@ fn meld_middle_frames_short_broken_and_missing_clips() {
         .is_file());
     assert_eq!(own.samples(Scope::Last).len(), 1);
     std::fs::remove_dir_all(tmp).unwrap();
+}
+
+fn main() -> std::process::ExitCode {
+    common::harness::main(tests![
+        iemocap_frames_show_the_speakers_half_without_borders
+            .needs("ffmpeg", || farcer::data::frames::check_ffmpeg().is_ok()),
+        meld_middle_frames_short_broken_and_missing_clips
+            .needs("ffmpeg", || farcer::data::frames::check_ffmpeg().is_ok()),
+    ])
 }

@@ -6,7 +6,8 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
 use farcer::model::dropout::Dropout;
 use farcer::model::llama::Positions;
-use farcer::model::lora::{load_peft, save_peft, LoraConfig};
+use farcer::model::lora::LoraConfig;
+use farcer::model::peft::{load_peft, save_peft};
 use farcer::model::projection::{Projection, ProjectionConfig};
 
 const PEFT_IDS: fn() -> Vec<u32> = || (0..24).map(|i| (5 * i + 11) % 260).collect();

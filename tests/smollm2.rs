@@ -12,7 +12,6 @@ fn llm() -> Option<farcer::model::Llm> {
 }
 
 /// transformers dequantizes the same Q4_1 blocks; f32 everywhere; tolerance 1e-3.
-#[test]
 fn logits_match_transformers_on_a_100_token_prompt() {
     let Some(llm) = llm() else { return };
     let f = load_safetensors("smollm2-logits.safetensors");
@@ -58,7 +57,6 @@ fn logits_match_transformers_on_a_100_token_prompt() {
 
 /// Expected ids for SmolLM2: digits one by one, byte-level, no prefix space. Checked by
 /// hand against the vocabulary (`Ġ` is a space, `Ċ` a newline, `ĉ` a tab).
-#[test]
 fn tokenizer_ids_follow_smollm_rules_and_round_trip() {
     let Some(llm) = llm() else { return };
     let t = &llm.tokenizer;
@@ -111,7 +109,6 @@ fn tokenizer_ids_follow_smollm_rules_and_round_trip() {
 /// fused layers against the op-by-op path, after a cached prefix longer than the new
 /// positions, with more new rows than one attention block: logits (so probabilities) and
 /// input gradients within 1e-4.
-#[test]
 fn fused_layers_match_the_op_by_op_path_on_smollm2() {
     let Some(llm) = llm() else { return };
     let prefix: Vec<u32> = (0..150).map(|i| (i * 37 + 11) % 49000).collect();
@@ -137,4 +134,12 @@ fn fused_layers_match_the_op_by_op_path_on_smollm2() {
         .unwrap();
     eprintln!("logits {dl}, gradients {dg}, gradient scale {scale}");
     assert!(dl <= 1e-4 && dg <= 1e-4, "logits {dl}, gradients {dg}");
+}
+
+fn main() -> std::process::ExitCode {
+    common::harness::main(tests![
+        logits_match_transformers_on_a_100_token_prompt.needs_default_llm(),
+        tokenizer_ids_follow_smollm_rules_and_round_trip.needs_default_llm(),
+        fused_layers_match_the_op_by_op_path_on_smollm2.needs_default_llm(),
+    ])
 }

@@ -6,7 +6,6 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use farcer::vision::VisionEncoder;
 
-#[test]
 fn tiny_vit_matches_transformers_before_and_after_the_final_norm() {
     let enc =
         VisionEncoder::load(fixture("tiny-vit").to_str().unwrap(), &Device::Cpu, false).unwrap();
@@ -29,7 +28,6 @@ fn tiny_vit_matches_transformers_before_and_after_the_final_norm() {
     );
 }
 
-#[test]
 fn preprocessing_follows_the_checkpoints_processor_config() {
     let enc =
         VisionEncoder::load(fixture("tiny-vit").to_str().unwrap(), &Device::Cpu, false).unwrap();
@@ -55,7 +53,6 @@ fn preprocessing_follows_the_checkpoints_processor_config() {
     );
 }
 
-#[test]
 fn real_pretrained_vit_matches_its_reference_outputs() {
     let Some(dir) = shared("models/vit-small-dinov2") else {
         return;
@@ -81,7 +78,6 @@ fn real_pretrained_vit_matches_its_reference_outputs() {
 /// The demo's untrained ViT must still carry what its images show: a nearest-centroid
 /// classifier on its CLS vectors (centroids from the demo's train images) names the label
 /// of held-out demo images.
-#[test]
 fn demo_images_are_separable_through_the_demo_vit() {
     let dir = std::env::temp_dir().join(format!("farcer-demo-vit-{}", std::process::id()));
     let enc = demo_vit(&dir.join("vit"), 0);
@@ -161,7 +157,6 @@ fn demo_images_are_separable_through_the_demo_vit() {
 
 /// The fused CPU layers against candle's op-by-op path on a demo-shaped ViT (65 tokens: more
 /// than one attention block).
-#[test]
 fn fused_vit_layers_match_the_op_by_op_path() {
     let dir = std::env::temp_dir().join(format!("farcer-fused-vit-{}", std::process::id()));
     let enc = demo_vit(&dir, 3);
@@ -172,4 +167,14 @@ fn fused_vit_layers_match_the_op_by_op_path() {
     let d = max_abs_diff(&fused, &plain);
     assert!(d <= 1e-4, "demo ViT: max difference {d}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+fn main() -> std::process::ExitCode {
+    common::harness::main(tests![
+        tiny_vit_matches_transformers_before_and_after_the_final_norm,
+        preprocessing_follows_the_checkpoints_processor_config,
+        real_pretrained_vit_matches_its_reference_outputs.needs_shared("models/vit-small-dinov2"),
+        demo_images_are_separable_through_the_demo_vit,
+        fused_vit_layers_match_the_op_by_op_path,
+    ])
 }

@@ -1,14 +1,12 @@
-//! Models: the Llama LLM (our own forward), its tokenizer and chat template, and where
-//! they come from (a Hugging Face folder, a GGUF file, or a hub id).
+//! Models as the library uses them: the maths from `farcer-models` (re-exported under
+//! their old paths), and where they come from: a Hugging Face folder, a GGUF file or a
+//! hub id, with the LLM's tokenizer and chat template, and PEFT's adapter files.
 
-pub mod dropout;
-pub mod frozen;
+pub use farcer_models::{dropout, llama, lora, projection, vit};
+pub use farcer_nn as frozen;
 pub mod gguf;
-pub mod llama;
-pub mod lora;
-pub mod projection;
+pub mod peft;
 pub mod tokenizer;
-pub mod vit;
 pub mod weights;
 
 use crate::error::{Error, IoContext, Result};

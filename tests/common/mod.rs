@@ -1,6 +1,8 @@
 //! Shared test helpers: fixture paths, the default model, tolerance checks.
 #![allow(dead_code)]
 
+pub mod harness;
+
 use candle_core::{Device, Tensor};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -18,9 +20,17 @@ pub fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)
 }
 
-/// `../shared` next to the repository (MELD CSVs, the real ViT).
+/// The shared data folder: `../shared` next to the repository, or `FARCER_SHARED`.
+pub fn shared_root() -> PathBuf {
+    match std::env::var_os("FARCER_SHARED") {
+        Some(p) => PathBuf::from(p),
+        None => root().join("../shared"),
+    }
+}
+
+/// A path in the shared data folder (MELD CSVs, the real ViT), if it is there.
 pub fn shared(rel: &str) -> Option<PathBuf> {
-    let p = root().join("../shared").join(rel);
+    let p = shared_root().join(rel);
     if p.exists() {
         Some(p)
     } else {

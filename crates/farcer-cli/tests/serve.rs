@@ -210,13 +210,11 @@ fn write_dialogue(dir: &Path) -> PathBuf {
 
 /// `POST /v1/predict` gives what `farcer predict` and `farcer eval` give on the same
 /// dialogue (probabilities within 1e-5), for the last utterance and for all of them.
-#[test]
 fn predict_equals_the_cli() {
     predict_equals_the_cli_with(&fixture("tiny-llama"), "predict");
 }
 
 /// The CLI and session checks with the pinned SmolLM2, the model users serve.
-#[test]
 fn predict_and_sessions_equal_the_cli_on_smollm2() {
     let Some(llm) = default_llm() else {
         missing("the pinned SmolLM2 (farcer fetch)");
@@ -291,7 +289,6 @@ fn predict_equals_the_cli_with(llm: &Path, name: &str) {
 /// A live session answers each utterance as `predict --scope all` does on the dialogue so
 /// far (within 1e-4), with and without the model's own answers as past labels, and runs
 /// only the new utterance's tokens each time.
-#[test]
 fn sessions_equal_predict_all() {
     sessions_equal_predict_all_with(&fixture("tiny-llama"));
 }
@@ -376,7 +373,6 @@ fn sessions_equal_predict_all_with(llm: &Path) {
 
 /// Every bad request gets its 4xx with a JSON error naming the field, and the next good
 /// request still succeeds.
-#[test]
 fn bad_requests_get_4xx_and_the_server_stays_up() {
     let server = Server::start(&[
         "--max-utterances",
@@ -560,7 +556,6 @@ fn bad_requests_get_4xx_and_the_server_stays_up() {
 
 /// Image paths are read only inside `--image-root`: no `..`, no absolute paths, no
 /// symlinks out of it, no FIFOs; a file inside it is read.
-#[test]
 fn image_paths_stay_inside_the_root() {
     let dir = tmpdir("root");
     let root = dir.join("images");
@@ -607,7 +602,6 @@ fn image_paths_stay_inside_the_root() {
 }
 
 /// With `--api-key` the API needs the bearer token; health does not.
-#[test]
 fn api_key_is_required_when_set() {
     let server = Server::start(&["--api-key", "s3cret"]);
     let body = dialogue().to_string().into_bytes();
@@ -644,7 +638,6 @@ fn api_key_is_required_when_set() {
 
 /// Sessions beyond `--max-sessions` evict the one idle longest, whose owner is told so;
 /// idle sessions expire; answers stream as server-sent events.
-#[test]
 fn sessions_are_evicted_expire_and_stream() {
     let server = Server::start(&["--max-sessions", "2", "--session-idle", "2"]);
     let open = || server.open_session();
@@ -698,7 +691,6 @@ fn sessions_are_evicted_expire_and_stream() {
 
 /// Concurrent requests get the answers they get one at a time; over the queue's capacity
 /// the server answers 503 with Retry-After, never anything else.
-#[test]
 fn concurrent_answers_equal_serial_ones() {
     let server = Server::start(&["--queue", "2"]);
     let mut req = dialogue();
@@ -750,7 +742,6 @@ fn concurrent_answers_equal_serial_ones() {
 /// Utterances of several sessions that arrive together are answered in one model pass
 /// (the server's metrics count the batches), and each answer equals the one a session
 /// gets alone, with and without past labels.
-#[test]
 fn concurrent_sessions_are_batched_and_answer_as_alone() {
     let server = Server::start(&["--batch-wait-ms", "300", "--queue", "64"]);
     let utts: Vec<serde_json::Value> = dialogue()["utterances"]
@@ -852,7 +843,6 @@ fn concurrent_sessions_are_batched_and_answer_as_alone() {
 /// A conversation far longer than the context: the oldest utterances are dropped and the
 /// cache rebuilt now and then, not once per utterance, and an utterance's cost does not
 /// grow with the conversation.
-#[test]
 fn long_sessions_drop_old_utterances_and_rebuild_rarely() {
     let server = Server::start(&[]);
     let id = server.open_session();
@@ -882,7 +872,6 @@ fn long_sessions_drop_old_utterances_and_rebuild_rarely() {
 /// `farcer loadtest` starts its own server, overloads it (8 clients against a queue of 1)
 /// and stops by itself: nothing but 2xx, and 503 with `Retry-After`, comes back; the
 /// server's memory is sampled; the JSON, markdown and PNG are written.
-#[test]
 fn load_test_sheds_overload_with_retry_after() {
     let dir = tmpdir("loadtest");
     let f = write_dialogue(&dir);
@@ -1103,7 +1092,6 @@ impl Browser {
 /// HTTP gives on the same utterances and image; a screenshot is saved
 /// (`FARCER_PAGE_SCREENSHOT` names a copy to keep). The fixture model is text-only, so
 /// this checks the page's upload path, not what a face changes in the answer.
-#[test]
 fn web_page_scores_a_conversation_in_a_browser() {
     let Some(exe) = Browser::find() else {
         missing("a headless Chromium (scripts/setup installs chromium-headless-shell)");
@@ -1186,4 +1174,23 @@ fn web_page_scores_a_conversation_in_a_browser() {
     drop(b);
     assert!(server.stop());
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn main() -> std::process::ExitCode {
+    common::harness::main(tests![
+        predict_equals_the_cli,
+        predict_and_sessions_equal_the_cli_on_smollm2.needs_default_llm(),
+        sessions_equal_predict_all,
+        bad_requests_get_4xx_and_the_server_stays_up,
+        image_paths_stay_inside_the_root,
+        api_key_is_required_when_set,
+        sessions_are_evicted_expire_and_stream,
+        concurrent_answers_equal_serial_ones,
+        concurrent_sessions_are_batched_and_answer_as_alone,
+        long_sessions_drop_old_utterances_and_rebuild_rarely,
+        load_test_sheds_overload_with_retry_after,
+        web_page_scores_a_conversation_in_a_browser
+            .needs("headless Chromium (scripts/setup)", || Browser::find()
+                .is_some()),
+    ])
 }

@@ -13,11 +13,11 @@
 //! fused f32 CPU kernels or candle's) is a [`Backend`] chosen once at load; training is
 //! an argument ([`Llama::forward_train`]), so one `&Llama` serves many callers at once.
 
-use super::dropout::Dropout;
-use super::frozen::{self, Backend};
-use super::lora::{LoraConfig, LoraLinear};
+use crate::dropout::Dropout;
+use crate::lora::{LoraConfig, LoraLinear};
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use farcer_nn::{self as frozen, Backend};
 use serde::{Deserialize, Serialize};
 
 /// Where PEFT puts the LLM's weights: FARCER wraps the LLM as `lm` (as the authors'
@@ -1226,33 +1226,7 @@ fn rope_tables(c: &Config, dev: &Device, dtype: DType) -> Result<(Tensor, Tensor
     Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
 }
 
-/// Additive causal mask `(t, past + t)` for `t` new positions after `past` cached ones.
-pub fn causal_mask(t: usize, past: usize, dev: &Device, dtype: DType) -> Result<Tensor> {
-    let s = past + t;
-    let v: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= past + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(v, (t, s), dev)?.to_dtype(dtype)
-}
-
-/// Additive mask from a boolean "may attend" matrix `(t, s)`.
-pub fn mask_from_allowed(allowed: &[Vec<bool>], dev: &Device, dtype: DType) -> Result<Tensor> {
-    let t = allowed.len();
-    let s = allowed.first().map(|r| r.len()).unwrap_or(0);
-    let v: Vec<f32> = allowed
-        .iter()
-        .flat_map(|r| r.iter().map(|&a| if a { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Tensor::from_vec(v, (t, s), dev)?.to_dtype(dtype)
-}
+pub use farcer_nn::{causal_mask, mask_from_allowed};
 
 /// Log-softmax over the vocabulary of logits `(.., vocab)`, in f32.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {

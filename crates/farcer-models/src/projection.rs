@@ -3,8 +3,8 @@
 //! `[Linear(p, p), GELU, Dropout] * (L - 1)` then `Linear(p, q)` (three-layer FARCER).
 //! Initialised like PyTorch's `nn.Linear` (uniform in +-1/sqrt(fan_in)) from a seeded RNG.
 
-use super::dropout::Dropout;
-use crate::util::Rng;
+use crate::dropout::Dropout;
+use crate::Rng;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -3,7 +3,7 @@
 //! mutated by a forward and one loaded model can serve many callers at once. candle's
 //! own CPU RNG cannot be seeded, so the masks are drawn here and multiplied in.
 
-use crate::util::Rng;
+use crate::Rng;
 use candle_core::{Result, Tensor};
 use std::collections::HashMap;
 

@@ -9,9 +9,9 @@
 //! CLS of `last_hidden_state` instead. The encoder is frozen, so only the inference path
 //! exists here.
 
-use super::frozen::{self, Backend};
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+use farcer_nn::{self as frozen, Backend};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

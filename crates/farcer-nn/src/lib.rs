@@ -8,8 +8,8 @@
 //! bit-identical to inference, and nothing is computed or kept for frozen weights.
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
-    D,
+    backend::BackendStorage, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage,
+    Tensor, D,
 };
 use farcer_kernels::{self as kernels, Heads};
 use std::sync::Mutex;
@@ -995,6 +995,34 @@ pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// Additive causal mask `(t, past + t)` for `t` new positions after `past` cached ones.
+pub fn causal_mask(t: usize, past: usize, dev: &Device, dtype: DType) -> Result<Tensor> {
+    let s = past + t;
+    let v: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(v, (t, s), dev)?.to_dtype(dtype)
+}
+
+/// Additive mask from a boolean "may attend" matrix `(t, s)`.
+pub fn mask_from_allowed(allowed: &[Vec<bool>], dev: &Device, dtype: DType) -> Result<Tensor> {
+    let t = allowed.len();
+    let s = allowed.first().map(|r| r.len()).unwrap_or(0);
+    let v: Vec<f32> = allowed
+        .iter()
+        .flat_map(|r| r.iter().map(|&a| if a { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(v, (t, s), dev)?.to_dtype(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1068,7 +1096,7 @@ mod tests {
         let qv = Var::from_vec(seq(hk * rep * t * dh, 0.13), (1, hk, rep, t, dh), &dev)?;
         let kv = Var::from_vec(seq(hk * (past + t) * dh, 0.29), (1, hk, past + t, dh), &dev)?;
         let vv = Var::from_vec(seq(hk * (past + t) * dh, 0.41), (1, hk, past + t, dh), &dev)?;
-        let mask = crate::model::llama::causal_mask(t, past, &dev, candle_core::DType::F32)?;
+        let mask = causal_mask(t, past, &dev, candle_core::DType::F32)?;
         let fast = attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), Some(&mask))?;
         let sc = qv
             .as_tensor()
