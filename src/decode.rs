@@ -10,7 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::metrics::{parse_answer, INVALID};
-use crate::model::llama::{argmax, log_softmax, Cache, Positions, Segment};
+use crate::model::llama::{argmax, log_softmax, Cache, Llama, Positions, Segment};
 use crate::model::Llm;
 use crate::pack::Packing;
 use candle_core::{IndexOp, Tensor};
@@ -120,12 +120,12 @@ pub fn greedy(
 /// have on its own. Nothing is added to `cache`: this is the one mechanism behind
 /// constrained decoding and a live session's label queries.
 pub fn score_labels(
-    llm: &Llm,
+    model: &Llama,
     cache: &Cache,
     query: &Tensor,
     cands: &LabelTokens,
 ) -> Result<Prediction> {
-    let mut p = score_label_queries(llm, &[(cache, query)], cands)?;
+    let mut p = score_label_queries(model, &[(cache, query)], cands)?;
     Ok(p.remove(0))
 }
 
@@ -137,14 +137,14 @@ pub fn score_labels(
 /// exactly what it gets alone; whether one pass is faster than several depends on the
 /// device and the queries' length (`farcer bench --batch`).
 pub fn score_label_queries(
-    llm: &Llm,
+    model: &Llama,
     queries: &[(&Cache, &Tensor)],
     cands: &LabelTokens,
 ) -> Result<Vec<Prediction>> {
     if queries.is_empty() {
         return Ok(Vec::new());
     }
-    let dtype = llm.model.dtype();
+    let dtype = model.dtype();
     let mut rows = Vec::new();
     let mut at = Vec::new();
     let mut packs = Vec::with_capacity(queries.len());
@@ -164,7 +164,7 @@ pub fn score_label_queries(
             tokens.extend_from_slice(&seq[..seq.len() - 1]);
         }
         if !tokens.is_empty() {
-            rows.push(llm.model.embed(&tokens)?.unsqueeze(0)?.to_dtype(dtype)?);
+            rows.push(model.embed(&tokens)?.unsqueeze(0)?.to_dtype(dtype)?);
         }
         off += pack.len();
         packs.push(pack);
@@ -172,7 +172,7 @@ pub fn score_label_queries(
     let x = Tensor::cat(&rows, 1)?;
     let masks = packs
         .iter()
-        .map(|p| p.mask(llm.model.device(), dtype))
+        .map(|p| p.mask(model.device(), dtype))
         .collect::<Result<Vec<_>>>()?;
     let mut caches: Vec<Cache> = queries.iter().map(|(c, _)| (*c).clone()).collect();
     let mut segs: Vec<Segment> = caches
@@ -188,8 +188,7 @@ pub fn score_label_queries(
             },
         })
         .collect();
-    let logits = llm
-        .model
+    let logits = model
         .forward_segments(&x, &mut segs, &at)?
         .expect("logits asked");
     let lp = log_softmax(&logits.i(0)?)?.to_dtype(candle_core::DType::F32)?;

@@ -312,7 +312,7 @@ pub fn predict_one(
                 decode::GREEDY_MAX_NEW,
             )?
         }
-        Decode::Constrained => decode::score_labels(llm, &ps.cache, &x, cands)?,
+        Decode::Constrained => decode::score_labels(&llm.model, &ps.cache, &x, cands)?,
     };
     Ok((pred, enc))
 }

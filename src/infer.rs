@@ -381,7 +381,7 @@ impl Predictor {
                 .zip(&qs)
                 .map(|(&j, q)| (&steps[j].session.cache, q))
                 .collect();
-            decode::score_label_queries(self.llm(), &pairs, &self.cands)
+            decode::score_label_queries(&self.llm().model, &pairs, &self.cands)
         })();
         let mut answers: Vec<Option<decode::Prediction>> = (0..steps.len()).map(|_| None).collect();
         match scored {

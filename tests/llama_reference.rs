@@ -139,7 +139,7 @@ fn packed_constrained_scoring_equals_scoring_each_label_alone() {
         .unwrap();
     let tail = prompt.narrow(1, t - 3, 3).unwrap();
     for (cache, query) in [(llm.model.new_cache(), &prompt), (cache.clone(), &tail)] {
-        let fast = decode::score_labels(&llm, &cache, query, &cands).unwrap();
+        let fast = decode::score_labels(&llm.model, &cache, query, &cands).unwrap();
         let probs = fast.probs.unwrap();
         for (a, b) in probs.iter().zip(&plain) {
             assert!((a - b).abs() <= 1e-4, "{probs:?} vs {plain:?}");
@@ -173,10 +173,10 @@ fn packed_constrained_scoring_equals_scoring_each_label_alone() {
     for backend in [Backend::Kernels, Backend::Candle] {
         let mut llm = tiny();
         llm.model = llm.model.clone().with_backend(backend).unwrap();
-        let packed = decode::score_label_queries(&llm, &queries, &cands).unwrap();
+        let packed = decode::score_label_queries(&llm.model, &queries, &cands).unwrap();
         assert_eq!(packed.len(), queries.len());
         for ((c, q), p) in queries.iter().zip(&packed) {
-            let alone = decode::score_labels(&llm, c, q, &cands).unwrap();
+            let alone = decode::score_labels(&llm.model, c, q, &cands).unwrap();
             assert_eq!(p.label, alone.label);
             for (a, b) in p.probs.as_ref().unwrap().iter().zip(alone.probs.unwrap()) {
                 assert!((a - b).abs() <= 1e-5, "{backend:?}: {p:?} vs alone");
@@ -202,7 +202,7 @@ fn packed_constrained_scoring_equals_scoring_each_label_alone() {
     // Non-finite inputs (a NaN in the query) are an error naming a label, not a panic
     // and not an arbitrary answer.
     let nan = (tail * f64::NAN).unwrap();
-    let e = decode::score_labels(&llm, &cache, &nan, &cands).unwrap_err();
+    let e = decode::score_labels(&llm.model, &cache, &nan, &cands).unwrap_err();
     assert!(e.to_string().contains("NaN"), "{e}");
 }
 

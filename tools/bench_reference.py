@@ -18,6 +18,7 @@ Raw-kernel cases compare against "plain"; method cases against "authors".
 Each case runs in its own process so the peak memory (ru_maxrss) is its own.
 """
 import argparse
+import copy
 import json
 import os
 import resource
@@ -202,6 +203,147 @@ def sweep(a, inputs):
     return out
 
 
+# --- `--shape`: the GPU cases at a model shape (scripts/gpu-check) -----------------------
+
+SHAPE_CASES = ["prefill-512", "farcer-step-7shot", "lora-step-7shot", "eval-constrained-7shot",
+               "farcer-step-7shot-authors", "eval-greedy-authors"]
+
+
+def sync(device):
+    import torch
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_on(fn, reps, device):
+    """`timed`, finishing the device's work before each clock read."""
+    def run():
+        fn()
+        sync(device)
+    return timed(run, reps)
+
+
+def run_shape_case(case, a, inputs):
+    """The work of `farcer bench --shape` in plain PyTorch: the same shape with random
+    weights made on the device (frozen, requires_grad=False), the same token ids.
+
+    - "plain" (the cases farcer's are compared with): the 7-shot prefix computed once and
+      reused through past_key_values (a copy per step), teacher forcing in one
+      pass, logits only where the answer is predicted (`logits_to_keep`), the loss in f32;
+    - "authors": the whole prompt every step, one forward per answer token feeding back
+      its argmax; greedy decoding of up to 5 tokens without a KV cache.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    dev = torch.device(a.device)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
+    c = inputs["config"]
+    cfg = LlamaConfig(**{k: v for k, v in c.items() if v is not None and k != "rope_parameters"})
+    cfg.initializer_range = 0.02
+    t0 = time.perf_counter()
+    with dev:
+        m = LlamaForCausalLM(cfg).to(dtype).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    sync(a.device)
+    build = time.perf_counter() - t0
+    emb = m.get_input_embeddings()
+    T = lambda ids: torch.tensor(ids, device=dev)
+    dim = inputs["vision_dim"]
+    proj = torch.nn.Linear(dim, cfg.hidden_size, device=dev)  # trainable, f32
+    suffix, pos, answer = inputs["suffix_ids"], inputs["image_pos"], inputs["answer_ids"]
+    tag = f" [{inputs['shape']} {a.dtype} on {a.device}; model built in {build:.1f} s]"
+
+    def sample_embeds(extra):
+        img = proj(torch.ones(1, dim, device=dev)).to(dtype)
+        return torch.cat([emb(T(suffix[:pos])), img, emb(T(suffix[pos + 1:] + extra))], 0).unsqueeze(0)
+
+    def prefix_cache(model):
+        with torch.no_grad():
+            return model(input_ids=T(inputs["prefix_ids"]).unsqueeze(0), use_cache=True, logits_to_keep=1).past_key_values
+
+    n_pre = len(inputs["prefix_ids"])
+
+    def back_to(pkv, n):
+        # Drop what a step appended (a negative crop works in transformers 4 and 5).
+        extra = pkv.get_seq_length() - n
+        if extra > 0:
+            pkv.crop(-extra)
+
+    def step(model, prefix_pkv):
+        # A fresh copy of the cached prefix each step: the step appends to it with a graph.
+        pkv = copy.deepcopy(prefix_pkv)
+        x = sample_embeds(answer[:-1])
+        logits = model(inputs_embeds=x, past_key_values=pkv, use_cache=True, logits_to_keep=len(answer)).logits[0]
+        torch.nn.functional.cross_entropy(logits.float(), T(answer)).backward()
+
+    if case == "prefill-512":
+        x = emb(T(inputs["prefill_ids"])).unsqueeze(0)
+        with torch.no_grad():
+            s = timed_on(lambda: m(inputs_embeds=x, logits_to_keep=1, use_cache=False), a.reps, a.device)
+        return dict(what="forward over 512 tokens, logits at the last" + tag, seconds=s, units=512, unit="tokens")
+    if case in ("farcer-step-7shot", "lora-step-7shot"):
+        model = m
+        what = "base-FARCER (projection)"
+        if case.startswith("lora"):
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"]))
+            for n_, p in model.named_parameters():
+                if "lora_B" in n_:
+                    torch.nn.init.constant_(p, 0.01)
+            what = "LoRA (r 8, q k v) + projection"
+        pkv = prefix_cache(model)
+        s = timed_on(lambda: step(model, pkv), a.reps, a.device)
+        return dict(what=f"{what} training step, prefix cached (past_key_values), teacher forcing, logits_to_keep" + tag,
+                    seconds=s, units=1, unit="samples")
+    if case == "eval-constrained-7shot":
+        pkv = prefix_cache(m)
+
+        def score():
+            # The sample once after the prefix, then each label's tokens after that.
+            with torch.no_grad():
+                out = m(inputs_embeds=sample_embeds([]), past_key_values=pkv, use_cache=True, logits_to_keep=1)
+                n_q = n_pre + len(suffix)
+                for seq in inputs["label_seqs"]:
+                    m(input_ids=T(seq[:-1]).unsqueeze(0), past_key_values=pkv, use_cache=True, logits_to_keep=len(seq) - 1) if len(seq) > 1 else None
+                    back_to(pkv, n_q)
+                back_to(pkv, n_pre)
+                return out
+        s = timed_on(score, a.reps, a.device)
+        return dict(what="constrained evaluation of one sample, prefix and sample cached, one pass per label" + tag,
+                    seconds=s, units=1, unit="samples")
+    prefix = inputs["prefix_ids"]
+    if case == "farcer-step-7shot-authors":
+        def authors():
+            generated = []
+            for t in answer:
+                x = torch.cat([emb(T(prefix)).unsqueeze(0), sample_embeds(generated)], 1)
+                logits = m(inputs_embeds=x, logits_to_keep=1, use_cache=False).logits[0, -1]
+                torch.nn.functional.cross_entropy(logits.float().unsqueeze(0), T([t])).backward()
+                generated.append(int(logits.argmax()))
+        s = timed_on(authors, a.reps, a.device)
+        return dict(what="base-FARCER training step, the authors' way (whole prompt per answer token)" + tag,
+                    seconds=s, units=1, unit="samples")
+    if case == "eval-greedy-authors":
+        def greedy():
+            with torch.no_grad():
+                x = torch.cat([emb(T(prefix)).unsqueeze(0), sample_embeds([])], 1)
+                for _ in range(5):
+                    nxt = m(inputs_embeds=x, logits_to_keep=1, use_cache=False).logits[0, -1].argmax()
+                    x = torch.cat([x, emb(nxt).view(1, 1, -1)], 1)
+        s = timed_on(greedy, a.reps, a.device)
+        return dict(what="one sample, greedy decoding of 5 tokens without a KV cache (authors)" + tag,
+                    seconds=s, units=1, unit="samples")
+    raise SystemExit(f"unknown shape case {case}; cases: {', '.join(SHAPE_CASES)}")
+
+
+def peak_mib(device):
+    """Host peak RSS (ru_maxrss); the GPU's is read from outside (NVML) by scripts/gpu-check."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", required=True)
@@ -213,8 +355,13 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--sweep", action="store_true", help="time per dialogue length (writes --json)")
+    ap.add_argument("--shape", help="the GPU cases at a model shape; --inputs from `farcer bench --shape S --dump-inputs`")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="f32, bf16 or f16 (default: bf16 on cuda, f32 on the CPU)")
     a = ap.parse_args()
     inputs = json.load(open(a.inputs))
+    if a.shape:
+        return shape_main(a, inputs)
     # Same work as farcer by construction: its token ids; the counts are checked here.
     assert len(inputs["ids_512"]) == 512, "inputs from another farcer version"
     n_prompt = sum(len(p) for p, _ in inputs["farcer_samples"])
@@ -244,6 +391,32 @@ def main():
         results.append(r)
     if a.json:
         json.dump(results, open(a.json, "w"), indent=1)
+
+
+def shape_main(a, inputs):
+    if inputs.get("shape") != a.shape:
+        raise SystemExit(f"--inputs are for shape {inputs.get('shape')!r}, not {a.shape!r}")
+    a.dtype = a.dtype or ("bf16" if a.device.startswith("cuda") else "f32")
+    if a.case:
+        r = run_shape_case(a.case, a, inputs)
+        r.update(case=a.case, repetitions=a.reps, per_second=r["units"] / r["seconds"], threads=a.threads,
+                 peak_mib=peak_mib(a.device))
+        print(json.dumps(r))
+        return
+    cases = SHAPE_CASES if a.cases == ",".join(CASES) else a.cases.split(",")
+    results = []
+    print(f"{'case':<28} {'seconds':>10} {'host MiB':>10}  what")
+    for c in cases:
+        p = subprocess.run([sys.executable, __file__, "--case", c] + sys.argv[1:], capture_output=True, text=True)
+        if p.returncode != 0:
+            print(f"{c:<28} failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+            continue
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"{c:<28} {r['seconds']:>10.4f} {r['peak_mib']:>10.0f}  {r['what']}", flush=True)
+        results.append(r)
+        if a.json:
+            json.dump(results, open(a.json + ".tmp", "w"), indent=1)
+            os.replace(a.json + ".tmp", a.json)
 
 
 if __name__ == "__main__":

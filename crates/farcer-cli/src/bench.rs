@@ -711,11 +711,11 @@ pub fn batch_curve(
             caches.iter().zip(&queries).take(k).collect();
         let (separate_ms, sep) = best(&mut || {
             qs.iter()
-                .map(|(c, q)| Ok(score_labels(&llm, c, q, &cands)?.probs.unwrap_or_default()))
+                .map(|(c, q)| Ok(score_labels(&llm.model, c, q, &cands)?.probs.unwrap_or_default()))
                 .collect()
         })?;
         let (packed_ms, packed) = best(&mut || {
-            farcer::decode::score_label_queries(&llm, &qs, &cands)?
+            farcer::decode::score_label_queries(&llm.model, &qs, &cands)?
                 .into_iter()
                 .map(|p| Ok(p.probs.unwrap_or_default()))
                 .collect()
@@ -747,10 +747,10 @@ pub struct BenchArgs {
     llm: Option<String>,
     /// Cases to run (default: all).
     #[arg(long, value_delimiter = ',')]
-    cases: Vec<String>,
+    pub cases: Vec<String>,
     /// Timed repetitions per case (after one warm-up).
     #[arg(long, default_value_t = 3)]
-    reps: usize,
+    pub reps: usize,
     /// MELD CSV folder for the method cases.
     #[arg(long, default_value = "../shared/data/meld")]
     meld: PathBuf,
@@ -759,13 +759,13 @@ pub struct BenchArgs {
     vit_s: PathBuf,
     /// Write the results as JSON here.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub json: Option<PathBuf>,
     /// Write the exact inputs of every case (for tools/bench_reference.py) and exit.
     #[arg(long)]
-    dump_inputs: Option<PathBuf>,
+    pub dump_inputs: Option<PathBuf>,
     /// Run one case in this process and print its JSON (used by the parent).
     #[arg(long, hide = true)]
-    case: Option<String>,
+    pub case: Option<String>,
     /// Time a training step and a prediction for dialogues of 1 to 40 utterances (JSON to --json).
     #[arg(long)]
     sweep: bool,
@@ -782,10 +782,31 @@ pub struct BenchArgs {
     /// sessions), one at a time and in one forward (does batching them pay here?).
     #[arg(long)]
     batch: bool,
+    /// Time the GPU cases (prefill, base-FARCER and LoRA steps after the cached 7-shot
+    /// prefix, constrained evaluation) at a model shape with seeded random weights:
+    /// llama3-8b, smollm2-135m or tiny. Use with --device and --dtype.
+    #[arg(long)]
+    pub shape: Option<String>,
+    /// Device for --shape: cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Dtype for --shape: f32, bf16 or f16 (default: f32 on the CPU, bf16 on a GPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Ops for --shape: auto (the fused kernels for f32 on the CPU, candle's elsewhere),
+    /// kernels, or candle (the path a GPU runs, here on the CPU).
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
+    /// Tokens of the sample's own part of the prompt for --shape (after the 7-shot prefix).
+    #[arg(long, default_value_t = crate::bench_shape::SAMPLE_TOKENS)]
+    pub sample_tokens: usize,
 }
 
 /// `farcer bench`.
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if let Some(shape) = &a.shape {
+        return crate::bench_shape::run(&a, shape);
+    }
     let llm = pipeline::resolve_llm(a.llm.as_deref(), &log)?;
     let meld = a
         .meld

@@ -1,6 +1,7 @@
 //! The `farcer` command: argument parsing and printing over the library.
 
 mod bench;
+mod bench_shape;
 mod loadtest;
 mod stop;
 

@@ -545,3 +545,70 @@ fn text_lora_dry_run_train_eval_and_image_control() {
     assert_eq!(control["shuffled"]["weighted_f1"], shuffled["weighted_f1"]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `farcer bench --shape` (what scripts/gpu-check runs on a GPU) on the CPU with the tiny
+/// shape: every case runs and is written as JSON, on the fused kernels and on candle's
+/// op-by-op path in bf16 (the GPU's path); the inputs for PyTorch name the same shape;
+/// a bad shape is refused by name.
+#[test]
+fn shape_bench_runs_every_gpu_case_on_the_cpu() {
+    let dir = tmpdir("shape");
+    for (backend, dtype) in [("auto", "f32"), ("candle", "bf16")] {
+        let json = dir.join(format!("{backend}.json"));
+        let (ok, stdout, stderr) = farcer(&[
+            "bench",
+            "--shape",
+            "tiny",
+            "--backend",
+            backend,
+            "--dtype",
+            dtype,
+            "--reps",
+            "1",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let cases: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["case"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            cases,
+            [
+                "prefill-512",
+                "farcer-step-7shot",
+                "lora-step-7shot",
+                "eval-constrained-7shot"
+            ],
+            "{stdout}"
+        );
+        for r in v.as_array().unwrap() {
+            assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(r["what"].as_str().unwrap().contains(&dtype.to_uppercase()), "{r}");
+        }
+    }
+    let inputs = dir.join("inputs.json");
+    let (ok, _, stderr) = farcer(&[
+        "bench",
+        "--shape",
+        "llama3-8b",
+        "--dump-inputs",
+        inputs.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&inputs).unwrap()).unwrap();
+    assert_eq!(v["config"]["hidden_size"], 4096);
+    assert_eq!(v["config"]["num_key_value_heads"], 8);
+    assert_eq!(v["config"]["vocab_size"], 128256);
+    assert_eq!(v["config"]["rope_scaling"]["rope_type"], "llama3");
+    assert_eq!(v["prefix_ids"].as_array().unwrap().len(), 1382);
+    let (ok, _, stderr) = farcer(&["bench", "--shape", "llama9", "--reps", "1"]);
+    assert!(!ok);
+    assert!(stderr.contains("--shape") && stderr.contains("llama3-8b"), "{stderr}");
+}
