@@ -80,6 +80,9 @@ pub struct GridConfig {
     pub limit: usize,
     #[serde(default = "default_device")]
     pub device: String,
+    /// The frozen models' dtype (see the training config's `dtype`).
+    #[serde(default = "crate::train::default_dtype")]
+    pub dtype: String,
     /// The shuffled-image control for every row that takes images (default `shuffle`):
     /// the table gets its weighted F1 beside the real images'.
     #[serde(default = "default_control")]
@@ -210,6 +213,7 @@ impl GridRun {
             "grid",
         )
         .expect("grid config builds");
+        c.dtype = g.dtype.clone();
         c.prompt.shots = self.shots;
         c.prompt.past_labels = self.past_labels;
         if kind.has_lora() {

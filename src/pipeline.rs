@@ -23,10 +23,16 @@ pub fn resolve_llm(spec: Option<&str>, log: &dyn Fn(&str)) -> Result<String> {
     }
 }
 
-pub fn load_llm(spec: Option<&str>, device: &Device, log: &dyn Fn(&str)) -> Result<Llm> {
+/// The LLM in `dtype` on `device` (see [`model::dtype_for`]).
+pub fn load_llm(
+    spec: Option<&str>,
+    device: &Device,
+    dtype: DType,
+    log: &dyn Fn(&str),
+) -> Result<Llm> {
     let s = resolve_llm(spec, log)?;
-    log(&format!("loading LLM {s}"));
-    model::load_llm(&s, device, DType::F32)
+    log(&format!("loading LLM {s} ({dtype:?})"));
+    model::load_llm(&s, device, dtype)
 }
 
 /// Where image vectors of a dataset are cached: a prepared MELD / IEMOCAP folder keeps
@@ -306,11 +312,12 @@ pub fn build_run(
     progress: &dyn Fn(usize, usize),
 ) -> Result<Run> {
     let device = model::device(&cfg.device)?;
+    let dtype = model::dtype_for(&cfg.dtype, &device)?;
     let llm_path = resolve_llm(Some(&cfg.llm), log)?;
-    let mut llm = load_llm(Some(&llm_path), &device, log)?;
+    let mut llm = load_llm(Some(&llm_path), &device, dtype, log)?;
     let vision = if cfg.kind.takes_images() {
         log(&format!("loading vision encoder {}", cfg.vision));
-        Some(VisionEncoder::load(&cfg.vision, &device, cfg.after_norm)?)
+        Some(VisionEncoder::load_as(&cfg.vision, &device, dtype, cfg.after_norm)?)
     } else {
         None
     };
@@ -429,6 +436,7 @@ fn init_from(f: &mut Farcer, dir: &Path) -> Result<()> {
 pub fn load_checkpoint(
     dir: &Path,
     device: &Device,
+    dtype: DType,
     llm: Option<&str>,
     vision: Option<&str>,
     log: &dyn Fn(&str),
@@ -446,11 +454,11 @@ pub fn load_checkpoint(
             }
         }
     }
-    let llm = load_llm(Some(&llm_path), device, log)?;
+    let llm = load_llm(Some(&llm_path), device, dtype, log)?;
     let enc = match (vision.or(m.vision.as_deref()), m.kind.takes_images()) {
         (Some(vspec), true) => {
             log(&format!("loading vision encoder {vspec}"));
-            let enc = VisionEncoder::load(vspec, device, m.after_norm)?;
+            let enc = VisionEncoder::load_as(vspec, device, dtype, m.after_norm)?;
             if Some(&enc.key) != m.vision_key.as_ref() {
                 log(&format!(
                     "note: the vision encoder differs from the one used in training ({} vs {}); vectors will not match what the projection learned",
@@ -576,6 +584,7 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
     std::fs::create_dir_all(out).at(out)?;
     let spec: DataSpec = g.data.parse()?;
     let device = model::device(&g.device)?;
+    let dtype = model::dtype_for(&g.dtype, &device)?;
     let runs = crate::grid::expand(g, out);
     let log = |m: &str| p.message(m);
     for (i, r) in runs.iter().enumerate() {
@@ -608,7 +617,7 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
         };
         match r.train_config(g) {
             None => {
-                let llm = load_llm(Some(&g.llm), &device, &log)?;
+                let llm = load_llm(Some(&g.llm), &device, dtype, &log)?;
                 let name = format!(
                     "Text-only {} - {} shot{}",
                     llm_short_name(&llm.name),
@@ -657,7 +666,7 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
                     }
                 }
                 let (mut f, enc, m) =
-                    load_checkpoint(&r.dir.join("best"), &device, None, None, &log)?;
+                    load_checkpoint(&r.dir.join("best"), &device, dtype, None, None, &log)?;
                 attach_images(&mut f, enc.as_ref(), &spec, &mut [&mut data], &|d, t| {
                     p.progress("vectors", d, t)
                 })?;
@@ -707,7 +716,7 @@ pub fn import_peft(
 ) -> Result<()> {
     let device = Device::Cpu;
     let llm_path = resolve_llm(Some(llm_spec), log)?;
-    let mut llm = load_llm(Some(&llm_path), &device, log)?;
+    let mut llm = load_llm(Some(&llm_path), &device, DType::F32, log)?;
     let (lora, saved) = crate::model::peft::load_peft(peft_dir, &mut llm.model)?;
     let layers = (0..)
         .take_while(|i| saved.contains_key(&format!("mp.{}.weight", 3 * i)))

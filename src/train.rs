@@ -55,6 +55,10 @@ pub struct TrainConfig {
     pub val_scope: Scope,
     #[serde(default = "default_device")]
     pub device: String,
+    /// The frozen LLM's and ViT's dtype: auto (bf16 on a GPU, f32 on the CPU), f32,
+    /// bf16 or f16. The projection, the adapters, their optimiser and the loss stay f32.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
     #[serde(default)]
     pub seed: u64,
     /// Start from another run's checkpoint (IEMOCAP models start from MELD weights).
@@ -197,6 +201,9 @@ fn default_scope() -> Scope {
 }
 fn default_device() -> String {
     "cpu".into()
+}
+pub(crate) fn default_dtype() -> String {
+    "auto".into()
 }
 fn default_shots() -> usize {
     7

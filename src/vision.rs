@@ -185,8 +185,14 @@ pub struct VisionEncoder {
 }
 
 impl VisionEncoder {
-    /// From a folder in Hugging Face layout or a hub id.
+    /// From a folder in Hugging Face layout or a hub id, in f32.
     pub fn load(spec: &str, device: &Device, after_norm: bool) -> Result<Self> {
+        Self::load_as(spec, device, DType::F32, after_norm)
+    }
+
+    /// [`VisionEncoder::load`] with the weights in `dtype` (the vectors are f32 either
+    /// way; a dtype other than f32 is part of the cache key, since its vectors differ).
+    pub fn load_as(spec: &str, device: &Device, dtype: DType, after_norm: bool) -> Result<Self> {
         let path = Path::new(spec);
         let dir = if path.is_dir() {
             path.to_path_buf()
@@ -220,11 +226,14 @@ impl VisionEncoder {
         // The key hashes the configs and the weights, so a changed checkpoint never
         // reuses stale vectors.
         let mut id = format!("{cfg_text}\n{pre_text}\nafter_norm={after_norm}\n");
+        if dtype != DType::F32 {
+            id.push_str(&format!("dtype={dtype:?}\n"));
+        }
         for f in &files {
             id.push_str(&crate::util::sha256_file(f)?);
         }
         // Read tensor by tensor, not memory-mapped: see `model::weights` for why.
-        let vb = crate::model::weights::var_builder(&files, DType::F32, device)?;
+        let vb = crate::model::weights::var_builder(&files, dtype, device)?;
         let vit = ViT::load(vb, &cfg)
             .map_err(|e| Error::model(dir.display().to_string(), e.to_string()))?;
         Ok(VisionEncoder {
@@ -245,7 +254,7 @@ impl VisionEncoder {
     /// Normalised pixels `(1, 3, h, w)` of an image.
     pub fn pixels(&self, img: &image::DynamicImage) -> Result<Tensor> {
         let (v, h, w) = self.preprocess.apply(img);
-        Ok(Tensor::from_vec(v, (1, 3, h, w), self.vit.device())?)
+        Ok(Tensor::from_vec(v, (1, 3, h, w), self.vit.device())?.to_dtype(self.vit.dtype())?)
     }
 
     /// CLS vectors of decoded images, in batches.

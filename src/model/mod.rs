@@ -341,6 +341,21 @@ pub fn dtype(spec: &str) -> Result<DType> {
     }
 }
 
+/// The frozen models' dtype for `--dtype`: `auto` is bf16 on a GPU and f32 on the CPU
+/// (where the fused f32 kernels run); trainable weights and the loss stay f32 anyway.
+pub fn dtype_for(spec: &str, device: &Device) -> Result<DType> {
+    match spec {
+        "auto" if device.is_cpu() => Ok(DType::F32),
+        "auto" => Ok(DType::BF16),
+        other => dtype(other).map_err(|_| {
+            Error::input(
+                "--dtype",
+                format!("`{other}`: expected auto, f32, bf16 or f16"),
+            )
+        }),
+    }
+}
+
 /// The compute device: `cpu`, `cuda[:N]` or `metal`. A GPU needs a binary built with
 /// its cargo feature and a machine with its driver; the error says which is missing.
 pub fn device(spec: &str) -> Result<Device> {

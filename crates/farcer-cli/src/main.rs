@@ -134,6 +134,10 @@ struct ModelArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The frozen LLM's (and ViT's) dtype: auto (bf16 on a GPU, f32 on the CPU), f32,
+    /// bf16 or f16; the projection, adapters and loss stay f32.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     /// Seed for everything not tied to a prompt set.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -299,6 +303,9 @@ struct LoadArgs {
     /// cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The frozen models' dtype: auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     /// Seed of the few-shot pool's loading.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -558,10 +565,11 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let spec: DataSpec = a.data.parse()?;
     let sets: PromptSets = a.prompt_set.parse()?;
     let device = model::device(&a.model.device)?;
+    let dtype = model::dtype_for(&a.model.dtype, &device)?;
     let mut data = spec.load(&a.split, a.model.seed)?;
     let rep = match &a.checkpoint {
         None => {
-            let llm = pipeline::load_llm(a.model.llm.as_deref(), &device, &log)?;
+            let llm = pipeline::load_llm(a.model.llm.as_deref(), &device, dtype, &log)?;
             let shots = a.shots.unwrap_or(7);
             let opts = EvalOptions {
                 scope: a.scope,
@@ -600,6 +608,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             let (mut f, enc, m) = pipeline::load_checkpoint(
                 ck,
                 &device,
+                dtype,
                 a.model.llm.as_deref(),
                 a.vision.as_deref(),
                 &log,
@@ -1115,11 +1124,12 @@ fn load_predictor(
     datasets: &mut [&mut Dataset],
 ) -> Result<Predictor> {
     let device = &model::device(&a.device)?;
+    let dtype = model::dtype_for(&a.dtype, device)?;
     let seed = a.seed;
     let (engine, prompt, labels) = match &a.checkpoint {
         Some(ck) => {
             let (mut f, enc, m) =
-                pipeline::load_checkpoint(ck, device, a.llm.as_deref(), a.vision.as_deref(), &log)?;
+                pipeline::load_checkpoint(ck, device, dtype, a.llm.as_deref(), a.vision.as_deref(), &log)?;
             let failed = pipeline::attach_images(&mut f, enc.as_ref(), spec, datasets, &|_, _| {})?;
             report_failed(&failed);
             let (prompt, labels) = (m.prompt.clone(), m.labels.clone());
@@ -1130,7 +1140,7 @@ fn load_predictor(
             (engine, prompt, labels)
         }
         None => {
-            let llm = pipeline::load_llm(a.llm.as_deref(), device, &log)?;
+            let llm = pipeline::load_llm(a.llm.as_deref(), device, dtype, &log)?;
             let p = PromptConfig {
                 shots: 0,
                 past_labels: false,
@@ -1174,7 +1184,8 @@ fn show_prompt(a: PromptArgs) -> Result<()> {
     let spec: DataSpec = a.data.parse()?;
     let data = spec.load(&a.split, a.model.seed)?;
     let device = model::device(&a.model.device)?;
-    let llm = pipeline::load_llm(a.model.llm.as_deref(), &device, &log)?;
+    let dtype = model::dtype_for(&a.model.dtype, &device)?;
+    let llm = pipeline::load_llm(a.model.llm.as_deref(), &device, dtype, &log)?;
     let pool = pipeline::pool_for(&spec, a.shots, a.model.seed)?;
     let set = farcer::prompt::PromptSet::for_shots(pool.as_ref(), a.shots, a.prompt_set)?;
     let cfg = PromptConfig {
@@ -1210,6 +1221,7 @@ fn show_prompt(a: PromptArgs) -> Result<()> {
 fn demo(a: DemoArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let device = model::device(&a.model.device)?;
+    let dtype = model::dtype_for(&a.model.dtype, &device)?;
     let llm_path = pipeline::resolve_llm(a.model.llm.as_deref(), &log)?;
     let out = &a.out;
     std::fs::create_dir_all(out)?;
@@ -1248,7 +1260,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     );
 
     // 1. Text-only baseline.
-    let llm = pipeline::load_llm(Some(&llm_path), &device, &log)?;
+    let llm = pipeline::load_llm(Some(&llm_path), &device, dtype, &log)?;
     let test = spec.load("test", a.model.seed)?;
     let pool = pipeline::pool_for(&spec, a.shots, a.model.seed)?;
     let opts = |images: bool| EvalOptions {
@@ -1285,7 +1297,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir)?;
     }
-    let cfg = TrainConfig::from_toml(
+    let mut cfg = TrainConfig::from_toml(
         &format!(
             "kind = \"base\"\nllm = {llm:?}\nvision = {vision:?}\ndata = {data:?}\ndevice = {dev:?}\nseed = {seed}\n\
              [prompt]\nshots = {shots}\nsets = 10\n[optim]\nepochs = {epochs}\nlr = {lr:e}\nwarmup_steps = 20\npatience = {epochs}\n",
@@ -1300,6 +1312,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         ),
         "demo config",
     )?;
+    cfg.dtype = a.model.dtype.clone();
     std::fs::create_dir_all(&run_dir)?;
     farcer::util::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
     let pb = bar("vectors");
@@ -1333,7 +1346,7 @@ fn demo(a: DemoArgs) -> Result<()> {
 
     // 3. FARCER on the held-out split.
     let (mut f, enc, m) =
-        pipeline::load_checkpoint(&s.best_dir, &device, Some(&llm_path), Some(&vision), &log)?;
+        pipeline::load_checkpoint(&s.best_dir, &device, dtype, Some(&llm_path), Some(&vision), &log)?;
     let mut test = spec.load("test", a.model.seed)?;
     pipeline::attach_images(&mut f, enc.as_ref(), &spec, &mut [&mut test], &|_, _| {})?;
     let name = pipeline::row_name(m.kind, a.shots, false);

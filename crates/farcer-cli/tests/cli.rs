@@ -73,6 +73,11 @@ fn eval_writes_every_output() {
 /// Trains a tiny checkpoint through the library (the CLI's `train` needs a config file
 /// naming real models; the learning itself is tested in training.rs).
 fn tiny_checkpoint(dir: &Path, lora: bool) -> (PathBuf, PathBuf, PathBuf) {
+    tiny_checkpoint_as(dir, lora, "auto")
+}
+
+/// [`tiny_checkpoint`] trained with the frozen models in `dtype`.
+fn tiny_checkpoint_as(dir: &Path, lora: bool, dtype: &str) -> (PathBuf, PathBuf, PathBuf) {
     let vit = dir.join("vit");
     farcer::vision::VisionEncoder::write_random(
         &vit,
@@ -100,7 +105,7 @@ fn tiny_checkpoint(dir: &Path, lora: bool) -> (PathBuf, PathBuf, PathBuf) {
     )
     .unwrap();
     let cfg_text = format!(
-        "kind = \"{}\"\nllm = {:?}\nvision = {:?}\ndata = \"jsonl:{}\"\n[prompt]\nshots = 0\nsets = 1\n[optim]\nepochs = 1\nlr = 0.001\n[run]\nlimit_val = 3\n{}",
+        "kind = \"{}\"\nllm = {:?}\nvision = {:?}\ndata = \"jsonl:{}\"\ndtype = \"{dtype}\"\n[prompt]\nshots = 0\nsets = 1\n[optim]\nepochs = 1\nlr = 0.001\n[run]\nlimit_val = 3\n{}",
         if lora { "finetuned" } else { "base" },
         llm.to_str().unwrap(),
         vit.to_str().unwrap(),
@@ -611,4 +616,49 @@ fn shape_bench_runs_every_gpu_case_on_the_cpu() {
     let (ok, _, stderr) = farcer(&["bench", "--shape", "llama9", "--reps", "1"]);
     assert!(!ok);
     assert!(stderr.contains("--shape") && stderr.contains("llama3-8b"), "{stderr}");
+}
+
+/// A checkpoint trained with the frozen models in bf16 (as on a GPU, here through candle's
+/// ops on the CPU) predicts in f32 on the fused CPU kernels, and one trained in f32
+/// predicts in bf16: the trainable weights are f32 either way. The two dtypes agree to
+/// bf16's precision.
+#[test]
+fn checkpoints_move_between_dtypes() {
+    let dir = tmpdir("dtypes");
+    let predict = |ck: &Path, data: &Path, dtype: &str| -> Vec<serde_json::Value> {
+        let (ok, stdout, stderr) = farcer(&[
+            "predict",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--dtype",
+            dtype,
+            data.join("dev.jsonl").to_str().unwrap(),
+        ]);
+        assert!(ok, "{dtype}: {stderr}");
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    for trained in ["bf16", "f32"] {
+        let (ck, _, data) = tiny_checkpoint_as(&dir.join(trained), true, trained);
+        let cfg = std::fs::read_to_string(ck.parent().unwrap().join("config.toml"))
+            .unwrap_or_default();
+        assert!(cfg.contains(&format!("dtype = \"{trained}\"")), "{cfg}");
+        let a = predict(&ck, &data, "f32");
+        let b = predict(&ck, &data, "bf16");
+        assert_eq!(a.len(), 7);
+        assert_eq!(a.len(), b.len());
+        let mut worst: f64 = 0.0;
+        for (x, y) in a.iter().zip(&b) {
+            for (k, p) in x["probs"].as_object().unwrap() {
+                worst = worst.max((p.as_f64().unwrap() - y["probs"][k].as_f64().unwrap()).abs());
+            }
+        }
+        assert!(worst < 0.05, "trained in {trained}: f32 and bf16 differ by {worst}");
+        assert!(worst > 0.0, "bf16 really ran in bf16");
+    }
+    let dev = dir.join("f32/data/dev.jsonl");
+    let (ok, _, stderr) = farcer(&["predict", "--dtype", "f64", dev.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("--dtype"), "{stderr}");
 }
