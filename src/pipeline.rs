@@ -317,7 +317,12 @@ pub fn build_run(
     let mut llm = load_llm(Some(&llm_path), &device, dtype, log)?;
     let vision = if cfg.kind.takes_images() {
         log(&format!("loading vision encoder {}", cfg.vision));
-        Some(VisionEncoder::load_as(&cfg.vision, &device, dtype, cfg.after_norm)?)
+        Some(VisionEncoder::load_as(
+            &cfg.vision,
+            &device,
+            dtype,
+            cfg.after_norm,
+        )?)
     } else {
         None
     };

@@ -84,8 +84,12 @@ fn loads_an_adapter_made_by_peft() {
     assert_eq!((cfg.r, cfg.alpha), (4, 8.0));
     let f = load_safetensors("peft-from-python-outputs.safetensors");
     let ids = ids_of(&f["ids"]);
-    let d = max_abs_diff(&logits(&llm, &ids), &f["logits"]);
-    assert!(d <= 1e-4, "logits differ from PEFT's by {d}");
+    // On the fused kernels and on candle's op-by-op path (what a GPU runs).
+    for fused in [true, false] {
+        llm.model = llm.model.clone().with_backend(backend(fused)).unwrap();
+        let d = max_abs_diff(&logits(&llm, &ids), &f["logits"]);
+        assert!(d <= 1e-4, "fused {fused}: logits differ from PEFT's by {d}");
+    }
     let proj = Projection::new(
         ProjectionConfig {
             layers: 1,
@@ -332,4 +336,77 @@ fn peft_loads_the_plain_adapter_farcer_writes_on_every_projection() {
     let d = max_abs_diff(&logits(&back, &PEFT_IDS()), &want);
     assert!(d <= 1e-5, "read back: {d}");
     std::fs::remove_dir_all(tmp).unwrap();
+}
+
+/// Recomputing each layer in the backward (candle's op-by-op path, what a GPU runs when a
+/// pass's activations would not fit) gives the gradients of keeping the activations: the
+/// input's and every adapter's, with adapter dropout on (the recomputation replays the
+/// same masks), after a cached prefix and without one. The logits are the same values.
+#[test]
+fn recomputed_layers_give_the_same_gradients() {
+    use farcer::model::llama::Recompute;
+    let mut llm = tiny();
+    let cfg = LoraConfig {
+        dropout: 0.3,
+        target_modules: ALL_MODULES.map(String::from).to_vec(),
+        ..Default::default()
+    };
+    let vars = llm.model.add_lora(&cfg, 3).unwrap();
+    randomise_b(&llm, 6);
+    let ids = PEFT_IDS();
+    let (pre, rest) = ids.split_at(10);
+    let run = |recompute: Recompute, cached: bool| {
+        let model = llm
+            .model
+            .clone()
+            .with_backend(backend(false))
+            .unwrap()
+            .with_recompute(recompute);
+        let mut cache = model.new_cache();
+        let ids = if cached {
+            let p = model.embed(pre).unwrap().unsqueeze(0).unwrap();
+            model
+                .forward(&p, &mut cache, &Positions::default(), &[])
+                .unwrap();
+            rest
+        } else {
+            &ids[..]
+        };
+        let x = candle_core::Var::from_tensor(&model.embed(ids).unwrap().unsqueeze(0).unwrap())
+            .unwrap();
+        let at: Vec<usize> = (0..ids.len()).collect();
+        let l = model
+            .forward_train(
+                x.as_tensor(),
+                &mut cache,
+                &Positions::default(),
+                &at,
+                &mut Dropout::new(9),
+            )
+            .unwrap()
+            .unwrap();
+        let w = l.ones_like().unwrap().cumsum(2).unwrap().sin().unwrap();
+        let g = (&l * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut grads = vec![g.get(&x).unwrap().clone()];
+        grads.extend(vars.iter().map(|(_, v)| g.get(v).unwrap().clone()));
+        (l, grads)
+    };
+    for cached in [false, true] {
+        let (lk, gk) = run(Recompute::Never, cached);
+        let (lr, gr) = run(Recompute::Always, cached);
+        assert_eq!(
+            max_abs_diff(&lk, &lr),
+            0.0,
+            "cached {cached}: the same forward"
+        );
+        for (i, (a, b)) in gk.iter().zip(&gr).enumerate() {
+            let d = max_abs_diff(a, b);
+            let scale = max_abs(a);
+            assert!(scale > 0.0, "gradient {i} is zero");
+            assert!(
+                d <= 1e-5 * scale.max(1.0),
+                "cached {cached}: gradient {i} differs by {d} (largest {scale})"
+            );
+        }
+    }
 }

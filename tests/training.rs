@@ -118,11 +118,51 @@ fn two_image_dialogue(dir: &Path) -> Dataset {
     d
 }
 
+/// The gradients of the projection (and, with `lora`, of adapters on q and down) against
+/// central finite differences of the loss, on the fused kernels and on candle's op-by-op
+/// path (what a GPU runs), f32.
 #[test]
 fn projection_gradient_matches_finite_differences() {
-    let dir = tmpdir("fd");
+    for fused in [true, false] {
+        assert_eq!(gradients_match_finite_differences(fused, false), 18);
+    }
+}
+
+#[test]
+fn adapter_gradients_match_finite_differences() {
+    for fused in [true, false] {
+        // 3 entries of the projection's 6 tensors, and of A and B of the 2 adapters in
+        // each of the 2 layers.
+        assert_eq!(gradients_match_finite_differences(fused, true), 18 + 24);
+    }
+}
+
+/// Checks three entries of every trained tensor; returns how many were checked.
+fn gradients_match_finite_differences(fused: bool, lora: bool) -> usize {
+    let dir = tmpdir(&format!("fd-{fused}-{lora}"));
     let d = two_image_dialogue(&dir);
-    let mut f = farcer_with(tiny_llm(), 6, 3, 1);
+    let mut llm = tiny_llm();
+    llm.model = llm.model.clone().with_backend(backend(fused)).unwrap();
+    if lora {
+        let cfg = farcer::model::lora::LoraConfig {
+            dropout: 0.0,
+            target_modules: vec!["q_proj".into(), "down_proj".into()],
+            ..Default::default()
+        };
+        llm.model.add_lora(&cfg, 1).unwrap();
+        // B starts at zero; with values, A's gradient is not zero either.
+        let mut r = farcer::util::Rng::new(2);
+        for (name, v) in llm.model.lora_vars() {
+            if name.contains("lora_B") {
+                let data: Vec<f32> = (0..v.elem_count())
+                    .map(|_| (r.normal() * 0.3) as f32)
+                    .collect();
+                v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+    }
+    let mut f = farcer_with(llm, 6, 3, 1);
     with_fake_vectors(&mut f, &d, 6);
     let cfg = PromptConfig {
         shots: 0,
@@ -132,20 +172,26 @@ fn projection_gradient_matches_finite_differences() {
     let ps = eval::prepare_set(&f.llm, &d.labels, &cfg, PromptSet::empty(0), None).unwrap();
     let ctx = &d.dialogues[0].utterances;
     let w = TokenWeights::balanced(&[target_tokens(&f, "on").unwrap()], f.llm.end_of_turn);
-    let loss = sample_loss(
-        &f,
-        &ps,
-        ctx,
-        None,
-        "on",
-        &w,
-        true,
-        Some(&mut Dropout::new(0)),
-    )
-    .unwrap();
-    let grads = loss.backward().unwrap();
+    // Adapters change the prompt prefix, so its cache cannot be used with them.
+    let use_cache = !lora;
+    let loss_now = || {
+        sample_loss(
+            &f,
+            &ps,
+            ctx,
+            None,
+            "on",
+            &w,
+            use_cache,
+            Some(&mut Dropout::new(0)),
+        )
+        .unwrap()
+    };
+    let grads = loss_now().backward().unwrap();
+    let mut vars = f.projection_vars();
+    vars.extend(f.llm.model.lora_vars());
     let mut checked = 0;
-    for (name, var) in f.projection_vars() {
+    for (name, var) in vars {
         let g = grads
             .get(var.as_tensor())
             .unwrap()
@@ -164,40 +210,26 @@ fn projection_gradient_matches_finite_differences() {
             let eval_at = |delta: f32| {
                 let mut p = base.clone();
                 p[k] += delta;
-                var.set(&candle_core::Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap())
+                var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu).unwrap())
                     .unwrap();
-                let l = sample_loss(
-                    &f,
-                    &ps,
-                    ctx,
-                    None,
-                    "on",
-                    &w,
-                    true,
-                    Some(&mut Dropout::new(0)),
-                )
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64;
-                var.set(
-                    &candle_core::Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu)
-                        .unwrap(),
-                )
-                .unwrap();
+                let l = loss_now().to_scalar::<f32>().unwrap() as f64;
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 l
             };
             let fd = (eval_at(h) - eval_at(-h)) / (2.0 * h as f64);
             let err = (fd - g[k] as f64).abs();
             assert!(
                 err <= 2e-3 + 2e-2 * fd.abs(),
-                "{name}[{k}]: finite difference {fd}, gradient {}",
+                "{} {name}[{k}]: finite difference {fd}, gradient {}",
+                if fused { "kernels" } else { "candle" },
                 g[k]
             );
             checked += 1;
         }
     }
-    assert_eq!(checked, 18);
     std::fs::remove_dir_all(dir).unwrap();
+    checked
 }
 
 #[test]

@@ -7,14 +7,35 @@ use common::*;
 use farcer::vision::VisionEncoder;
 
 fn tiny_vit_matches_transformers_before_and_after_the_final_norm() {
-    let enc =
-        VisionEncoder::load(fixture("tiny-vit").to_str().unwrap(), &Device::Cpu, false).unwrap();
+    let dir = fixture("tiny-vit");
     let f = load_safetensors("tiny-vit-outputs.safetensors");
-    let before = enc.vit.last_hidden_before_norm(&f["pixels"]).unwrap();
-    let after = enc.vit.last_hidden_state(&f["pixels"]).unwrap();
-    // Tolerance 1e-4, f32 on both sides.
-    assert!(max_abs_diff(&before, &f["hidden_before_norm"]) <= 1e-4);
-    assert!(max_abs_diff(&after, &f["last_hidden_state"]) <= 1e-4);
+    // On every path: the fused kernels, candle's op-by-op path (a GPU's) in f32 and in
+    // bf16. Tolerance: f32 1e-4; bf16 3e-2 of the largest value.
+    let kernels = VisionEncoder::load(dir.to_str().unwrap(), &Device::Cpu, false).unwrap();
+    let mut candle = VisionEncoder::load(dir.to_str().unwrap(), &Device::Cpu, false).unwrap();
+    candle.vit = candle.vit.with_backend(backend(false)).unwrap();
+    let bf16 =
+        VisionEncoder::load_as(dir.to_str().unwrap(), &Device::Cpu, DType::BF16, false).unwrap();
+    assert_ne!(bf16.key, kernels.key, "bf16 vectors are cached apart");
+    for (path, enc, tol) in [
+        ("kernels f32", &kernels, 1e-4),
+        ("candle f32", &candle, 1e-4),
+        ("candle bf16", &bf16, 3e-2),
+    ] {
+        let px = f["pixels"].to_dtype(enc.vit.dtype()).unwrap();
+        for (got, want) in [
+            (
+                enc.vit.last_hidden_before_norm(&px).unwrap(),
+                "hidden_before_norm",
+            ),
+            (enc.vit.last_hidden_state(&px).unwrap(), "last_hidden_state"),
+        ] {
+            let got = got.to_dtype(DType::F32).unwrap();
+            let d = max_abs_diff(&got, &f[want]) / max_abs(&f[want]).max(1.0);
+            assert!(d <= tol, "{path} {want}: {d}");
+        }
+    }
+    let enc = kernels;
     let cls = enc.vit.cls(&f["pixels"], false).unwrap();
     assert!(
         max_abs_diff(

@@ -243,8 +243,12 @@ def run_shape_case(case, a, inputs):
     cfg = LlamaConfig(**{k: v for k, v in c.items() if v is not None and k != "rope_parameters"})
     cfg.initializer_range = 0.02
     t0 = time.perf_counter()
+    # Made directly in the dtype on the device (no f32 copy of 8B weights first).
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
     with dev:
-        m = LlamaForCausalLM(cfg).to(dtype).eval()
+        m = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(default)
     for p in m.parameters():
         p.requires_grad_(False)
     sync(a.device)
@@ -284,19 +288,30 @@ def run_shape_case(case, a, inputs):
         with torch.no_grad():
             s = timed_on(lambda: m(inputs_embeds=x, logits_to_keep=1, use_cache=False), a.reps, a.device)
         return dict(what="forward over 512 tokens, logits at the last" + tag, seconds=s, units=512, unit="tokens")
-    if case in ("farcer-step-7shot", "lora-step-7shot"):
-        model = m
-        what = "base-FARCER (projection)"
-        if case.startswith("lora"):
-            from peft import LoraConfig, get_peft_model
-            model = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"]))
-            for n_, p in model.named_parameters():
-                if "lora_B" in n_:
-                    torch.nn.init.constant_(p, 0.01)
-            what = "LoRA (r 8, q k v) + projection"
-        pkv = prefix_cache(model)
-        s = timed_on(lambda: step(model, pkv), a.reps, a.device)
-        return dict(what=f"{what} training step, prefix cached (past_key_values), teacher forcing, logits_to_keep" + tag,
+    if case == "farcer-step-7shot":
+        pkv = prefix_cache(m)
+        s = timed_on(lambda: step(m, pkv), a.reps, a.device)
+        return dict(what="base-FARCER (projection) training step, prefix cached (past_key_values), teacher forcing, logits_to_keep" + tag,
+                    seconds=s, units=1, unit="samples")
+    if case == "lora-step-7shot":
+        # LoRA changes the prefix, so the whole prompt runs with a graph every step.
+        from peft import LoraConfig, get_peft_model
+        pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"]))
+        for n_, p in pm.named_parameters():
+            if "lora_B" in n_:
+                torch.nn.init.constant_(p, 0.01)
+        if a.checkpointing:
+            pm.gradient_checkpointing_enable()
+            pm.enable_input_require_grads()
+        pm.train()
+
+        def lora_step():
+            x = torch.cat([emb(T(inputs["prefix_ids"])).unsqueeze(0), sample_embeds(answer[:-1])], 1)
+            logits = pm(inputs_embeds=x, use_cache=False, logits_to_keep=len(answer)).logits[0]
+            torch.nn.functional.cross_entropy(logits.float(), T(answer)).backward()
+        s = timed_on(lora_step, a.reps, a.device)
+        ck = ", gradient checkpointing" if a.checkpointing else ""
+        return dict(what=f"LoRA (r 8, q k v) + projection training step, the whole 7-shot prompt, teacher forcing, logits_to_keep{ck}" + tag,
                     seconds=s, units=1, unit="samples")
     if case == "eval-constrained-7shot":
         pkv = prefix_cache(m)
@@ -358,6 +373,7 @@ def main():
     ap.add_argument("--shape", help="the GPU cases at a model shape; --inputs from `farcer bench --shape S --dump-inputs`")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="f32, bf16 or f16 (default: bf16 on cuda, f32 on the CPU)")
+    ap.add_argument("--checkpointing", action="store_true", help="--shape lora-step-7shot with gradient checkpointing")
     a = ap.parse_args()
     inputs = json.load(open(a.inputs))
     if a.shape:

@@ -711,7 +711,11 @@ pub fn batch_curve(
             caches.iter().zip(&queries).take(k).collect();
         let (separate_ms, sep) = best(&mut || {
             qs.iter()
-                .map(|(c, q)| Ok(score_labels(&llm.model, c, q, &cands)?.probs.unwrap_or_default()))
+                .map(|(c, q)| {
+                    Ok(score_labels(&llm.model, c, q, &cands)?
+                        .probs
+                        .unwrap_or_default())
+                })
                 .collect()
         })?;
         let (packed_ms, packed) = best(&mut || {
@@ -797,6 +801,10 @@ pub struct BenchArgs {
     /// kernels, or candle (the path a GPU runs, here on the CPU).
     #[arg(long, default_value = "auto")]
     pub backend: String,
+    /// Recompute each layer in the backward for --shape: auto (when a pass's activations
+    /// would pass 4 GiB), always or never (candle's op-by-op path only).
+    #[arg(long, default_value = "auto")]
+    pub recompute: String,
     /// Tokens of the sample's own part of the prompt for --shape (after the 7-shot prefix).
     #[arg(long, default_value_t = crate::bench_shape::SAMPLE_TOKENS)]
     pub sample_tokens: usize,

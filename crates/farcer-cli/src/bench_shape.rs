@@ -11,7 +11,9 @@ use farcer::decode::{score_labels, LabelTokens};
 use farcer::error::{Error, Result};
 use farcer::model::dropout::Dropout;
 use farcer::model::frozen::Backend;
-use farcer::model::llama::{log_softmax, Cache, Llama, LlamaConfig, Positions, RopeScaling};
+use farcer::model::llama::{
+    log_softmax, Cache, Llama, LlamaConfig, Positions, Recompute, RopeScaling,
+};
 use farcer::model::lora::LoraConfig;
 use farcer::model::projection::{Projection, ProjectionConfig};
 use farcer::util::Rng;
@@ -113,7 +115,8 @@ impl ShapeInputs {
         let config = shape_config(shape)?;
         let mut rng = Rng::derive(0, "bench-shape-ids");
         let v = config.vocab_size;
-        let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| 10 + rng.below(v - 20) as u32).collect() };
+        let mut ids =
+            |n: usize| -> Vec<u32> { (0..n).map(|_| 10 + rng.below(v - 20) as u32).collect() };
         Ok(ShapeInputs {
             shape: shape.to_string(),
             prefill_ids: ids(512),
@@ -175,10 +178,7 @@ pub fn random_llama(
             w.insert(format!("{p}.{name}.weight"), normal((out, inp))?);
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
-            w.insert(
-                format!("{p}.{norm}.weight"),
-                Tensor::ones(h, dtype, dev)?,
-            );
+            w.insert(format!("{p}.{norm}.weight"), Tensor::ones(h, dtype, dev)?);
         }
     }
     w.insert("model.norm.weight".into(), Tensor::ones(h, dtype, dev)?);
@@ -207,22 +207,34 @@ fn sample_embeds(
     Ok(x.unsqueeze(0)?)
 }
 
-/// One training step: the sample after the cached prefix, teacher-forced on its answer
-/// (logits only where the answer is predicted), cross-entropy in f32, backward to the
-/// projection (and adapters).
-fn train_step(model: &Llama, proj: &Projection, prefix: &Cache, inp: &ShapeInputs) -> Result<()> {
+/// One training step: the sample teacher-forced on its answer (logits only where the
+/// answer is predicted), cross-entropy in f32, backward to the projection (and adapters).
+/// With `prefix` the sample runs after that cached prefix (base FARCER: the prefix does
+/// not change in training); without, the whole prompt runs with a graph (LoRA changes the
+/// prefix's keys and values, so it cannot be cached while training).
+fn train_step(
+    model: &Llama,
+    proj: &Projection,
+    prefix: Option<&Cache>,
+    inp: &ShapeInputs,
+) -> Result<()> {
     let mut dropout = Dropout::new(0);
     let n = inp.answer_ids.len();
-    let x = sample_embeds(
+    let mut x = sample_embeds(
         model,
         proj,
         inp,
         &inp.answer_ids[..n - 1],
         Some(&mut dropout),
     )?;
-    let s = inp.suffix_ids.len();
+    let mut s = inp.suffix_ids.len();
+    if prefix.is_none() {
+        let p = model.embed(&inp.prefix_ids)?.unsqueeze(0)?;
+        x = Tensor::cat(&[&p, &x], 1)?;
+        s += inp.prefix_ids.len();
+    }
     let at: Vec<usize> = (s - 1..s - 1 + n).collect();
-    let mut cache = prefix.clone();
+    let mut cache = prefix.cloned().unwrap_or_else(|| model.new_cache());
     let logits = model
         .forward_train(&x, &mut cache, &Positions::default(), &at, &mut dropout)?
         .ok_or_else(|| Error::msg("no logits"))?
@@ -242,10 +254,11 @@ pub fn run_shape_case(
     dev: &Device,
     dtype: DType,
     backend: Backend,
+    recompute: Recompute,
     reps: usize,
 ) -> Result<CaseResult> {
     let built = Instant::now();
-    let mut model = random_llama(&inp.config, dev, dtype, backend, 0)?;
+    let mut model = random_llama(&inp.config, dev, dtype, backend, 0)?.with_recompute(recompute);
     dev.synchronize()?;
     let build_s = built.elapsed().as_secs_f64();
     let proj = Projection::new(
@@ -288,30 +301,41 @@ pub fn run_shape_case(
                     }),
                 )
             }
-            "farcer-step-7shot" | "lora-step-7shot" => {
+            "farcer-step-7shot" => {
                 let p = prefix(&model)?;
                 let (model, proj) = (&model, &proj);
-                let lora = if case.starts_with("lora") {
-                    "LoRA (r 8, q k v) + projection"
-                } else {
-                    "base-FARCER (projection)"
-                };
                 (
                     format!(
-                        "{lora} training step: {} sample tokens + {} answer after a cached {}-token 7-shot prefix",
+                        "base-FARCER (projection) training step: {} sample tokens + {} answer after a cached {}-token 7-shot prefix",
                         inp.suffix_ids.len(),
                         inp.answer_ids.len(),
                         inp.prefix_ids.len()
                     ),
                     1.0,
                     "samples",
-                    Box::new(move || train_step(model, proj, &p, inp)),
+                    Box::new(move || train_step(model, proj, Some(&p), inp)),
+                )
+            }
+            "lora-step-7shot" => {
+                let (model, proj) = (&model, &proj);
+                (
+                    format!(
+                        "LoRA (r 8, q k v) + projection training step: the whole 7-shot prompt ({} prefix + {} sample + {} answer tokens) with a graph",
+                        inp.prefix_ids.len(),
+                        inp.suffix_ids.len(),
+                        inp.answer_ids.len(),
+                    ),
+                    1.0,
+                    "samples",
+                    Box::new(move || train_step(model, proj, None, inp)),
                 )
             }
             "eval-constrained-7shot" => {
                 let p = prefix(&model)?;
                 let cands = LabelTokens {
-                    labels: (0..inp.label_seqs.len()).map(|i| format!("label{i}")).collect(),
+                    labels: (0..inp.label_seqs.len())
+                        .map(|i| format!("label{i}"))
+                        .collect(),
                     seqs: inp.label_seqs.clone(),
                 };
                 let (model, proj) = (&model, &proj);
@@ -333,10 +357,7 @@ pub fn run_shape_case(
             other => {
                 return Err(Error::input(
                     "--case",
-                    format!(
-                        "`{other}`: shape cases are {}",
-                        SHAPE_CASES.join(", ")
-                    ),
+                    format!("`{other}`: shape cases are {}", SHAPE_CASES.join(", ")),
                 ))
             }
         };
@@ -354,7 +375,7 @@ pub fn run_shape_case(
     Ok(CaseResult {
         case: case.to_string(),
         what: format!(
-            "{what} [{} {:?} on {}, {backend:?} ops; model built in {build_s:.1} s]",
+            "{what} [{} {:?} on {}, {backend:?} ops, recompute {recompute:?}; model built in {build_s:.1} s]",
             inp.shape,
             dtype,
             device_name(dev)
@@ -403,6 +424,18 @@ pub fn run(a: &crate::bench::BenchArgs, shape: &str) -> anyhow::Result<()> {
         }
     };
     backend.check(&dev, dtype)?;
+    let recompute = match a.recompute.as_str() {
+        "auto" => Recompute::Auto,
+        "always" => Recompute::Always,
+        "never" => Recompute::Never,
+        other => {
+            return Err(Error::input(
+                "--recompute",
+                format!("`{other}`: expected auto, always or never"),
+            )
+            .into())
+        }
+    };
     let inp = ShapeInputs::new(shape, a.sample_tokens)?;
     if let Some(p) = &a.dump_inputs {
         farcer::util::write_json_atomic(p, &inp)?;
@@ -410,7 +443,7 @@ pub fn run(a: &crate::bench::BenchArgs, shape: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(c) = &a.case {
-        let r = run_shape_case(c, &inp, &dev, dtype, backend, a.reps)?;
+        let r = run_shape_case(c, &inp, &dev, dtype, backend, recompute, a.reps)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
@@ -431,6 +464,7 @@ pub fn run(a: &crate::bench::BenchArgs, shape: &str) -> anyhow::Result<()> {
         let out = std::process::Command::new(&exe)
             .args(["bench", "--shape", shape, "--device", &a.device])
             .args(["--dtype", dtype_name, "--backend", &a.backend, "--case", c])
+            .args(["--recompute", &a.recompute])
             .args(["--reps", &a.reps.to_string()])
             .args(["--sample-tokens", &a.sample_tokens.to_string()])
             .output()?;

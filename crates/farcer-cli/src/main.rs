@@ -1128,8 +1128,14 @@ fn load_predictor(
     let seed = a.seed;
     let (engine, prompt, labels) = match &a.checkpoint {
         Some(ck) => {
-            let (mut f, enc, m) =
-                pipeline::load_checkpoint(ck, device, dtype, a.llm.as_deref(), a.vision.as_deref(), &log)?;
+            let (mut f, enc, m) = pipeline::load_checkpoint(
+                ck,
+                device,
+                dtype,
+                a.llm.as_deref(),
+                a.vision.as_deref(),
+                &log,
+            )?;
             let failed = pipeline::attach_images(&mut f, enc.as_ref(), spec, datasets, &|_, _| {})?;
             report_failed(&failed);
             let (prompt, labels) = (m.prompt.clone(), m.labels.clone());
@@ -1345,8 +1351,14 @@ fn demo(a: DemoArgs) -> Result<()> {
     obs.bar.finish_and_clear();
 
     // 3. FARCER on the held-out split.
-    let (mut f, enc, m) =
-        pipeline::load_checkpoint(&s.best_dir, &device, dtype, Some(&llm_path), Some(&vision), &log)?;
+    let (mut f, enc, m) = pipeline::load_checkpoint(
+        &s.best_dir,
+        &device,
+        dtype,
+        Some(&llm_path),
+        Some(&vision),
+        &log,
+    )?;
     let mut test = spec.load("test", a.model.seed)?;
     pipeline::attach_images(&mut f, enc.as_ref(), &spec, &mut [&mut test], &|_, _| {})?;
     let name = pipeline::row_name(m.kind, a.shots, false);

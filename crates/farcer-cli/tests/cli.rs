@@ -594,7 +594,10 @@ fn shape_bench_runs_every_gpu_case_on_the_cpu() {
         );
         for r in v.as_array().unwrap() {
             assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
-            assert!(r["what"].as_str().unwrap().contains(&dtype.to_uppercase()), "{r}");
+            assert!(
+                r["what"].as_str().unwrap().contains(&dtype.to_uppercase()),
+                "{r}"
+            );
         }
     }
     let inputs = dir.join("inputs.json");
@@ -615,7 +618,10 @@ fn shape_bench_runs_every_gpu_case_on_the_cpu() {
     assert_eq!(v["prefix_ids"].as_array().unwrap().len(), 1382);
     let (ok, _, stderr) = farcer(&["bench", "--shape", "llama9", "--reps", "1"]);
     assert!(!ok);
-    assert!(stderr.contains("--shape") && stderr.contains("llama3-8b"), "{stderr}");
+    assert!(
+        stderr.contains("--shape") && stderr.contains("llama3-8b"),
+        "{stderr}"
+    );
 }
 
 /// A checkpoint trained with the frozen models in bf16 (as on a GPU, here through candle's
@@ -642,8 +648,8 @@ fn checkpoints_move_between_dtypes() {
     };
     for trained in ["bf16", "f32"] {
         let (ck, _, data) = tiny_checkpoint_as(&dir.join(trained), true, trained);
-        let cfg = std::fs::read_to_string(ck.parent().unwrap().join("config.toml"))
-            .unwrap_or_default();
+        let cfg =
+            std::fs::read_to_string(ck.parent().unwrap().join("config.toml")).unwrap_or_default();
         assert!(cfg.contains(&format!("dtype = \"{trained}\"")), "{cfg}");
         let a = predict(&ck, &data, "f32");
         let b = predict(&ck, &data, "bf16");
@@ -655,7 +661,10 @@ fn checkpoints_move_between_dtypes() {
                 worst = worst.max((p.as_f64().unwrap() - y["probs"][k].as_f64().unwrap()).abs());
             }
         }
-        assert!(worst < 0.05, "trained in {trained}: f32 and bf16 differ by {worst}");
+        assert!(
+            worst < 0.05,
+            "trained in {trained}: f32 and bf16 differ by {worst}"
+        );
         assert!(worst > 0.0, "bf16 really ran in bf16");
     }
     let dev = dir.join("f32/data/dev.jsonl");

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 /// A training forward's dropout streams. Each site's stream starts from
 /// `(seed, site)` on first use, so a step run again with the same seed (a resumed run)
 /// draws the same masks, on the fused and the op-by-op path alike.
-#[derive(Debug)]
+/// Cloning copies the streams' states, so a clone replays the same masks (a layer
+/// recomputed in the backward draws what its forward drew).
+#[derive(Debug, Clone)]
 pub struct Dropout {
     seed: u64,
     streams: HashMap<String, Rng>,

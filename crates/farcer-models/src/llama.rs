@@ -479,7 +479,26 @@ pub struct Llama {
     device: Device,
     /// The ops every forward runs, chosen at load.
     backend: Backend,
+    /// When a training pass recomputes each layer in its backward instead of keeping its
+    /// activations (candle's op-by-op path; the fused CPU layer keeps its own).
+    recompute: Recompute,
 }
+
+/// When training recomputes each decoder layer in the backward (gradient checkpointing
+/// per layer): only the layers' inputs are kept between forward and backward, for about
+/// a third more compute. `Auto` does it when a pass's activations would pass
+/// [`RECOMPUTE_ABOVE`] bytes (a LoRA step over a whole 7-shot prompt at Llama-3-8B's
+/// shape; not a base-FARCER step after a cached prefix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recompute {
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// Activation bytes of one training pass above which `Recompute::Auto` recomputes.
+pub const RECOMPUTE_ABOVE: usize = 4 << 30;
 
 impl Llama {
     /// Loads weights named as in Hugging Face (`model.layers.N.self_attn.q_proj.weight`),
@@ -562,10 +581,30 @@ impl Llama {
             config: config.clone(),
             device,
             backend,
+            recompute: Recompute::Auto,
         })
     }
 
     /// The same weights with another backend.
+    /// The same model with another rule for recomputing layers in training.
+    pub fn with_recompute(mut self, recompute: Recompute) -> Self {
+        self.recompute = recompute;
+        self
+    }
+
+    /// Values a training pass keeps per new position and layer on candle's op-by-op path
+    /// (what candle's autograd holds until the backward): the normed inputs, q/k/v, the
+    /// rotated and scaled q and k, the new keys and values, the attention output and its
+    /// transposed copy (the attention itself keeps only a log-sum-exp per row), the output
+    /// projection, both residuals and the second norm, the gate/up product, SiLU(gate) and
+    /// their product, and the down projection. Multiply by the dtype's size.
+    pub fn activation_values_per_token_layer(&self) -> usize {
+        let c = &self.config;
+        let (h, hd, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
+        6 * h + (q + 2 * kv) + 4 * q + 3 * kv + 4 * i
+    }
+
     pub fn with_backend(mut self, backend: Backend) -> Result<Self> {
         backend.check(&self.device, self.dtype())?;
         self.backend = backend;
@@ -736,6 +775,18 @@ impl Llama {
         }
         let mut h = x.clone();
         let eps = self.config.rms_norm_eps;
+        let recompute = match self.recompute {
+            Recompute::Always => true,
+            Recompute::Never => false,
+            Recompute::Auto => {
+                let bytes = self.activation_values_per_token_layer()
+                    * x.dtype().size_in_bytes()
+                    * b
+                    * total
+                    * self.layers.len();
+                bytes > RECOMPUTE_ABOVE
+            }
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(fl) = layer.frozen(self.backend, eps) {
                 let a = &layer.attn;
@@ -809,41 +860,36 @@ impl Llama {
                     s.cache.kvs[i] = p;
                 }
             }
-            let residual = &h;
             let be = self.backend;
-            let n = rms_norm(be, &h, &layer.input_norm, eps)?;
-            let a = if multi {
-                // Each segment's attention on its own rows and cache.
-                let mut outs = Vec::with_capacity(segs.len());
-                let mut off = 0;
-                for ((s, (cos, sin)), mask) in segs.iter_mut().zip(&ropes).zip(&masks) {
-                    let rows = n.narrow(1, off, s.len)?;
-                    off += s.len;
-                    let kv = &mut s.cache.kvs[i];
-                    outs.push(
-                        layer
-                            .attn
-                            .forward(be, &rows, cos, sin, mask.as_ref(), kv, None)?,
-                    );
-                }
-                Tensor::cat(&outs, 1)?
-            } else {
+            if !multi {
                 let (cos, sin) = &ropes[0];
                 let kv = &mut segs[0].cache.kvs[i];
-                layer.attn.forward(
-                    be,
-                    &n,
-                    cos,
-                    sin,
-                    masks[0].as_ref(),
-                    kv,
-                    train.as_deref_mut(),
-                )?
-            };
-            let h1 = (residual + a)?;
+                let mask = masks[0].as_ref();
+                h = match train.as_deref_mut() {
+                    Some(d) if recompute && h.track_op() => {
+                        block_recomputed(be, eps, layer, &h, cos, sin, mask, kv, d)?
+                    }
+                    d => block_forward(be, eps, layer, &h, cos, sin, mask, kv, d)?,
+                };
+                continue;
+            }
+            // Several segments (inference): each one's attention on its own rows and cache.
+            let n = rms_norm(be, &h, &layer.input_norm, eps)?;
+            let mut outs = Vec::with_capacity(segs.len());
+            let mut off = 0;
+            for ((s, (cos, sin)), mask) in segs.iter_mut().zip(&ropes).zip(&masks) {
+                let rows = n.narrow(1, off, s.len)?;
+                off += s.len;
+                let kv = &mut s.cache.kvs[i];
+                outs.push(
+                    layer
+                        .attn
+                        .forward(be, &rows, cos, sin, mask.as_ref(), kv, None)?,
+                );
+            }
+            let h1 = (&h + Tensor::cat(&outs, 1)?)?;
             let n = rms_norm(be, &h1, &layer.post_norm, eps)?;
-            let m = layer.mlp.forward(be, &n, train.as_deref_mut())?;
-            h = (h1 + m)?;
+            h = (&h1 + layer.mlp.forward(be, &n, None)?)?;
         }
         for s in segs.iter_mut() {
             s.cache.len += s.len;
@@ -1166,6 +1212,115 @@ impl Mlp {
             .finish(gu.narrow(1, i, i)?, &flat, train.as_deref_mut())?;
         self.down.forward(be, &(g * u)?, train)?.reshape((b, t, d))
     }
+}
+
+/// One decoder layer on the op-by-op path: norm, attention (appending to `kv`), residual,
+/// norm, MLP, residual.
+#[allow(clippy::too_many_arguments)]
+fn block_forward(
+    be: Backend,
+    eps: f64,
+    layer: &Block,
+    h: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: Option<&Tensor>,
+    kv: &mut Option<(Tensor, Tensor)>,
+    mut train: Option<&mut Dropout>,
+) -> Result<Tensor> {
+    let n = rms_norm(be, h, &layer.input_norm, eps)?;
+    let a = layer
+        .attn
+        .forward(be, &n, cos, sin, mask, kv, train.as_deref_mut())?;
+    let h1 = (h + a)?;
+    let n = rms_norm(be, &h1, &layer.post_norm, eps)?;
+    let m = layer.mlp.forward(be, &n, train)?;
+    h1 + m
+}
+
+/// [`block_forward`] for training without keeping the layer's activations: run without a
+/// graph (drawing the same dropout masks), then joined to the graph of `h` and of the
+/// layer's adapters by an op whose backward recomputes the layer with a graph from its
+/// input, replaying the same masks, and back-propagates through it. The new keys and
+/// values go into `kv` without a graph (no later pass of a training step reads them).
+#[allow(clippy::too_many_arguments)]
+fn block_recomputed(
+    be: Backend,
+    eps: f64,
+    layer: &Block,
+    h: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: Option<&Tensor>,
+    kv: &mut Option<(Tensor, Tensor)>,
+    dropout: &mut Dropout,
+) -> Result<Tensor> {
+    if kv
+        .as_ref()
+        .is_some_and(|(k, v)| k.track_op() || v.track_op())
+    {
+        return block_forward(be, eps, layer, h, cos, sin, mask, kv, Some(dropout));
+    }
+    let past = kv.clone();
+    let replay = std::sync::Mutex::new(dropout.clone());
+    let x = h.detach();
+    let value = block_forward(be, eps, layer, &x, cos, sin, mask, kv, Some(dropout))?.detach();
+    *kv = kv.take().map(|(k, v)| (k.detach(), v.detach()));
+    let vars: Vec<candle_core::Var> = layer
+        .projections()
+        .into_iter()
+        .filter_map(|(_, _, p)| p.lora.as_ref())
+        .flat_map(|l| [l.a.clone(), l.b.clone()])
+        .collect();
+    let params = if vars.is_empty() {
+        None
+    } else {
+        let flat = vars
+            .iter()
+            .map(|v| v.as_tensor().flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&flat, 0)?)
+    };
+    let (layer, cos, sin, mask) = (layer.clone(), cos.clone(), sin.clone(), mask.cloned());
+    let backward: frozen::RecomputeBackward = Box::new(move |grad: &Tensor| {
+        let xv = candle_core::Var::from_tensor(&x)?;
+        let mut d = replay
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("recompute: lock poisoned".into()))?
+            .clone();
+        let mut kv = past.clone();
+        let out = block_forward(
+            be,
+            eps,
+            &layer,
+            xv.as_tensor(),
+            &cos,
+            &sin,
+            mask.as_ref(),
+            &mut kv,
+            Some(&mut d),
+        )?;
+        let s = (out.to_dtype(DType::F32)? * grad.to_dtype(DType::F32)?)?.sum_all()?;
+        let g = s.backward()?;
+        let dx = match g.get(xv.as_tensor()) {
+            Some(t) => t.clone(),
+            None => x.zeros_like()?,
+        };
+        let dp = if vars.is_empty() {
+            None
+        } else {
+            let parts = vars
+                .iter()
+                .map(|v| match g.get(v.as_tensor()) {
+                    Some(t) => t.flatten_all(),
+                    None => Tensor::zeros(v.elem_count(), v.dtype(), v.device()),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&parts, 0)?)
+        };
+        Ok((dx, dp))
+    });
+    frozen::attach_recomputed(h, params.as_ref(), value, backward)
 }
 
 /// Whether the fused attention kernels can take a layer's cache and mask: the cached

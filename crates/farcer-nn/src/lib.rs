@@ -692,7 +692,7 @@ impl<G: std::ops::Deref<Target = Storage>> CtxView<G> {
 type Backward2 =
     Box<dyn Fn(&Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
 
-/// [`Precomputed`] for an op of two arguments (CPU only: it carries a kernel's vector).
+/// [`Precomputed`] for an op of two arguments.
 struct Precomputed2 {
     name: &'static str,
     value: Mutex<Option<Value>>,
@@ -714,6 +714,26 @@ impl candle_core::CustomOp2 for Precomputed2 {
         cpu_value(self.name, &self.value)
     }
 
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        storage_fwd!(self, Cuda)
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        storage_fwd!(self, Metal)
+    }
+
     fn bwd(
         &self,
         _: &Tensor,
@@ -722,6 +742,40 @@ impl candle_core::CustomOp2 for Precomputed2 {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         (self.backward)(res, grad)
+    }
+}
+
+/// The gradients a recomputed block returns: of its input, and of its parameters
+/// flattened in the order they were given.
+pub type RecomputeBackward = Box<dyn Fn(&Tensor) -> Result<(Tensor, Option<Tensor>)> + Send + Sync>;
+
+/// Joins a block computed without a graph (`value`, from `x` and, if any, the flattened
+/// trainable `params`) to candle's autograd: its backward is `backward(grad of value)`,
+/// which typically recomputes the block with a graph from its saved input (gradient
+/// checkpointing), so nothing inside the block is kept between forward and backward.
+pub fn attach_recomputed(
+    x: &Tensor,
+    params: Option<&Tensor>,
+    value: Tensor,
+    backward: RecomputeBackward,
+) -> Result<Tensor> {
+    match params {
+        None => x.apply_op1(Precomputed {
+            name: "recomputed-block",
+            value: Mutex::new(Some(Value::Tensor(value))),
+            backward: Box::new(move |_, g| Ok(backward(g)?.0)),
+        }),
+        Some(p) => x.apply_op2(
+            p,
+            Precomputed2 {
+                name: "recomputed-block-params",
+                value: Mutex::new(Some(Value::Tensor(value))),
+                backward: Box::new(move |_, g| {
+                    let (dx, dp) = backward(g)?;
+                    Ok((Some(dx), dp))
+                }),
+            },
+        ),
     }
 }
 
