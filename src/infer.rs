@@ -420,7 +420,8 @@ impl Predictor {
         let kept: Vec<usize> = kept.into_iter().filter(|&j| preps[j].is_ok()).collect();
         self.append(&mut steps, &mut preps, &kept, |p| &p.line);
         for &j in &kept {
-            if let Ok(p) = &preps[j] {
+            if let Ok(p) = &mut preps[j] {
+                p.tokens += p.line.len();
                 let s = &mut *steps[j].session;
                 s.line_tokens[p.i] = p.line.len();
                 s.labels[p.i] = answers[j].as_ref().map(|a| a.label.clone());
@@ -721,9 +722,10 @@ impl Session {
         }
     }
 
-    /// Back to `snap`: what a failed step added is gone.
+    /// Back to `snap`: what a failed step added is gone (its image vector too, even when
+    /// it failed before its utterance was added).
     fn restore(&mut self, snap: Snapshot) {
-        for i in snap.len..self.utterances.len() {
+        for i in snap.len..=self.utterances.len() {
             self.vectors
                 .remove(&PathBuf::from(format!("session-image:{i}")));
         }

@@ -417,6 +417,11 @@ def shape_main(a, inputs):
         r = run_shape_case(a.case, a, inputs)
         r.update(case=a.case, repetitions=a.reps, per_second=r["units"] / r["seconds"], threads=a.threads,
                  peak_mib=peak_mib(a.device))
+        if a.device.startswith("cuda"):
+            import torch
+            # PyTorch's own account, beside the NVML reading gpu-check takes.
+            r.update(torch_max_allocated_mib=torch.cuda.max_memory_allocated() / 2**20,
+                     torch_max_reserved_mib=torch.cuda.max_memory_reserved() / 2**20)
         print(json.dumps(r))
         return
     cases = SHAPE_CASES if a.cases == ",".join(CASES) else a.cases.split(",")

@@ -272,7 +272,12 @@ pub fn run_shape_case(
         dev,
     )?;
     if case == "lora-step-7shot" {
-        model.add_lora(&LoraConfig::default(), 0)?;
+        // Dropout off, as on the PyTorch side: the same work on both.
+        let cfg = LoraConfig {
+            dropout: 0.0,
+            ..LoraConfig::default()
+        };
+        model.add_lora(&cfg, 0)?;
         // B starts at zero; give it values so every path carries gradient.
         for (_, v) in model.lora_vars() {
             v.set(&(v.as_tensor().ones_like()? * 0.01)?)?;

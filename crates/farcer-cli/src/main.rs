@@ -386,8 +386,8 @@ struct ServeArgs {
     workers: usize,
     /// Utterances of different sessions answered in one model pass when they wait
     /// together (1: one at a time; see `farcer bench --batch` for what batching gains).
-    #[arg(long, default_value_t = 8)]
-    max_batch: usize,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    max_batch: u64,
     /// Milliseconds a free worker waits for more session utterances to batch (0: none;
     /// those that arrive while the model is busy are batched anyway).
     #[arg(long, default_value_t = 0)]
@@ -1097,7 +1097,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         request_timeout: std::time::Duration::from_secs(a.timeout),
         queue: a.queue,
         workers: a.workers,
-        max_batch: a.max_batch,
+        max_batch: a.max_batch as usize,
         batch_wait: std::time::Duration::from_millis(a.batch_wait_ms),
         max_sessions: a.max_sessions,
         max_session_bytes: a.max_session_mib << 20,

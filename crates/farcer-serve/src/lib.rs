@@ -293,9 +293,14 @@ impl AppState {
                 return;
             };
             let l = &me.config.limits;
+            // Wait for more only while some, but fewer than a batch, are waiting (a task
+            // whose utterance an earlier batch answered finds none and returns at once).
             let until = Instant::now() + l.batch_wait;
-            while Instant::now() < until && me.pending.lock().expect("pending").len() < l.max_batch
-            {
+            while Instant::now() < until {
+                let waiting = me.pending.lock().expect("pending").len();
+                if waiting == 0 || waiting >= l.max_batch {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             let _ = tokio::task::spawn_blocking(move || {
@@ -318,6 +323,11 @@ impl AppState {
             let mut batch: Vec<Pending> = Vec::new();
             let mut rest = VecDeque::new();
             while let Some(p) = q.pop_front() {
+                // Its request timed out or went away: answering it would add an
+                // utterance the client was told failed (and may send again).
+                if p.answer.is_closed() {
+                    continue;
+                }
                 let taken = batch.iter().any(|b| Arc::ptr_eq(&b.session, &p.session));
                 if taken || batch.len() >= self.config.limits.max_batch.max(1) {
                     rest.push_back(p);
@@ -358,7 +368,7 @@ impl AppState {
             jobs.iter().map(|(b, _)| b.session.clone()).collect();
         let mut guards: Vec<_> = sessions
             .iter()
-            .map(|s| s.lock().expect("session"))
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()))
             .collect();
         let before: Vec<usize> = guards.iter().map(|g| g.rebuilds).collect();
         let steps = guards
@@ -721,14 +731,27 @@ async fn session_info(
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     let (s, _) = find(&st, &id)?;
-    let s = s.lock().expect("session");
+    // Off the async threads: a batch may hold the session for a whole model pass.
+    let s = tokio::task::spawn_blocking(move || {
+        let s = s.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            s.len(),
+            s.cache_tokens(),
+            s.cache_bytes(),
+            s.dropped(),
+            s.rebuilds,
+        )
+    })
+    .await
+    .map_err(|e| ApiError::new(500, "server", e.to_string()))?;
+    let (utterances, cache_tokens, cache_bytes, dropped, rebuilds) = s;
     Ok(axum::Json(json!({
         "id": id,
-        "utterances": s.len(),
-        "cache_tokens": s.cache_tokens(),
-        "cache_bytes": s.cache_bytes(),
-        "dropped": s.dropped(),
-        "rebuilds": s.rebuilds,
+        "utterances": utterances,
+        "cache_tokens": cache_tokens,
+        "cache_bytes": cache_bytes,
+        "dropped": dropped,
+        "rebuilds": rebuilds,
     }))
     .into_response())
 }
@@ -753,7 +776,12 @@ async fn add_utterance(
     let bytes = json_body(&st, &headers, body).await?;
     let u: api::InUtterance = api::parse(&bytes)?;
     let (session, events) = find(&st, &id)?;
-    let index = session.lock().expect("session").len();
+    let index = {
+        let s = session.clone();
+        tokio::task::spawn_blocking(move || s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .await
+            .map_err(|e| ApiError::new(500, "server", e.to_string()))?
+    };
     if index >= 100_000 {
         return Err(ApiError::bad(
             "utterances",
