@@ -51,7 +51,7 @@ fn predictor(max_tokens: usize) -> Predictor {
 fn utt(i: usize, text: &str) -> Utterance {
     Utterance::new(
         format!("u{i}"),
-        if i % 2 == 0 { "Ann" } else { "Bob" },
+        if i.is_multiple_of(2) { "Ann" } else { "Bob" },
         text,
     )
 }
