@@ -810,6 +810,31 @@ pub struct BenchArgs {
     pub sample_tokens: usize,
 }
 
+/// Runs one case in a child process (so its peak memory is its own): its result, or why
+/// it failed (the last line it wrote to stderr, or that its output was not a result).
+pub fn case_in_child(
+    mut cmd: std::process::Command,
+) -> std::io::Result<std::result::Result<CaseResult, String>> {
+    let out = cmd.output()?;
+    let last_err = || {
+        String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string()
+    };
+    if !out.status.success() {
+        return Ok(Err(last_err()));
+    }
+    let line = out
+        .stdout
+        .split(|b| *b == b'\n')
+        .rfind(|l| !l.is_empty())
+        .unwrap_or(&[]);
+    Ok(serde_json::from_slice(line).map_err(|e| format!("no result ({e}): {}", last_err())))
+}
+
 /// `farcer bench`.
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if let Some(shape) = &a.shape {
@@ -990,38 +1015,27 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         "case", "seconds", "per second", "peak MiB"
     );
     for c in &cases {
-        let out = std::process::Command::new(&exe)
-            .args([
-                "bench",
-                "--case",
-                c,
-                "--reps",
-                &a.reps.to_string(),
-                "--llm",
-                &llm,
-            ])
-            .arg("--meld")
-            .arg(&a.meld)
-            .arg("--vit-s")
-            .arg(&a.vit_s)
-            .output()?;
-        if !out.status.success() {
-            println!(
-                "{c:<28} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-                    .trim()
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-            );
-            continue;
-        }
-        let r: CaseResult = serde_json::from_slice(
-            out.stdout
-                .split(|b| *b == b'\n')
-                .rfind(|l| !l.is_empty())
-                .unwrap_or(&[]),
-        )?;
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args([
+            "bench",
+            "--case",
+            c,
+            "--reps",
+            &a.reps.to_string(),
+            "--llm",
+            &llm,
+        ])
+        .arg("--meld")
+        .arg(&a.meld)
+        .arg("--vit-s")
+        .arg(&a.vit_s);
+        let r = match case_in_child(cmd)? {
+            Ok(r) => r,
+            Err(why) => {
+                println!("{c:<28} failed: {why}");
+                continue;
+            }
+        };
         println!(
             "{:<28} {:>10.3} {:>10.1} {:<3} {:>10.0}  {}",
             r.case,

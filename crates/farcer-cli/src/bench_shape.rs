@@ -457,29 +457,25 @@ pub fn run(a: &crate::bench::BenchArgs, shape: &str) -> anyhow::Result<()> {
     } else {
         a.cases.clone()
     };
-    let dtype_name = match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "f32",
-    };
     let exe = std::env::current_exe()?;
     let mut results = Vec::new();
     println!("{:<24} {:>10} {:>10}  what", "case", "seconds", "host MiB");
     for c in &cases {
-        let out = std::process::Command::new(&exe)
-            .args(["bench", "--shape", shape, "--device", &a.device])
-            .args(["--dtype", dtype_name, "--backend", &a.backend, "--case", c])
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["bench", "--shape", shape, "--device", &a.device])
+            .args([
+                "--dtype",
+                dtype.as_str(),
+                "--backend",
+                &a.backend,
+                "--case",
+                c,
+            ])
             .args(["--recompute", &a.recompute])
             .args(["--reps", &a.reps.to_string()])
-            .args(["--sample-tokens", &a.sample_tokens.to_string()])
-            .output()?;
-        let r: Option<CaseResult> = out
-            .stdout
-            .split(|b| *b == b'\n')
-            .rfind(|l| !l.is_empty())
-            .and_then(|l| serde_json::from_slice(l).ok());
-        match (out.status.success(), r) {
-            (true, Some(r)) => {
+            .args(["--sample-tokens", &a.sample_tokens.to_string()]);
+        match crate::bench::case_in_child(cmd)? {
+            Ok(r) => {
                 println!(
                     "{:<24} {:>10.4} {:>10.0}  {}",
                     r.case, r.seconds, r.peak_mib, r.what
@@ -489,14 +485,7 @@ pub fn run(a: &crate::bench::BenchArgs, shape: &str) -> anyhow::Result<()> {
                     farcer::util::write_json_atomic(p, &results)?;
                 }
             }
-            _ => println!(
-                "{c:<24} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-                    .trim()
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-            ),
+            Err(why) => println!("{c:<24} failed: {why}"),
         }
     }
     if let Some(p) = &a.json {
