@@ -12,6 +12,7 @@ pub mod eval;
 pub mod face;
 pub mod farcer;
 pub mod fetch;
+pub mod gemm;
 pub mod grid;
 pub mod infer;
 pub mod limits;

@@ -57,6 +57,44 @@ pub struct CaseResult {
     /// Peak resident memory of the process running the case, MiB.
     pub peak_mib: f64,
     pub threads: usize,
+    /// Where one repetition's time went (with `--profile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breakdown: Option<Breakdown>,
+}
+
+/// One repetition's time per kind of kernel (`farcer_kernels::profile`), seconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Breakdown {
+    /// (part, seconds per repetition, calls per repetition), GEMM first.
+    pub parts: Vec<(String, f64, f64)>,
+    /// Outside the kernels: candle's ops, autograd, allocation.
+    pub rest: f64,
+    /// The GEMMs' achieved rate.
+    pub gemm_gflops: f64,
+}
+
+/// Set in a case's child process by `--profile`.
+static PROFILE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn breakdown(reps: usize, seconds: f64) -> Breakdown {
+    use farcer_kernels::profile::{totals, PARTS};
+    let t = totals();
+    let r = reps.max(1) as f64;
+    let parts: Vec<(String, f64, f64)> = PARTS
+        .iter()
+        .zip(t.iter())
+        .map(|(p, t)| (p.name().to_string(), t.seconds / r, t.calls as f64 / r))
+        .collect();
+    let inside: f64 = parts.iter().map(|p| p.1).sum();
+    Breakdown {
+        rest: (seconds - inside).max(0.0),
+        gemm_gflops: if t[0].seconds > 0.0 {
+            t[0].flops / t[0].seconds / 1e9
+        } else {
+            0.0
+        },
+        parts,
+    }
 }
 
 /// Peak resident set size of this process (Linux), MiB.
@@ -261,14 +299,20 @@ pub fn run_case(
                  f: &mut dyn FnMut() -> Result<()>|
      -> Result<CaseResult> {
         f()?; // warm-up
+        let profile = PROFILE.load(std::sync::atomic::Ordering::Relaxed);
+        if profile {
+            farcer_kernels::profile::start();
+        }
         let mut times = Vec::new();
         for _ in 0..reps {
             let t = Instant::now();
             f()?;
             times.push(t.elapsed().as_secs_f64());
         }
+        let total: f64 = times.iter().sum();
         let s = median(times);
         Ok(CaseResult {
+            breakdown: profile.then(|| breakdown(reps, total / reps.max(1) as f64)),
             case: case.to_string(),
             what: what.to_string(),
             seconds: s,
@@ -805,6 +849,14 @@ pub struct BenchArgs {
     /// would pass 4 GiB), always or never (candle's op-by-op path only).
     #[arg(long, default_value = "auto")]
     pub recompute: String,
+    /// Also say where each case's time goes: GEMM (and its GFLOP/s), attention, norms,
+    /// activations, RoPE, copies, and the rest (candle's ops, autograd, allocation).
+    #[arg(long)]
+    pub profile: bool,
+    /// Time the GEMM engines (the `gemm` crate and these CBLAS libraries: openblas, mkl,
+    /// or a path) on the model's product shapes, in GFLOP/s.
+    #[arg(long, num_args = 0.., value_delimiter = ',')]
+    pub gemm: Option<Vec<String>>,
     /// Tokens of the sample's own part of the prompt for --shape (after the 7-shot prefix).
     #[arg(long, default_value_t = crate::bench_shape::SAMPLE_TOKENS)]
     pub sample_tokens: usize,
@@ -837,6 +889,9 @@ pub fn case_in_child(
 
 /// `farcer bench`.
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    if let Some(libs) = &a.gemm {
+        return crate::bench_gemm::run(libs, a.reps, a.json.as_deref());
+    }
     if let Some(shape) = &a.shape {
         return crate::bench_shape::run(&a, shape);
     }
@@ -999,6 +1054,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(c) = &a.case {
+        PROFILE.store(a.profile, std::sync::atomic::Ordering::Relaxed);
         let r = run_case(c, &llm, meld, vit_s, a.reps)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -1029,6 +1085,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .arg(&a.meld)
         .arg("--vit-s")
         .arg(&a.vit_s);
+        if a.profile {
+            cmd.arg("--profile");
+        }
         let r = match case_in_child(cmd)? {
             Ok(r) => r,
             Err(why) => {
@@ -1047,9 +1106,39 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         );
         results.push(r);
     }
+    if a.profile {
+        print_breakdowns(&results);
+    }
     if let Some(p) = &a.json {
         farcer::util::write_json_atomic(p, &results)?;
         println!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// The `--profile` table: each part's share of a repetition, and the GEMMs' GFLOP/s.
+fn print_breakdowns(results: &[CaseResult]) {
+    let Some(first) = results.iter().find_map(|r| r.breakdown.as_ref()) else {
+        return;
+    };
+    let names: Vec<&str> = first.parts.iter().map(|p| p.0.as_str()).collect();
+    println!(
+        "\n| case | seconds | {} | rest | GEMM GFLOP/s |",
+        names.join(" | ")
+    );
+    println!("|---|---:|{}---:|---:|", "---:|".repeat(names.len()));
+    for r in results {
+        let Some(b) = &r.breakdown else { continue };
+        let total = b.parts.iter().map(|p| p.1).sum::<f64>() + b.rest;
+        let pct = |x: f64| format!("{:.0}%", 100.0 * x / total.max(1e-12));
+        let cells: Vec<String> = b.parts.iter().map(|p| pct(p.1)).collect();
+        println!(
+            "| {} | {:.3} | {} | {} | {:.0} |",
+            r.case,
+            total,
+            cells.join(" | "),
+            pct(b.rest),
+            b.gemm_gflops
+        );
+    }
 }

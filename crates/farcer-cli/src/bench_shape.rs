@@ -394,6 +394,7 @@ pub fn run_shape_case(
         // process) the same way for both sides.
         peak_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
+        breakdown: None,
     })
 }
 

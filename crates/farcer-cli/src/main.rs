@@ -1,6 +1,7 @@
 //! The `farcer` command: argument parsing and printing over the library.
 
 mod bench;
+mod bench_gemm;
 mod bench_shape;
 mod loadtest;
 mod stop;
@@ -430,6 +431,10 @@ struct PromptArgs {
 fn main() {
     farcer::util::tune_allocator();
     let cli = Cli::parse();
+    if let Err(e) = farcer::gemm::choose_from_env(&log) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
     let r = match cli.cmd {
         Cmd::Fetch { wheel } => fetch(wheel),
         Cmd::Demo(a) => demo(a),

@@ -33,6 +33,7 @@ multiversion! {
 /// `silu(g) * u` for `gu` `(n, 2i)` (gate then up, as the fused projection writes them);
 /// returns `(n, i)`.
 pub fn swiglu(gu: &[f32], n: usize, i: usize) -> Vec<f32> {
+    let _span = crate::profile::span(crate::profile::Part::Activation, 0.0);
     let mut y = uninit(n * i);
     y.par_chunks_mut(i)
         .zip(gu.par_chunks(2 * i))
@@ -43,6 +44,7 @@ pub fn swiglu(gu: &[f32], n: usize, i: usize) -> Vec<f32> {
 
 /// The gradient of [`swiglu`] with respect to `gu`, `(n, 2i)`.
 pub fn swiglu_grad(gu: &[f32], dy: &[f32], n: usize, i: usize) -> Vec<f32> {
+    let _span = crate::profile::span(crate::profile::Part::Activation, 0.0);
     let mut d = uninit(n * 2 * i);
     d.par_chunks_mut(2 * i)
         .zip(gu.par_chunks(2 * i).zip(dy.par_chunks(i)))
@@ -72,5 +74,6 @@ multiversion! {
 
 /// Exact-erf GELU of every value, in place, in parallel.
 pub fn gelu_erf(x: &mut [f32]) {
+    let _span = crate::profile::span(crate::profile::Part::Activation, 0.0);
     x.par_chunks_mut(4096).for_each(gelu_erf_slice);
 }

@@ -137,6 +137,7 @@ pub fn attention(
     t: usize,
     s: usize,
 ) -> (Vec<f32>, Vec<f32>) {
+    let _span = crate::profile::span(crate::profile::Part::Attention, 0.0);
     let Heads {
         batch: b,
         heads: h,
@@ -228,6 +229,7 @@ pub fn attention_grad(
     t: usize,
     s: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let _span = crate::profile::span(crate::profile::Part::Attention, 0.0);
     let Heads {
         batch: b,
         heads: h,

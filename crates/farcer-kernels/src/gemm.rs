@@ -1,6 +1,8 @@
 //! GEMMs over row-major slices (the `gemm` crate) and the linear layers built on them.
 
 use crate::activation::bias_gelu_row;
+use crate::blas::{self, Engine};
+use crate::profile::{self, Part};
 use crate::util::{parallelism, uninit};
 use rayon::prelude::*;
 
@@ -32,6 +34,47 @@ pub(crate) unsafe fn gemm_raw(
             }
         }
         return;
+    }
+    // Products inside parallel tasks (attention blocks) stay on the crate; top-level
+    // ones go where the process's choice sends their shape.
+    let engine = match par {
+        gemm::Parallelism::None => Engine::Crate,
+        _ => blas::engine_for(m, n, k, a_cs != 1, b_cs != 1),
+    };
+    let _span = profile::span(Part::Gemm, 2.0 * (m * n * k) as f64);
+    gemm_on(
+        engine, m, n, k, dst, dst_rs, acc, a, a_rs, a_cs, b, b_rs, b_cs, par,
+    )
+}
+
+/// [`gemm_raw`] on a given engine (`k > 0`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_on(
+    engine: Engine,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    acc: bool,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+    par: gemm::Parallelism,
+) {
+    if let Engine::Blas(lib) = engine {
+        let threads = match par {
+            gemm::Parallelism::Rayon(t) => t,
+            _ => 1,
+        };
+        if blas::blas_gemm(
+            lib, m, n, k, dst, dst_rs, acc, a, a_rs, a_cs, b, b_rs, b_cs, threads,
+        ) {
+            return;
+        }
     }
     gemm::gemm(
         m,
@@ -120,6 +163,7 @@ pub fn linear(
     m: usize,
 ) -> Vec<f32> {
     assert!(x.len() >= n * k && wt.len() >= k * m);
+    let copy = profile::span(Part::Copy, 0.0);
     let (mut y, acc) = match (residual, bias) {
         (None, None) => (uninit(n * m), false),
         (Some(r), None) => (r[..n * m].to_vec(), true),
@@ -139,6 +183,7 @@ pub fn linear(
             (y, true)
         }
     };
+    drop(copy);
     unsafe {
         gemm_raw(
             n,
@@ -172,6 +217,7 @@ pub fn linear_acc(
 ) {
     assert!(y.len() >= n * m && x.len() >= n * k && wt.len() >= k * m);
     if let Some(b) = bias {
+        let _copy = profile::span(Part::Copy, 0.0);
         y.par_chunks_mut(m)
             .with_min_len(8)
             .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
@@ -199,8 +245,86 @@ pub fn linear_acc(
 /// costing one of its own.
 pub fn linear_gelu(x: &[f32], wt: &[f32], bias: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
     let mut y = linear(x, wt, None, None, n, k, m);
+    let _span = profile::span(Part::Activation, 0.0);
     y.par_chunks_mut(m)
         .with_min_len(8)
         .for_each(|row| bias_gelu_row(row, bias));
     y
+}
+
+/// `dst (+)= a @ b` on `engine` over all rayon threads: `a` `(m, k)` (stored `(k, m)`
+/// when `a_t`), `b` `(k, n)` (stored `(n, k)` when `b_t`), `dst` `(m, n)`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_on(
+    engine: Engine,
+    a: &[f32],
+    a_t: bool,
+    b: &[f32],
+    b_t: bool,
+    dst: &mut [f32],
+    acc: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n && dst.len() >= m * n);
+    let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
+    let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the lengths are checked above; the strides describe those slices.
+    unsafe {
+        gemm_on(
+            engine,
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            n,
+            acc,
+            a.as_ptr(),
+            a_rs,
+            a_cs,
+            b.as_ptr(),
+            b_rs,
+            b_cs,
+            parallelism(),
+        )
+    }
+}
+
+/// Seconds of one `(m, k) @ (k, n)` product on `engine` over all rayon threads, the best
+/// of `reps` after a warm-up; `a_t`/`b_t` store that operand transposed (the backward's
+/// layouts). For benchmarks and the start-up calibration.
+pub fn time_gemm(
+    engine: Engine,
+    m: usize,
+    n: usize,
+    k: usize,
+    a_t: bool,
+    b_t: bool,
+    reps: usize,
+) -> f64 {
+    let a: Vec<f32> = (0..m * k)
+        .map(|i| ((i % 97) as f32 - 48.0) * 1e-2)
+        .collect();
+    let b: Vec<f32> = (0..k * n)
+        .map(|i| ((i % 89) as f32 - 44.0) * 1e-2)
+        .collect();
+    let mut c = vec![0f32; m * n];
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) + 1 {
+        let t = std::time::Instant::now();
+        matmul_on(engine, &a, a_t, &b, b_t, &mut c, false, m, n, k);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&c);
+    best
 }

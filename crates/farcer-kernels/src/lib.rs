@@ -15,10 +15,12 @@
 mod util;
 pub mod activation;
 pub mod attention;
+pub mod blas;
 pub mod gemm;
 pub mod layer;
 mod math;
 pub mod norm;
+pub mod profile;
 pub mod rope;
 
 pub use activation::{gelu_erf, swiglu, swiglu_grad};

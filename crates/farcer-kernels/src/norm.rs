@@ -6,6 +6,7 @@ use rayon::prelude::*;
 /// RMSNorm of the rows of `x` `(n, dim)`: `y = x r w` with `r = 1 / rms(x)`; returns
 /// `y` and each row's `r` (for the backward).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, dim: usize) -> (Vec<f32>, Vec<f32>) {
+    let _span = crate::profile::span(crate::profile::Part::Norm, 0.0);
     let n = x.len() / dim;
     let mut y = uninit(n * dim);
     let mut r = uninit(n);
@@ -33,6 +34,7 @@ pub fn rms_norm_grad(
     dres: Option<&[f32]>,
     dim: usize,
 ) -> Vec<f32> {
+    let _span = crate::profile::span(crate::profile::Part::Norm, 0.0);
     let n = x.len() / dim;
     let mut dx = uninit(n * dim);
     dx.par_chunks_mut(dim)
@@ -53,6 +55,7 @@ pub fn rms_norm_grad(
 
 /// LayerNorm of the rows of `x` `(n, dim)`: `(x - mean) / sqrt(var + eps) * w + b`.
 pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, dim: usize) -> Vec<f32> {
+    let _span = crate::profile::span(crate::profile::Part::Norm, 0.0);
     let n = x.len() / dim;
     let mut y = uninit(n * dim);
     y.par_chunks_mut(dim)

@@ -36,6 +36,7 @@ pub fn split_rope(
     past: Option<(&[f32], &[f32])>,
     p: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let _span = crate::profile::span(crate::profile::Part::Rope, 0.0);
     let Heads {
         batch: b,
         heads: h,
@@ -112,6 +113,7 @@ pub fn split_rope_grad(
     scale: f32,
     p: usize,
 ) -> Vec<f32> {
+    let _span = crate::profile::span(crate::profile::Part::Rope, 0.0);
     let Heads {
         batch: b,
         heads: h,

@@ -1,0 +1,120 @@
+//! `farcer bench --gemm`: the `gemm` crate against CBLAS libraries on the model's own
+//! product shapes (what decides `FARCER_GEMM`).
+
+use farcer_kernels::blas::{self, Engine};
+use farcer_kernels::gemm::time_gemm;
+use serde::Serialize;
+
+/// One product: rows `m`, output width `n`, inner size `k`; `a_t`/`b_t`: stored
+/// transposed (the backward's layouts).
+#[derive(Clone, Copy, Serialize)]
+pub struct Shape {
+    pub what: &'static str,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a_t: bool,
+    pub b_t: bool,
+}
+
+/// SmolLM2-135M's and the ViTs' products at the rows the benchmark cases use: forward
+/// (weights stored `(in, out)`), the backward's input gradient (weights as stored on
+/// disk, `(out, in)`, read transposed), and `x @ w^T` with the weight as stored.
+pub fn shapes() -> Vec<Shape> {
+    let mut v = Vec::new();
+    let s = |what, m, n, k, a_t, b_t| Shape {
+        what,
+        m,
+        n,
+        k,
+        a_t,
+        b_t,
+    };
+    for m in [128, 512, 2048] {
+        v.push(s("llm qkv fwd", m, 960, 576, false, false));
+        v.push(s("llm o fwd", m, 576, 576, false, false));
+        v.push(s("llm gate+up fwd", m, 3072, 576, false, false));
+        v.push(s("llm down fwd", m, 576, 1536, false, false));
+        v.push(s("llm down bwd (dY W)", m, 1536, 576, false, false));
+        v.push(s("llm gate+up bwd (dY W)", m, 576, 3072, false, false));
+        v.push(s("llm qkv x W^T", m, 960, 576, false, true));
+        v.push(s("llm weight grad (X^T dY)", 576, 960, m, true, false));
+    }
+    for (what, m, d, f) in [("vit-s", 2056, 384, 1536), ("vit-b", 1576, 768, 3072)] {
+        v.push(s(what, m, 3 * d, d, false, false));
+        v.push(s(what, m, f, d, false, false));
+        v.push(s(what, m, d, f, false, false));
+    }
+    v
+}
+
+#[derive(Serialize)]
+pub struct Row {
+    #[serde(flatten)]
+    pub shape: Shape,
+    /// GFLOP/s per engine, in the order of `engines`.
+    pub gflops: Vec<f64>,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub engines: Vec<String>,
+    pub threads: usize,
+    pub rows: Vec<Row>,
+}
+
+/// Times every shape on the crate and on each library in `libs` (short names or paths).
+pub fn run(libs: &[String], reps: usize, json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let mut engines = vec![Engine::Crate];
+    for l in libs {
+        match blas::open(l) {
+            Ok(c) => engines.push(Engine::Blas(c)),
+            Err(e) => eprintln!("skipped: {e}"),
+        }
+    }
+    let names: Vec<String> = engines.iter().map(|e| e.name()).collect();
+    println!("| shape | m | n | k | layout | {} |", names.join(" | "));
+    println!("|---|---:|---:|---:|---|{}", "---:|".repeat(names.len()));
+    let mut rows = Vec::new();
+    for sh in shapes() {
+        let flop = 2.0 * (sh.m * sh.n * sh.k) as f64;
+        let gflops: Vec<f64> = engines
+            .iter()
+            .map(|&e| flop / time_gemm(e, sh.m, sh.n, sh.k, sh.a_t, sh.b_t, reps) / 1e9)
+            .collect();
+        let best = gflops.iter().cloned().fold(0.0, f64::max);
+        let cells: Vec<String> = gflops
+            .iter()
+            .map(|g| {
+                if *g == best {
+                    format!("**{g:.0}**")
+                } else {
+                    format!("{g:.0}")
+                }
+            })
+            .collect();
+        let layout = format!(
+            "{}{}",
+            if sh.a_t { "T" } else { "N" },
+            if sh.b_t { "T" } else { "N" }
+        );
+        println!(
+            "| {} | {} | {} | {} | {layout} | {} |",
+            sh.what,
+            sh.m,
+            sh.n,
+            sh.k,
+            cells.join(" | ")
+        );
+        rows.push(Row { shape: sh, gflops });
+    }
+    if let Some(p) = json {
+        let r = Report {
+            engines: names,
+            threads: rayon::current_num_threads(),
+            rows,
+        };
+        farcer::util::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,416 @@
+//! CBLAS libraries (OpenBLAS, Intel MKL) opened at run time, and the one choice per
+//! process of which GEMM runs which product.
+//!
+//! Nothing links against a BLAS: the build is the same with or without one, and the
+//! `gemm` crate stays the portable fallback. `FARCER_GEMM` names the choice (see
+//! [`Choice::from_env`]). A library runs single-threaded and farcer splits each product
+//! across its own rayon threads, so no second thread pool spins beside rayon's between
+//! the products and the element-wise kernels.
+
+use rayon::prelude::*;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::OnceLock;
+
+type SgemmFn = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+type SetIntFn = unsafe extern "C" fn(c_int) -> c_int;
+
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+/// An opened CBLAS library; opened once and kept for the life of the process.
+pub struct Cblas {
+    /// What it was opened as (`openblas`, `mkl` or a path) and the file found.
+    pub name: String,
+    sgemm: SgemmFn,
+}
+
+impl std::fmt::Debug for Cblas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+fn dl_error() -> String {
+    // SAFETY: dlerror returns null or a NUL-terminated string owned by libc.
+    unsafe {
+        let e = libc::dlerror();
+        if e.is_null() {
+            "unknown error".into()
+        } else {
+            CStr::from_ptr(e).to_string_lossy().into_owned()
+        }
+    }
+}
+
+fn symbol(handle: *mut c_void, name: &str) -> Option<*mut c_void> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: handle came from dlopen; the name is NUL-terminated.
+    let p = unsafe { libc::dlsym(handle, c.as_ptr() as *const c_char) };
+    (!p.is_null()).then_some(p)
+}
+
+/// The files tried for a library's short name, in order.
+fn candidates(spec: &str) -> Vec<String> {
+    let mut v: Vec<String> = match spec {
+        "openblas" => vec!["libopenblas.so.0".into(), "libopenblas.so".into()],
+        "mkl" => vec!["libmkl_rt.so.2".into(), "libmkl_rt.so".into()],
+        path => return vec![path.to_string()],
+    };
+    // MKL from its PyPI wheel lives in a virtual environment's lib/; name it with MKLROOT.
+    if spec == "mkl" {
+        if let Ok(root) = std::env::var("MKLROOT") {
+            v.insert(0, format!("{root}/lib/libmkl_rt.so.2"));
+        }
+    }
+    v
+}
+
+/// Opens a CBLAS library by short name (`openblas`, `mkl`) or path, once per name for
+/// the life of the process, and sets it to run on the calling thread only.
+pub fn open(spec: &str) -> Result<&'static Cblas, String> {
+    static OPENED: OnceLock<std::sync::Mutex<Vec<(String, &'static Cblas)>>> = OnceLock::new();
+    let opened = OPENED.get_or_init(Default::default);
+    let mut opened = opened.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, c)) = opened.iter().find(|(s, _)| s == spec) {
+        return Ok(c);
+    }
+    let mut errors = Vec::new();
+    for file in candidates(spec) {
+        let Ok(c) = CString::new(file.clone()) else {
+            errors.push(format!("{file}: not a valid file name"));
+            continue;
+        };
+        // SAFETY: a NUL-terminated name; the handle is never closed (the library's
+        // functions are used for the life of the process).
+        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if handle.is_null() {
+            errors.push(dl_error());
+            continue;
+        }
+        let Some(sgemm) = symbol(handle, "cblas_sgemm") else {
+            errors.push(format!("{file}: has no cblas_sgemm"));
+            continue;
+        };
+        // One thread per call: farcer splits products across its own threads.
+        for (f, arg) in [
+            ("openblas_set_num_threads", 1),
+            ("MKL_Set_Threading_Layer", 1), // MKL_THREADING_SEQUENTIAL
+            ("MKL_Set_Num_Threads", 1),
+        ] {
+            if let Some(p) = symbol(handle, f) {
+                // SAFETY: these take one int; the return value (if any) is ignored.
+                unsafe { std::mem::transmute::<*mut c_void, SetIntFn>(p)(arg) };
+            }
+        }
+        let lib: &'static Cblas = Box::leak(Box::new(Cblas {
+            name: format!("{spec} ({file})"),
+            // SAFETY: cblas_sgemm has this signature in every CBLAS.
+            sgemm: unsafe { std::mem::transmute::<*mut c_void, SgemmFn>(sgemm) },
+        }));
+        opened.push((spec.to_string(), lib));
+        return Ok(lib);
+    }
+    Err(format!(
+        "cannot open the BLAS library {spec:?}: {}",
+        errors.join("; ")
+    ))
+}
+
+/// Which GEMM runs a product.
+#[derive(Clone, Copy, Debug)]
+pub enum Engine {
+    /// The `gemm` crate.
+    Crate,
+    /// A CBLAS library, split across farcer's threads.
+    Blas(&'static Cblas),
+}
+
+impl Engine {
+    pub fn name(&self) -> String {
+        match self {
+            Engine::Crate => "gemm crate".into(),
+            Engine::Blas(c) => c.name.clone(),
+        }
+    }
+}
+
+/// Runs `dst (+)= a @ b` on a CBLAS library split over `threads` threads; returns false
+/// (having done nothing) when the strides cannot be said in CBLAS (neither stride 1).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn blas_gemm(
+    lib: &Cblas,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    acc: bool,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+    threads: usize,
+) -> bool {
+    // Row-major: a (m, k) is NoTrans with lda = a_rs when its columns are contiguous, or
+    // Trans of a (k, m) matrix with lda = a_cs when its rows are.
+    let side = |rs: usize, cs: usize, rows: usize, cols: usize| {
+        if cs == 1 && rs >= cols.max(1) {
+            Some((NO_TRANS, rs))
+        } else if rs == 1 && cs >= rows.max(1) {
+            Some((TRANS, cs))
+        } else {
+            None
+        }
+    };
+    let (Some((ta, lda)), Some((tb, ldb))) = (side(a_rs, a_cs, m, k), side(b_rs, b_cs, k, n))
+    else {
+        return false;
+    };
+    if dst_rs < n
+        || [m, n, k, lda, ldb, dst_rs]
+            .iter()
+            .any(|&v| v > c_int::MAX as usize)
+    {
+        return false;
+    }
+    let beta = if acc { 1.0 } else { 0.0 };
+    let call = |m: usize, n: usize, a: *const f32, b: *const f32, c: *mut f32| {
+        (lib.sgemm)(
+            ROW_MAJOR,
+            ta,
+            tb,
+            m as c_int,
+            n as c_int,
+            k as c_int,
+            1.0,
+            a,
+            lda as c_int,
+            b,
+            ldb as c_int,
+            beta,
+            c,
+            dst_rs as c_int,
+        )
+    };
+    // Split the longer side into one block per thread (rows in multiples of 8, columns
+    // of 16, so no block splits a vector).
+    let (len, align) = if m >= n { (m, 8) } else { (n, 16) };
+    let parts = threads.min(len.div_ceil(align)).max(1);
+    if parts == 1 {
+        call(m, n, a, b, dst);
+        return true;
+    }
+    let step = len.div_ceil(parts).div_ceil(align) * align;
+    let (a, b, dst) = (a as usize, b as usize, dst as usize);
+    (0..parts).into_par_iter().for_each(|p| {
+        let (lo, hi) = (p * step, ((p + 1) * step).min(len));
+        if lo >= hi {
+            return;
+        }
+        let (a, b, dst) = (a as *const f32, b as *const f32, dst as *mut f32);
+        if m >= n {
+            // Rows lo..hi of a and of dst.
+            call(hi - lo, n, a.add(lo * a_rs), b, dst.add(lo * dst_rs));
+        } else {
+            // Columns lo..hi of b and of dst.
+            call(m, hi - lo, a, b.add(lo * b_cs), dst.add(lo));
+        }
+    });
+    true
+}
+
+/// Product classes: layout (a, b each as stored: NN, NT, TN, TT) x rows (up to 256, up
+/// to 1024, more) x inner size (up to 1024, more). Each class goes to one engine.
+const M_EDGES: [usize; 2] = [256, 1024];
+const K_EDGE: usize = 1024;
+type Table = [[[bool; 2]; 3]; 4];
+
+fn class(m: usize, k: usize, a_t: bool, b_t: bool) -> (usize, usize, usize) {
+    let layout = (a_t as usize) << 1 | b_t as usize;
+    let mb = M_EDGES.iter().filter(|&&e| m > e).count();
+    (layout, mb, (k > K_EDGE) as usize)
+}
+
+const LAYOUTS: [&str; 4] = ["NN", "NT", "TN", "TT"];
+
+/// Which engine runs each class of top-level product, fixed once per process.
+#[derive(Clone, Debug)]
+pub struct Choice {
+    lib: Option<&'static Cblas>,
+    use_lib: Table,
+}
+
+impl Choice {
+    /// The `gemm` crate for everything (the default).
+    pub fn crate_only() -> Self {
+        Choice {
+            lib: None,
+            use_lib: Default::default(),
+        }
+    }
+
+    /// `lib` for every product it can express.
+    pub fn everywhere(lib: &'static Cblas) -> Self {
+        Choice {
+            lib: Some(lib),
+            use_lib: [[[true; 2]; 3]; 4],
+        }
+    }
+
+    /// The library, if any class uses it.
+    pub fn lib(&self) -> Option<&'static Cblas> {
+        self.lib
+            .filter(|_| self.use_lib.iter().flatten().flatten().any(|&u| u))
+    }
+
+    /// Times `lib` against the crate on one product per class (rows 128, 512 and 2048;
+    /// inner size 576 and 2048; 1024 columns; layouts NN, NT and TN), the two taking
+    /// turns `reps` times, and sends a class to the library only when the median of its
+    /// per-turn time ratios is below 0.95 (a tie stays on the portable crate). Returns the
+    /// choice and, per class, that median ratio (library / crate).
+    pub fn calibrate(lib: &'static Cblas, reps: usize) -> (Self, Vec<(String, f64)>) {
+        let mut c = Choice {
+            lib: Some(lib),
+            use_lib: Default::default(),
+        };
+        let mut ratios = Vec::new();
+        for (layout, name) in LAYOUTS.iter().enumerate().take(3) {
+            let (a_t, b_t) = (layout & 2 != 0, layout & 1 != 0);
+            for m in [128, 512, 2048] {
+                for k in [576, 2048] {
+                    let n = 1024;
+                    let mut r: Vec<f64> = (0..reps.max(1))
+                        .map(|i| {
+                            let t = |e| crate::gemm::time_gemm(e, m, n, k, a_t, b_t, 1);
+                            let (x, y) = if i % 2 == 0 {
+                                let x = t(Engine::Blas(lib));
+                                (x, t(Engine::Crate))
+                            } else {
+                                let y = t(Engine::Crate);
+                                (t(Engine::Blas(lib)), y)
+                            };
+                            x / y
+                        })
+                        .collect();
+                    r.sort_by(f64::total_cmp);
+                    let med = r[r.len() / 2];
+                    let (l, mb, kb) = class(m, k, a_t, b_t);
+                    c.use_lib[l][mb][kb] = med < 0.95;
+                    ratios.push((format!("{name} m={m} k={k}"), med));
+                }
+            }
+        }
+        (c, ratios)
+    }
+
+    /// The per-class table as text (for a cache file): one `0`/`1` per class.
+    pub fn table_text(&self) -> String {
+        self.use_lib
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|&u| if u { '1' } else { '0' })
+            .collect()
+    }
+
+    /// The inverse of [`Choice::table_text`]; `None` if the text is not a table.
+    pub fn from_table_text(lib: &'static Cblas, text: &str) -> Option<Self> {
+        let bits: Vec<bool> = text
+            .trim()
+            .chars()
+            .map(|c| match c {
+                '0' => Some(false),
+                '1' => Some(true),
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        if bits.len() != 4 * 3 * 2 {
+            return None;
+        }
+        let mut c = Choice {
+            lib: Some(lib),
+            use_lib: Default::default(),
+        };
+        for (i, b) in bits.into_iter().enumerate() {
+            c.use_lib[i / 6][(i / 2) % 3][i % 2] = b;
+        }
+        Some(c)
+    }
+
+    /// Which classes run on the library, in words.
+    pub fn describe(&self) -> String {
+        let Some(lib) = self.lib() else {
+            return "gemm crate for every product".into();
+        };
+        let mut on = Vec::new();
+        for (l, name) in LAYOUTS.iter().enumerate() {
+            for (mb, rows) in ["m<=256", "256<m<=1024", "m>1024"].iter().enumerate() {
+                for (kb, inner) in ["k<=1024", "k>1024"].iter().enumerate() {
+                    if self.use_lib[l][mb][kb] {
+                        on.push(format!("{name} {rows} {inner}"));
+                    }
+                }
+            }
+        }
+        format!(
+            "{} for {}; gemm crate for the rest",
+            lib.name,
+            on.join(", ")
+        )
+    }
+
+    fn engine(&self, m: usize, k: usize, a_t: bool, b_t: bool) -> Engine {
+        match self.lib {
+            Some(lib) => {
+                let (l, mb, kb) = class(m, k, a_t, b_t);
+                if self.use_lib[l][mb][kb] {
+                    Engine::Blas(lib)
+                } else {
+                    Engine::Crate
+                }
+            }
+            None => Engine::Crate,
+        }
+    }
+}
+
+static CHOICE: OnceLock<Choice> = OnceLock::new();
+
+/// Fixes the process's choice; false if one was already fixed (by an earlier call, or
+/// by the first product, which fixes [`Choice::crate_only`]).
+pub fn set_choice(c: Choice) -> bool {
+    CHOICE.set(c).is_ok()
+}
+
+/// The process's choice (the crate for everything unless [`set_choice`] said otherwise).
+pub fn choice() -> &'static Choice {
+    CHOICE.get_or_init(Choice::crate_only)
+}
+
+/// The engine for a top-level product of this shape under the process's choice.
+pub(crate) fn engine_for(m: usize, _n: usize, k: usize, a_t: bool, b_t: bool) -> Engine {
+    choice().engine(m, k, a_t, b_t)
+}
+
+/// The threads a top-level product is split over (rayon's pool).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}

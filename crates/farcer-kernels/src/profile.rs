@@ -1,0 +1,124 @@
+//! Where the kernels' time goes: wall time and calls per part (GEMM, attention, norms,
+//! activations, RoPE, copies), and the GEMMs' floating-point operations, summed while
+//! [`start`] is on. Only the thread that started it counts, and only its outermost span
+//! (a GEMM inside attention is attention's), so the parts add up to at most the wall time
+//! of what ran; what is left is everything outside these kernels (candle's ops, autograd,
+//! allocation). Off, a span costs one relaxed atomic load.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// A kind of kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Gemm,
+    Attention,
+    Norm,
+    Activation,
+    Rope,
+    Copy,
+}
+
+pub const PARTS: [Part; 6] = [
+    Part::Gemm,
+    Part::Attention,
+    Part::Norm,
+    Part::Activation,
+    Part::Rope,
+    Part::Copy,
+];
+
+impl Part {
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Gemm => "gemm",
+            Part::Attention => "attention",
+            Part::Norm => "norm",
+            Part::Activation => "activation",
+            Part::Rope => "rope",
+            Part::Copy => "copy",
+        }
+    }
+}
+
+/// One part's sums.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Total {
+    pub seconds: f64,
+    pub calls: u64,
+    /// Floating-point operations (GEMMs only).
+    pub flops: f64,
+}
+
+static ON: AtomicBool = AtomicBool::new(false);
+static TOTALS: Mutex<[Total; 6]> = Mutex::new(
+    [Total {
+        seconds: 0.0,
+        calls: 0,
+        flops: 0.0,
+    }; 6],
+);
+
+thread_local! {
+    static MINE: Cell<bool> = const { Cell::new(false) };
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Starts (or restarts from zero) counting the calling thread's kernels.
+pub fn start() {
+    MINE.with(|m| m.set(true));
+    *TOTALS.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+    ON.store(true, Ordering::Relaxed);
+}
+
+/// The sums since [`start`], per part in the order of [`PARTS`].
+pub fn totals() -> [Total; 6] {
+    *TOTALS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Times its scope as `part` (when counting, and outermost on the counting thread).
+pub(crate) struct Span {
+    part: Part,
+    /// Set when this span raised the thread's depth.
+    entered: bool,
+    /// Set when it is the outermost one, and so counts.
+    t0: Option<Instant>,
+    flops: f64,
+}
+
+#[inline]
+pub(crate) fn span(part: Part, flops: f64) -> Span {
+    if !ON.load(Ordering::Relaxed) || !MINE.with(|m| m.get()) {
+        return Span {
+            part,
+            entered: false,
+            t0: None,
+            flops,
+        };
+    }
+    let depth = DEPTH.with(|d| d.replace(d.get() + 1));
+    Span {
+        part,
+        entered: true,
+        t0: (depth == 0).then(Instant::now),
+        flops,
+    }
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        if self.entered {
+            DEPTH.with(|d| d.set(d.get() - 1));
+        }
+        if let Some(t0) = self.t0 {
+            let s = t0.elapsed().as_secs_f64();
+            let mut t = TOTALS.lock().unwrap_or_else(|p| p.into_inner());
+            let i = PARTS.iter().position(|p| *p == self.part).unwrap_or(0);
+            t[i].seconds += s;
+            t[i].calls += 1;
+            t[i].flops += self.flops;
+        }
+    }
+}

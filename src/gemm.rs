@@ -1,0 +1,95 @@
+//! Which GEMM runs the CPU kernels' products, chosen once per process from
+//! `FARCER_GEMM`:
+//! - `auto` (the default): when OpenBLAS can be opened (`scripts/setup` installs it),
+//!   each class of product goes to whichever of it and the `gemm` crate ran that class
+//!   faster in a calibration of a few seconds, cached per CPU, library and thread count
+//!   under `$FARCER_HOME/gemm/`; `auto:mkl` (or `auto:<path>`) calibrates another library.
+//!   Without a library, the crate for everything.
+//! - `gemm`: the crate for everything (the portable fallback).
+//! - `openblas`, `mkl`, or a path to a CBLAS `.so`: that library for every product it
+//!   can take (MKL's PyPI wheel: set `MKLROOT` to the environment that holds it).
+
+use crate::util::{farcer_home, sha256_bytes, write_atomic};
+use crate::{Error, Result};
+use farcer_kernels::blas::{self, Choice};
+
+/// The CPU's model and vector flags, which the calibration depends on.
+fn cpu_id() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|f| f.trim() == k))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let flags: Vec<&str> = flags
+        .split_whitespace()
+        .filter(|f| f.starts_with("avx") || f.starts_with("amx") || *f == "fma")
+        .collect();
+    format!("{} [{}]", field("model name"), flags.join(" "))
+}
+
+/// Reads `FARCER_GEMM` and fixes the process's choice; returns it in words. An unknown
+/// library named outright is an error; `auto` without a library falls back to the crate.
+pub fn choose_from_env(log: &dyn Fn(&str)) -> Result<String> {
+    let spec = std::env::var("FARCER_GEMM").unwrap_or_else(|_| "auto".into());
+    let choice = match spec.as_str() {
+        "" | "gemm" => Choice::crate_only(),
+        auto if auto == "auto" || auto.starts_with("auto:") => {
+            let lib = auto.strip_prefix("auto:").unwrap_or("openblas");
+            match blas::open(lib) {
+                Ok(l) => calibrated(l, log)?,
+                Err(e) if auto == "auto" => {
+                    let _ = e; // no OpenBLAS here: the crate, as without FARCER_GEMM
+                    Choice::crate_only()
+                }
+                Err(e) => return Err(Error::msg(format!("FARCER_GEMM={auto}: {e}"))),
+            }
+        }
+        lib => Choice::everywhere(
+            blas::open(lib).map_err(|e| Error::msg(format!("FARCER_GEMM={lib}: {e}")))?,
+        ),
+    };
+    let words = choice.describe();
+    blas::set_choice(choice);
+    Ok(words)
+}
+
+/// The cached calibration for this CPU, library and thread count, or a new one (saved).
+fn calibrated(lib: &'static blas::Cblas, log: &dyn Fn(&str)) -> Result<Choice> {
+    let key = format!("{}\n{}\nthreads {}\n", cpu_id(), lib.name, blas::threads());
+    let dir = farcer_home().join("gemm");
+    let path = dir.join(format!("{}.txt", &sha256_bytes(key.as_bytes())[..16]));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Some(c) = text
+            .strip_prefix(&key)
+            .and_then(|rest| rest.lines().next())
+            .and_then(|t| Choice::from_table_text(lib, t))
+        {
+            return Ok(c);
+        }
+        log(&format!(
+            "{}: not a GEMM calibration; measuring again",
+            path.display()
+        ));
+    }
+    log(&format!(
+        "calibrating GEMM: {} against the gemm crate (once for this CPU)",
+        lib.name
+    ));
+    let (c, ratios) = Choice::calibrate(lib, 5);
+    let mut text = format!("{key}{}\n", c.table_text());
+    for (class, r) in &ratios {
+        text.push_str(&format!("{class}: library/crate time {r:.3}\n"));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::msg(format!("{}: {e}", dir.display())))?;
+    write_atomic(&path, text.as_bytes())?;
+    log(&format!(
+        "GEMM: {} (saved in {})",
+        c.describe(),
+        path.display()
+    ));
+    Ok(c)
+}
