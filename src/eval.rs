@@ -128,6 +128,23 @@ pub struct EvalOptions {
     pub image_control: ImageControl,
 }
 
+impl EvalOptions {
+    /// One prompt set (0), constrained decoding, every sample, the model's whole context,
+    /// gold past labels, real images: change the rest with `..EvalOptions::new(..)`.
+    pub fn new(scope: Scope, prompt: PromptConfig) -> Self {
+        EvalOptions {
+            scope,
+            prompt,
+            prompt_sets: vec![0],
+            decode: Decode::Constrained,
+            limit: None,
+            max_tokens: None,
+            past_source: PastSource::default(),
+            image_control: ImageControl::default(),
+        }
+    }
+}
+
 /// A control for what the images add. A projection trained with images can raise scores
 /// even when the images carry nothing (it acts as a trainable soft prompt), so the score
 /// with real images means little alone: `shuffle` gives every image slot the image of
@@ -268,6 +285,21 @@ pub struct PreparedSet {
     pub cache: Cache,
 }
 
+/// The prompter of a prompt set for `llm`: prompts up to `max_tokens`, and never longer
+/// than the model's context.
+pub fn prompter_for(
+    llm: &Llm,
+    labels: &[String],
+    cfg: &PromptConfig,
+    set: PromptSet,
+    max_tokens: Option<usize>,
+) -> Result<Prompter> {
+    let max = max_tokens
+        .unwrap_or(usize::MAX)
+        .min(llm.model.config.max_position_embeddings);
+    Prompter::new(&llm.tokenizer, &llm.template, labels, cfg, set, max)
+}
+
 pub fn prepare_set(
     llm: &Llm,
     labels: &[String],
@@ -275,10 +307,7 @@ pub fn prepare_set(
     set: PromptSet,
     max_tokens: Option<usize>,
 ) -> Result<PreparedSet> {
-    let max = max_tokens
-        .unwrap_or(usize::MAX)
-        .min(llm.model.config.max_position_embeddings);
-    let prompter = Prompter::new(&llm.tokenizer, &llm.template, labels, cfg, set, max)?;
+    let prompter = prompter_for(llm, labels, cfg, set, max_tokens)?;
     let cache = prefix_cache(llm, &prompter.prefix)?;
     Ok(PreparedSet { prompter, cache })
 }

@@ -199,20 +199,11 @@ impl GridRun {
     /// The training config of this cell.
     pub fn train_config(&self, g: &GridConfig) -> Option<TrainConfig> {
         let kind = self.model.kind()?;
-        let mut c = TrainConfig::from_toml(
-            &format!(
-                "kind = {kind:?}\nllm = {llm:?}\nvision = {vision:?}\ndata = {data:?}\ndevice = {dev:?}\nseed = {seed}\n{lora}",
-                kind = kind.name(),
-                llm = g.llm,
-                vision = g.vision,
-                data = g.data,
-                dev = g.device,
-                seed = self.seed,
-                lora = if kind.has_lora() { "[lora]\n" } else { "" },
-            ),
-            "grid",
-        )
-        .expect("grid config builds");
+        let mut c = TrainConfig::new(kind, &g.data);
+        c.llm = g.llm.clone();
+        c.vision = g.vision.clone();
+        c.device = g.device.clone();
+        c.seed = self.seed;
         c.dtype = g.dtype.clone();
         c.prompt.shots = self.shots;
         c.prompt.past_labels = self.past_labels;

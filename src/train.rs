@@ -234,6 +234,20 @@ fn default_val_decode() -> Decode {
 }
 
 impl TrainConfig {
+    /// The configuration a file holding only `kind` and `data` gives: every other field
+    /// at its default (the defaults live in one place, the serde attributes above), with
+    /// LoRA's defaults when the kind has adapters.
+    pub fn new(kind: Kind, data: &str) -> Self {
+        let mut t = toml::Table::new();
+        t.insert("kind".into(), kind.name().into());
+        t.insert("data".into(), data.into());
+        if kind.has_lora() {
+            t.insert("lora".into(), toml::Table::new().into());
+        }
+        t.try_into()
+            .expect("kind and data alone make a configuration")
+    }
+
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
         let c: TrainConfig =
             toml::from_str(text).map_err(|e| Error::input(origin, e.to_string()))?;
@@ -1041,14 +1055,11 @@ pub fn train(
 
         // Validation: weighted F1 on the validation split with the evaluation prompt set.
         let vopts = EvalOptions {
-            scope: cfg.val_scope,
-            prompt: cfg.prompt_config(),
             prompt_sets: vec![cfg.prompt.eval_set],
             decode: cfg.run.val_decode,
             limit: (cfg.run.limit_val > 0).then_some(cfg.run.limit_val),
             max_tokens: plan.max_tokens,
-            past_source: Default::default(),
-            image_control: Default::default(),
+            ..EvalOptions::new(cfg.val_scope, cfg.prompt_config())
         };
         let vr = eval::evaluate(f, &data.val, data.pool.as_ref(), &vopts, &|d, t| {
             obs.validation(epoch, d, t)
@@ -1189,13 +1200,8 @@ fn prepare_uncached(
     set: PromptSet,
     max_tokens: Option<usize>,
 ) -> Result<PreparedSet> {
-    let max = max_tokens
-        .unwrap_or(usize::MAX)
-        .min(f.llm.model.config.max_position_embeddings);
-    let prompter =
-        crate::prompt::Prompter::new(&f.llm.tokenizer, &f.llm.template, labels, cfg, set, max)?;
     Ok(PreparedSet {
-        prompter,
+        prompter: eval::prompter_for(&f.llm, labels, cfg, set, max_tokens)?,
         cache: f.llm.model.new_cache(),
     })
 }

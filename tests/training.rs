@@ -378,16 +378,7 @@ fn projection_learns_labels_only_the_images_show() {
     let (mut g, _) = farcer::farcer::load_checkpoint(&s.best_dir, load(), &Device::Cpu).unwrap();
     g.load_vectors(&enc, &dir.join("vectors"), &[&test], &|_, _| {})
         .unwrap();
-    let opts = EvalOptions {
-        scope: Scope::Last,
-        prompt: cfg.prompt_config(),
-        prompt_sets: vec![0],
-        decode: Decode::Constrained,
-        limit: None,
-        max_tokens: None,
-        past_source: Default::default(),
-        image_control: Default::default(),
-    };
+    let opts = EvalOptions::new(Scope::Last, cfg.prompt_config());
     let r = eval::evaluate(&g, &test, None, &opts, &|_, _| {}).unwrap();
     let acc = r.sets[0].scores.accuracy;
     assert!(acc >= 90.0, "accuracy with images {acc}");
@@ -677,20 +668,14 @@ fn lora_training_reaches_at_least_the_base_score() {
     write_steerable_llama(&llm_dir, 7);
     let load =
         || farcer::model::load_llm(llm_dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
-    let opts = EvalOptions {
-        scope: Scope::Last,
-        prompt: PromptConfig {
+    let opts = EvalOptions::new(
+        Scope::Last,
+        PromptConfig {
             shots: 0,
             past_labels: false,
             images: true,
         },
-        prompt_sets: vec![0],
-        decode: Decode::Constrained,
-        limit: None,
-        max_tokens: None,
-        past_source: Default::default(),
-        image_control: Default::default(),
-    };
+    );
     let score = |kind: &str, lora: &str| -> f64 {
         let cfg = farcer::train::TrainConfig::from_toml(
             &format!("kind = \"{kind}\"\ndata = \"demo\"\n[prompt]\nshots = 0\nsets = 1\n[optim]\nepochs = 8\nlr = 0.01\npatience = 8\n{lora}"),
@@ -986,16 +971,7 @@ fn text_lora_trains_and_saves_a_plain_peft_adapter() {
     let (g, gm) = farcer::farcer::load_checkpoint(&out.join("last"), load(), &Device::Cpu).unwrap();
     assert_eq!(gm.kind, Kind::TextLora);
     assert!(g.projection.is_none());
-    let opts = EvalOptions {
-        scope: Scope::All,
-        prompt: cfg.prompt_config(),
-        prompt_sets: vec![0],
-        decode: Decode::Constrained,
-        limit: None,
-        max_tokens: None,
-        past_source: Default::default(),
-        image_control: Default::default(),
-    };
+    let opts = EvalOptions::new(Scope::All, cfg.prompt_config());
     let a = eval::evaluate(&f, &val, None, &opts, &|_, _| {}).unwrap();
     let b = eval::evaluate(&g, &val, None, &opts, &|_, _| {}).unwrap();
     assert_eq!(a.predictions.len(), 8);
@@ -1041,14 +1017,8 @@ fn one_pass_evaluation_equals_each_sample_alone() {
             let cut = whole.prompter.prefix.len() + len + whole.prompter.answer_room - 1;
             for max_tokens in [None, Some(cut)] {
                 let opts = EvalOptions {
-                    scope: Scope::All,
-                    prompt: prompt.clone(),
-                    prompt_sets: vec![0],
-                    decode: Decode::Constrained,
-                    limit: None,
                     max_tokens,
-                    past_source: Default::default(),
-                    image_control: Default::default(),
+                    ..EvalOptions::new(Scope::All, prompt.clone())
                 };
                 let r = eval::evaluate(&f, &d, None, &opts, &|_, _| {}).unwrap();
                 let ps =
@@ -1078,4 +1048,25 @@ fn one_pass_evaluation_equals_each_sample_alone() {
     }
     assert_eq!(cases, 8);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `TrainConfig::new` is the file that holds only `kind` and `data` (plus `[lora]` for
+/// the kinds with adapters): the same defaults, without formatting TOML text.
+#[test]
+fn train_config_new_equals_the_minimal_file() {
+    use farcer::farcer::Kind;
+    use farcer::train::TrainConfig;
+    for kind in [
+        Kind::Base,
+        Kind::ThreeLayer,
+        Kind::Finetuned,
+        Kind::TextLora,
+    ] {
+        let lora = if kind.has_lora() { "[lora]\n" } else { "" };
+        let text = format!("kind = {:?}\ndata = \"demo\"\n{lora}", kind.name());
+        let from_file = TrainConfig::from_toml(&text, "minimal.toml").unwrap();
+        let made = TrainConfig::new(kind, "demo");
+        assert_eq!(made.to_toml(), from_file.to_toml(), "{}", kind.name());
+        assert_eq!(made.lora.is_some(), kind.has_lora());
+    }
 }

@@ -79,16 +79,7 @@ pub fn max_abs(t: &Tensor) -> f32 {
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(a - b).unwrap())
 }
 
 pub fn load_safetensors(name: &str) -> std::collections::HashMap<String, Tensor> {

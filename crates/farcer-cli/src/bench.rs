@@ -484,18 +484,15 @@ pub fn run_case(
             let (f, data, pool) = meld_farcer(llm, meld, inputs.vision_dim)?;
             let n = inputs.eval_samples.len();
             let opts = EvalOptions {
-                scope: Scope::Last,
-                prompt: PromptConfig {
-                    shots: 7,
-                    past_labels: false,
-                    images: true,
-                },
-                prompt_sets: vec![0],
-                decode: Decode::Constrained,
                 limit: Some(n),
-                max_tokens: None,
-                past_source: Default::default(),
-                image_control: Default::default(),
+                ..EvalOptions::new(
+                    Scope::Last,
+                    PromptConfig {
+                        shots: 7,
+                        past_labels: false,
+                        images: true,
+                    },
+                )
             };
             timed(
                 &format!(

@@ -11,7 +11,6 @@ use clap::{Args, Parser, Subcommand};
 use farcer::data::{spec::DataSpec, Dataset, Scope};
 use farcer::decode::Decode;
 use farcer::eval::{self, EvalOptions, InputBuilder, PromptSets};
-use farcer::farcer::Farcer;
 use farcer::infer::{Engine, PredictOptions, Predictor};
 use farcer::model;
 use farcer::pipeline;
@@ -301,21 +300,12 @@ struct EvalArgs {
 /// What a predictor loads: a checkpoint or the LLM alone, its labels and examples.
 #[derive(Args)]
 struct LoadArgs {
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// The frozen models' dtype: auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16.
-    #[arg(long, default_value = "auto")]
-    dtype: String,
-    /// Seed of the few-shot pool's loading.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// The LLM: a GGUF file, a Hugging Face folder or hub id (default SmolLM2-135M-Instruct).
-    #[arg(long = "llm")]
-    llm: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// A trained checkpoint; without it the LLM answers from the text alone.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// The vision encoder, in place of the one the checkpoint names (a folder or hub id).
     #[arg(long)]
     vision: Option<String>,
     /// Labels to choose from (comma-separated); default: the checkpoint's, else MELD's seven.
@@ -324,6 +314,7 @@ struct LoadArgs {
     /// Few-shot examples drawn from this data spec (e.g. meld:<dir>).
     #[arg(long)]
     pool: Option<String>,
+    /// Few-shot examples per prompt (default: the checkpoint's, else 0).
     #[arg(long)]
     shots: Option<usize>,
 }
@@ -577,18 +568,19 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             let llm = pipeline::load_llm(a.model.llm.as_deref(), &device, dtype, &log)?;
             let shots = a.shots.unwrap_or(7);
             let opts = EvalOptions {
-                scope: a.scope,
-                prompt: PromptConfig {
-                    shots,
-                    past_labels: a.past_labels,
-                    images: false,
-                },
                 prompt_sets: sets.indices(),
                 decode: a.decode,
                 limit: a.limit,
                 max_tokens: a.max_tokens,
                 past_source: a.past_labels_from,
-                image_control: Default::default(),
+                ..EvalOptions::new(
+                    a.scope,
+                    PromptConfig {
+                        shots,
+                        past_labels: a.past_labels,
+                        images: false,
+                    },
+                )
             };
             let pool = pipeline::pool_for(&spec, shots, a.model.seed)?;
             let name = format!(
@@ -646,14 +638,12 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 images: m.prompt.images,
             };
             let opts = EvalOptions {
-                scope: a.scope,
-                prompt: prompt.clone(),
                 prompt_sets: sets.indices(),
                 decode: a.decode,
                 limit: a.limit,
                 max_tokens: a.max_tokens,
                 past_source: a.past_labels_from,
-                image_control: Default::default(),
+                ..EvalOptions::new(a.scope, prompt.clone())
             };
             let pool = pipeline::pool_for(&spec, shots, a.model.seed)?;
             let name = pipeline::row_name(m.kind, shots, prompt.past_labels);
@@ -1128,16 +1118,16 @@ fn load_predictor(
     spec: &DataSpec,
     datasets: &mut [&mut Dataset],
 ) -> Result<Predictor> {
-    let device = &model::device(&a.device)?;
-    let dtype = model::dtype_for(&a.dtype, device)?;
-    let seed = a.seed;
+    let device = &model::device(&a.model.device)?;
+    let dtype = model::dtype_for(&a.model.dtype, device)?;
+    let seed = a.model.seed;
     let (engine, prompt, labels) = match &a.checkpoint {
         Some(ck) => {
             let (mut f, enc, m) = pipeline::load_checkpoint(
                 ck,
                 device,
                 dtype,
-                a.llm.as_deref(),
+                a.model.llm.as_deref(),
                 a.vision.as_deref(),
                 &log,
             )?;
@@ -1151,7 +1141,7 @@ fn load_predictor(
             (engine, prompt, labels)
         }
         None => {
-            let llm = pipeline::load_llm(a.llm.as_deref(), device, dtype, &log)?;
+            let llm = pipeline::load_llm(a.model.llm.as_deref(), device, dtype, &log)?;
             let p = PromptConfig {
                 shots: 0,
                 past_labels: false,
@@ -1231,166 +1221,34 @@ fn show_prompt(a: PromptArgs) -> Result<()> {
 
 fn demo(a: DemoArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let device = model::device(&a.model.device)?;
-    let dtype = model::dtype_for(&a.model.dtype, &device)?;
-    let llm_path = pipeline::resolve_llm(a.model.llm.as_deref(), &log)?;
-    let out = &a.out;
-    std::fs::create_dir_all(out)?;
-    // The vision encoder: a real one if given, else farcer's seeded untrained ViT.
-    let vision = match &a.vision {
-        Some(v) => v.clone(),
-        None => {
-            let dir = farcer::util::farcer_home()
-                .join("models")
-                .join("demo-vit-seed0");
-            if !dir.join("model.safetensors").is_file() {
-                farcer::vision::VisionEncoder::write_random(
-                    &dir,
-                    0,
-                    &farcer::vision::demo_vit_config(),
-                    &farcer::vision::demo_preprocess(),
-                )?;
-            }
-            println!(
-                "No face-expression ViT can be downloaded here, so the demo uses a seeded, UNTRAINED ViT that farcer\n\
-                 initialises itself ({}); pass --vision <path or hub id> for a real one (the paper's: {}).",
-                dir.display(),
-                farcer::vision::DEFAULT_VISION
-            );
-            dir.display().to_string()
-        }
+    let o = pipeline::DemoOptions {
+        llm: a.model.llm,
+        vision: a.vision,
+        device: a.model.device,
+        dtype: a.model.dtype,
+        seed: a.model.seed,
+        shots: a.shots,
+        epochs: a.epochs,
+        lr: a.lr,
+        out: a.out,
     };
-    // The demo data: farcer's own dialogues with face images it draws.
-    let data_dir = out.join("data");
-    farcer::data::demo::write(&data_dir)?;
-    let spec = DataSpec::Jsonl(data_dir.clone());
-    println!(
-        "Demo data: {} (dialogues written by farcer; the final utterance of half of them, e.g. \"Okay.\", says nothing\n\
-         about the emotion: only the speaker's face in its image shows it).",
-        data_dir.display()
-    );
-
-    // 1. Text-only baseline.
-    let llm = pipeline::load_llm(Some(&llm_path), &device, dtype, &log)?;
-    let test = spec.load("test", a.model.seed)?;
-    let pool = pipeline::pool_for(&spec, a.shots, a.model.seed)?;
-    let opts = |images: bool| EvalOptions {
-        scope: Scope::Last,
-        prompt: PromptConfig {
-            shots: a.shots,
-            past_labels: false,
-            images,
-        },
-        prompt_sets: vec![0],
-        decode: Decode::Constrained,
-        limit: None,
-        max_tokens: None,
-        past_source: Default::default(),
-        image_control: Default::default(),
+    let p = CliProgress {
+        bars: Default::default(),
+        train: TrainBars::new(bar("training"), o.epochs),
     };
-    let name = format!("Text-only {} - {} shot", llm_short_name(&llm_path), a.shots);
-    let text = evaluate_and_write(
-        &llm,
-        name,
-        &spec,
-        &test,
-        pool.as_ref(),
-        &opts(false),
-        serde_json::json!({}),
-        &out.join("text-only"),
-        false,
-    )?;
-    println!("\n{}", report::terminal_table(&text));
-    drop(llm);
-
-    // 2. Train base FARCER on the demo's train split.
-    let run_dir = out.join("farcer-base");
-    if run_dir.exists() {
-        std::fs::remove_dir_all(&run_dir)?;
-    }
-    let mut cfg = TrainConfig::from_toml(
-        &format!(
-            "kind = \"base\"\nllm = {llm:?}\nvision = {vision:?}\ndata = {data:?}\ndevice = {dev:?}\nseed = {seed}\n\
-             [prompt]\nshots = {shots}\nsets = 10\n[optim]\nepochs = {epochs}\nlr = {lr:e}\nwarmup_steps = 20\npatience = {epochs}\n",
-            llm = llm_path,
-            vision = vision,
-            data = spec.to_string(),
-            dev = a.model.device,
-            seed = a.model.seed,
-            shots = a.shots,
-            epochs = a.epochs,
-            lr = a.lr,
-        ),
-        "demo config",
-    )?;
-    cfg.dtype = a.model.dtype.clone();
-    std::fs::create_dir_all(&run_dir)?;
-    farcer::util::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let pb = bar("vectors");
-    let mut run = pipeline::build_run(&cfg, &log, &ticker(&pb))?;
-    pb.finish_and_clear();
-    if !run.failed_images.is_empty() {
-        // The demo's images are farcer's own: any that cannot be read is a bug.
-        report_failed(&run.failed_images);
-        bail!("the demo's own images could not be read; see above");
-    }
-    println!(
-        "\nTraining base FARCER (one linear layer, {} parameters; LLM and ViT frozen) on {} demo dialogues, {} epochs:",
-        run.farcer
-            .projection
-            .as_ref()
-            .map_or(0, |p| p.num_params()),
-        run.data.train.samples(Scope::Last).len(),
-        cfg.optim.epochs
-    );
-    let obs = TrainBars::new(bar("training"), cfg.optim.epochs);
-    let s = farcer::train::train(
-        &mut run.farcer,
-        &cfg,
-        &run.data,
-        &run.manifest,
-        &run_dir,
-        false,
-        &obs,
-    )?;
-    obs.bar.finish_and_clear();
-
-    // 3. FARCER on the held-out split.
-    let (mut f, enc, m) = pipeline::load_checkpoint(
-        &s.best_dir,
-        &device,
-        dtype,
-        Some(&llm_path),
-        Some(&vision),
-        &log,
-    )?;
-    let mut test = spec.load("test", a.model.seed)?;
-    pipeline::attach_images(&mut f, enc.as_ref(), &spec, &mut [&mut test], &|_, _| {})?;
-    let name = pipeline::row_name(m.kind, a.shots, false);
-    let far = evaluate_and_write(
-        &f as &Farcer,
-        name,
-        &spec,
-        &test,
-        pool.as_ref(),
-        &opts(true),
-        serde_json::json!({"checkpoint": s.best_dir}),
-        &out.join("farcer-base-test"),
-        false,
-    )?;
-    println!("\n{}", report::terminal_table(&far));
-
+    let r = pipeline::demo(&o, &p)?;
+    p.train.bar.finish_and_clear();
     println!(
         "Held-out demo dialogues ({} samples), constrained decoding, per-label F1:\n",
-        far.n
+        r.farcer.n
     );
-    println!("{}", report::table_header(&far.labels));
-    println!("{}", report::table_row(&text));
-    println!("{}", report::table_row(&far));
+    println!("{}", report::table_header(&r.farcer.labels));
+    println!("{}", report::table_row(&r.text_only));
+    println!("{}", report::table_row(&r.farcer));
     println!(
         "\nTotal {:.0} s. Reports, predictions and confusion matrices: {}",
         t0.elapsed().as_secs_f64(),
-        out.display()
+        o.out.display()
     );
     Ok(())
 }

@@ -2,6 +2,9 @@
 //! build a training run from its config, load a checkpoint with everything it names.
 //! The CLI only parses arguments and prints.
 
+mod demo;
+pub use demo::{demo, DemoOptions, DemoOutcome};
+
 use crate::data::{frames, iemocap, meld, spec::DataSpec, Dataset, Scope};
 use crate::error::{Error, IoContext, Result};
 use crate::farcer::{Farcer, Kind, Manifest};
@@ -607,18 +610,16 @@ pub fn run_grid(g: &crate::grid::GridConfig, out: &Path, p: &dyn Progress) -> Re
         let mut data = spec.load(&g.split, r.seed)?;
         let pool = pool_for(&spec, r.shots, r.seed)?;
         let opts = |scope: Scope, images: bool| EvalOptions {
-            scope,
-            prompt: PromptConfig {
-                shots: r.shots,
-                past_labels: r.past_labels,
-                images,
-            },
-            prompt_sets: vec![0],
             decode: g.decode,
             limit: (g.limit > 0).then_some(g.limit),
-            max_tokens: None,
-            past_source: Default::default(),
-            image_control: Default::default(),
+            ..EvalOptions::new(
+                scope,
+                PromptConfig {
+                    shots: r.shots,
+                    past_labels: r.past_labels,
+                    images,
+                },
+            )
         };
         match r.train_config(g) {
             None => {
