@@ -62,18 +62,24 @@ fn calibrated(lib: &'static blas::Cblas, log: &dyn Fn(&str)) -> Result<Choice> {
     let key = format!("{}\n{}\nthreads {}\n", cpu_id(), lib.name, blas::threads());
     let dir = farcer_home().join("gemm");
     let path = dir.join(format!("{}.txt", &sha256_bytes(key.as_bytes())[..16]));
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        if let Some(c) = text
-            .strip_prefix(&key)
-            .and_then(|rest| rest.lines().next())
-            .and_then(|t| Choice::from_table_text(lib, t))
-        {
-            return Ok(c);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            if let Some(c) = text
+                .strip_prefix(&key)
+                .and_then(|rest| rest.lines().next())
+                .and_then(|t| Choice::from_table_text(lib, t))
+            {
+                return Ok(c);
+            }
+            log(&format!(
+                "{}: not a GEMM calibration; measuring again",
+                path.display()
+            ));
         }
-        log(&format!(
-            "{}: not a GEMM calibration; measuring again",
-            path.display()
-        ));
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            log(&format!("{}: {e}; measuring again", path.display()));
+        }
+        Err(_) => {}
     }
     log(&format!(
         "calibrating GEMM: {} against the gemm crate (once for this CPU)",
@@ -84,12 +90,17 @@ fn calibrated(lib: &'static blas::Cblas, log: &dyn Fn(&str)) -> Result<Choice> {
     for (class, r) in &ratios {
         text.push_str(&format!("{class}: library/crate time {r:.3}\n"));
     }
-    std::fs::create_dir_all(&dir).map_err(|e| Error::msg(format!("{}: {e}", dir.display())))?;
-    write_atomic(&path, text.as_bytes())?;
-    log(&format!(
-        "GEMM: {} (saved in {})",
-        c.describe(),
-        path.display()
-    ));
+    // A cache that cannot be written costs a calibration next time, not this command.
+    let saved = std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::msg(format!("{}: {e}", dir.display())))
+        .and_then(|_| write_atomic(&path, text.as_bytes()));
+    match saved {
+        Ok(()) => log(&format!(
+            "GEMM: {} (saved in {})",
+            c.describe(),
+            path.display()
+        )),
+        Err(e) => log(&format!("GEMM: {} (not saved: {e})", c.describe())),
+    }
     Ok(c)
 }

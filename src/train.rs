@@ -264,7 +264,8 @@ impl TrainConfig {
         toml::to_string_pretty(self).expect("config serialises")
     }
 
-    fn validate(&self, origin: &str) -> Result<()> {
+    /// Refuses values no run can use (epochs, learning rate, ...), naming `origin`.
+    pub fn validate(&self, origin: &str) -> Result<()> {
         let bad = |m: String| Err(Error::input(origin, m));
         if self.kind.has_lora() && self.lora.is_none() {
             return bad(format!(

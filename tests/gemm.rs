@@ -59,6 +59,14 @@ fn blas_products_equal_a_plain_product() {
                         }
                     }
                     let scale = want.iter().fold(1e-3f64, |s, v| s.max(v.abs()));
+                    // The library must take every layout (a silent fall-back to the crate
+                    // would pass the comparisons below).
+                    let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
+                    let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
+                    assert!(
+                        blas::cblas_layout(m, n, k, n, a_rs, a_cs, b_rs, b_cs).is_some(),
+                        "CBLAS cannot say m={m} n={n} k={k} a_t={a_t} b_t={b_t}"
+                    );
                     let mut got = if acc {
                         c0.clone()
                     } else {
@@ -109,6 +117,20 @@ fn calibration_table_reads_back() {
             "{}",
             all.describe()
         );
+        // Each position of the text is its own class: one '1' names exactly one class,
+        // and no two positions name the same one.
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..24 {
+            let mut t = vec![b'0'; 24];
+            t[i] = b'1';
+            let t = String::from_utf8(t).unwrap();
+            let one = Choice::from_table_text(lib, &t).unwrap();
+            let d = one.describe();
+            let classes = d.split(" for ").nth(1).unwrap().split("; ").next().unwrap();
+            assert!(!classes.contains(", "), "{i}: {d}");
+            assert!(seen.insert(classes.to_string()), "{i} repeats {classes}");
+            assert_eq!(one.table_text(), t);
+        }
         assert!(Choice::from_table_text(lib, "0101").is_none());
         assert!(Choice::from_table_text(lib, &"2".repeat(24)).is_none());
     }

@@ -124,6 +124,7 @@ pub fn demo(o: &DemoOptions, p: &dyn Progress) -> Result<DemoOutcome> {
     cfg.optim.lr = Some(o.lr);
     cfg.optim.warmup_steps = 20;
     cfg.optim.patience = o.epochs;
+    cfg.validate("the demo's options")?;
     std::fs::create_dir_all(&run_dir).at(&run_dir)?;
     crate::util::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
     let mut run = build_run(&cfg, &log, &|d, t| p.progress("vectors", d, t))?;

@@ -3,7 +3,9 @@
 //! The CLI only parses arguments and prints.
 
 mod demo;
+mod evaluate;
 pub use demo::{demo, DemoOptions, DemoOutcome};
+pub use evaluate::{evaluate, EvalOutcome, EvalRequest};
 
 use crate::data::{frames, iemocap, meld, spec::DataSpec, Dataset, Scope};
 use crate::error::{Error, IoContext, Result};
@@ -582,6 +584,28 @@ pub trait Progress {
     fn message(&self, _m: &str) {}
     fn progress(&self, _stage: &str, _done: usize, _total: usize) {}
     fn train(&self) -> &dyn crate::train::Observer;
+    /// Images that could not be read (their utterances get no image slot): a message
+    /// with how many and the first few.
+    fn images_failed(&self, failed: &[(PathBuf, String)]) {
+        if let Some(m) = failed_images_message(failed) {
+            self.message(&m);
+        }
+    }
+}
+
+/// "N images could not be read (...), e.g.:" and the first five, or `None` for none.
+pub fn failed_images_message(failed: &[(PathBuf, String)]) -> Option<String> {
+    if failed.is_empty() {
+        return None;
+    }
+    let mut m = format!(
+        "{} images could not be read (their utterances get no image slot), e.g.:",
+        failed.len()
+    );
+    for (p, e) in failed.iter().take(5) {
+        m.push_str(&format!("\n  {}: {e}", p.display()));
+    }
+    Some(m)
 }
 
 /// Runs every cell of a grid: trains what is not trained (resuming a partial run),
@@ -848,4 +872,83 @@ pub fn majority_baseline(
     let rep = crate::report::build(info, &result);
     crate::report::write_all(out, &rep, &result.predictions)?;
     Ok(rep)
+}
+
+/// What `farcer train` may change in a run's config file.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOverrides {
+    pub epochs: Option<usize>,
+    pub limit_train: Option<usize>,
+    pub limit_val: Option<usize>,
+    pub init: Option<PathBuf>,
+    pub data: Option<String>,
+}
+
+/// The configuration of the run in `out`: with `resume`, the one it saved (nothing may
+/// change it); otherwise `config` with the overrides applied, saved as `out/config.toml`
+/// (unless `dry_run`) after checking that `out` holds no run yet.
+pub fn run_config(
+    out: &Path,
+    config: Option<&Path>,
+    o: &TrainOverrides,
+    resume: bool,
+    dry_run: bool,
+) -> Result<TrainConfig> {
+    let saved = out.join("config.toml");
+    if resume {
+        let changes: Vec<&str> = [
+            ("--config", config.is_some()),
+            ("--epochs", o.epochs.is_some()),
+            ("--limit-train", o.limit_train.is_some()),
+            ("--limit-val", o.limit_val.is_some()),
+            ("--init", o.init.is_some()),
+            ("--data", o.data.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(n, given)| given.then_some(n))
+        .collect();
+        if !changes.is_empty() {
+            return Err(Error::msg(format!(
+                "--resume continues the run exactly as {} configures it; {} would change it: drop {} (or start a new run in another --out)",
+                saved.display(),
+                changes.join(", "),
+                if changes.len() == 1 { "it" } else { "them" }
+            )));
+        }
+        return TrainConfig::read(&saved).map_err(|e| {
+            Error::msg(format!(
+                "--resume needs {}: this folder holds no run that saved anything yet (start it again without --resume): {e}",
+                saved.display()
+            ))
+        });
+    }
+    let c =
+        config.ok_or_else(|| Error::msg("--config is required (or --resume an existing run)"))?;
+    let mut cfg = TrainConfig::read(c)?;
+    if let Some(e) = o.epochs {
+        cfg.optim.epochs = e;
+    }
+    if let Some(n) = o.limit_train {
+        cfg.run.limit_train = n;
+    }
+    if let Some(n) = o.limit_val {
+        cfg.run.limit_val = n;
+    }
+    if let Some(i) = &o.init {
+        cfg.init = Some(i.clone());
+    }
+    if let Some(d) = &o.data {
+        cfg.data = d.clone();
+    }
+    if !dry_run {
+        if out.join("last").exists() || out.join("last.old").exists() {
+            return Err(Error::msg(format!(
+                "{} already holds a run; use --resume to continue it or choose another --out",
+                out.display()
+            )));
+        }
+        std::fs::create_dir_all(out).at(out)?;
+        crate::util::write_atomic(&saved, cfg.to_toml().as_bytes())?;
+    }
+    Ok(cfg)
 }

