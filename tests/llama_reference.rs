@@ -58,15 +58,7 @@ fn tiny_llama_logits_match_transformers() {
     let f = load_safetensors("tiny-llama-logits.safetensors");
     let ids = ids_of(&f["ids"]);
     for (path, llm) in paths() {
-        let x = llm.model.embed(&ids).unwrap().unsqueeze(0).unwrap();
-        let at: Vec<usize> = (0..ids.len()).collect();
-        let logits = llm
-            .model
-            .forward(&x, &mut llm.model.new_cache(), &Positions::default(), &at)
-            .unwrap()
-            .unwrap()
-            .i(0)
-            .unwrap();
+        let logits = logits_at_every_position(&llm, &ids);
         let d = rel_diff(&logits, &f["logits"]);
         assert!(d <= tol(path), "{path}: logits differ by {d} (relative)");
         let ours = logits.to_dtype(DType::F32).unwrap().argmax(1).unwrap();
@@ -99,14 +91,7 @@ fn bf16_sharded_checkpoint_loads_and_matches() {
     .unwrap();
     let f = load_safetensors("tiny-llama-bf16-logits.safetensors");
     let ids = ids_of(&f["ids"]);
-    let x = llm.model.embed(&ids).unwrap().unsqueeze(0).unwrap();
-    let at: Vec<usize> = (0..ids.len()).collect();
-    let logits = llm
-        .model
-        .forward(&x, &mut llm.model.new_cache(), &Positions::default(), &at)
-        .unwrap()
-        .unwrap();
-    let d = max_abs_diff(&logits.i(0).unwrap(), &f["logits"]);
+    let d = max_abs_diff(&logits_at_every_position(&llm, &ids), &f["logits"]);
     assert!(d <= TOL, "max abs logit difference {d} > {TOL}");
 }
 

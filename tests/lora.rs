@@ -2,7 +2,7 @@
 //! between farcer and Python's PEFT in both directions (fixtures by tools/make_fixtures.py).
 
 mod common;
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::*;
 use farcer::model::dropout::Dropout;
 use farcer::model::llama::Positions;
@@ -21,17 +21,6 @@ fn tiny() -> farcer::model::Llm {
     .unwrap()
 }
 
-fn logits(llm: &farcer::model::Llm, ids: &[u32]) -> Tensor {
-    let x = llm.model.embed(ids).unwrap().unsqueeze(0).unwrap();
-    let at: Vec<usize> = (0..ids.len()).collect();
-    llm.model
-        .forward(&x, &mut llm.model.new_cache(), &Positions::default(), &at)
-        .unwrap()
-        .unwrap()
-        .i(0)
-        .unwrap()
-}
-
 fn randomise_b(llm: &farcer::model::Llm, seed: u64) {
     let mut r = farcer::util::Rng::new(seed);
     for (name, v) in llm.model.lora_vars() {
@@ -48,7 +37,7 @@ fn randomise_b(llm: &farcer::model::Llm, seed: u64) {
 fn fresh_adapters_change_nothing_and_merging_changes_nothing() {
     let base = tiny();
     let ids = PEFT_IDS();
-    let want = logits(&base, &ids);
+    let want = logits_at_every_position(&base, &ids);
     let mut llm = tiny();
     let cfg = LoraConfig {
         target_modules: ALL_MODULES.map(String::from).to_vec(),
@@ -58,20 +47,20 @@ fn fresh_adapters_change_nothing_and_merging_changes_nothing() {
     assert_eq!(vars.len(), 2 * 7 * 2);
     // The base model runs each layer as one fused op and the adapted one op by op, so
     // the two agree to rounding (f32 summation order), not bit for bit.
-    let d = max_abs_diff(&logits(&llm, &ids), &want);
+    let d = max_abs_diff(&logits_at_every_position(&llm, &ids), &want);
     assert!(
         d <= 1e-5,
         "B = 0: the model is unchanged (max difference {d})"
     );
     randomise_b(&llm, 1);
-    let adapted = logits(&llm, &ids);
+    let adapted = logits_at_every_position(&llm, &ids);
     assert!(
         max_abs_diff(&adapted, &want) > 1e-2,
         "the adapters do something"
     );
     llm.model.merge_lora().unwrap();
     assert!(!llm.model.has_lora());
-    let d = max_abs_diff(&logits(&llm, &ids), &adapted);
+    let d = max_abs_diff(&logits_at_every_position(&llm, &ids), &adapted);
     assert!(d <= 1e-5, "merged vs adapters: {d}");
 }
 
@@ -87,23 +76,38 @@ fn loads_an_adapter_made_by_peft() {
     // On the fused kernels and on candle's op-by-op path (what a GPU runs).
     for fused in [true, false] {
         llm.model = llm.model.clone().with_backend(backend(fused)).unwrap();
-        let d = max_abs_diff(&logits(&llm, &ids), &f["logits"]);
+        let d = max_abs_diff(&logits_at_every_position(&llm, &ids), &f["logits"]);
         assert!(d <= 1e-4, "fused {fused}: logits differ from PEFT's by {d}");
     }
-    let proj = Projection::new(
-        ProjectionConfig {
-            layers: 1,
-            dropout: 0.3,
-            in_dim: 16,
-            out_dim: 64,
-        },
-        0,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let proj = fixture_projection(0);
     proj.load_tensors(&saved).unwrap();
     let d = max_abs_diff(&proj.forward(&f["vec"], None).unwrap(), &f["proj"]);
     assert!(d <= 1e-5, "projection differs by {d}");
+}
+
+/// The tiny Llama with adapters (dropout 0.3) on all seven projections, their B
+/// matrices randomised from `seed_b`; and the adapters' variables.
+fn tiny_with_every_adapter(seed_b: u64) -> (farcer::model::Llm, Vec<(String, candle_core::Var)>) {
+    let mut llm = tiny();
+    let cfg = LoraConfig {
+        dropout: 0.3,
+        target_modules: ALL_MODULES.map(String::from).to_vec(),
+        ..Default::default()
+    };
+    let vars = llm.model.add_lora(&cfg, 3).unwrap();
+    randomise_b(&llm, seed_b);
+    (llm, vars)
+}
+
+/// The projection of the PEFT fixtures: 16 -> 64, one layer, dropout 0.3, seeded.
+fn fixture_projection(seed: u64) -> Projection {
+    let cfg = ProjectionConfig {
+        layers: 1,
+        dropout: 0.3,
+        in_dim: 16,
+        out_dim: 64,
+    };
+    Projection::new(cfg, seed, &Device::Cpu).unwrap()
 }
 
 fn farcer_adapter() -> (farcer::model::Llm, Projection, LoraConfig) {
@@ -116,17 +120,7 @@ fn farcer_adapter() -> (farcer::model::Llm, Projection, LoraConfig) {
     };
     llm.model.add_lora(&cfg, 5).unwrap();
     randomise_b(&llm, 6);
-    let proj = Projection::new(
-        ProjectionConfig {
-            layers: 1,
-            dropout: 0.3,
-            in_dim: 16,
-            out_dim: 64,
-        },
-        7,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let proj = fixture_projection(7);
     (llm, proj, cfg)
 }
 
@@ -174,7 +168,10 @@ fn peft_loads_the_adapter_farcer_writes() {
         assert_eq!(max_abs_diff(v, &committed[k]), 0.0, "{k}");
     }
     let peft = load_safetensors("peft-from-farcer-peft-outputs.safetensors");
-    let d = max_abs_diff(&logits(&llm, &PEFT_IDS()), &peft["logits"]);
+    let d = max_abs_diff(
+        &logits_at_every_position(&llm, &PEFT_IDS()),
+        &peft["logits"],
+    );
     assert!(
         d <= 1e-4,
         "PEFT's logits for farcer's adapter differ by {d}"
@@ -193,16 +190,9 @@ fn peft_loads_the_adapter_farcer_writes() {
 /// logits, and the gradients of every adapter weight and of the input embeddings.
 #[test]
 fn fused_layers_with_adapters_match_the_op_by_op_path() {
-    let mut llm = tiny();
     // Adapters on all seven projections: each is added at its own place inside the fused
     // layer op (q/k/v, o, gate/up, down), with dropout.
-    let cfg = LoraConfig {
-        dropout: 0.3,
-        target_modules: ALL_MODULES.map(String::from).to_vec(),
-        ..Default::default()
-    };
-    let vars = llm.model.add_lora(&cfg, 3).unwrap();
-    randomise_b(&llm, 4);
+    let (llm, vars) = tiny_with_every_adapter(4);
     let ids = PEFT_IDS();
     let w = Tensor::arange(0f32, (ids.len() * 268) as f32, &Device::Cpu)
         .unwrap()
@@ -325,7 +315,7 @@ fn peft_loads_the_plain_adapter_farcer_writes_on_every_projection() {
         assert!(k.starts_with("base_model.model.model.layers."), "{k}");
         assert_eq!(max_abs_diff(v, &committed[k]), 0.0, "{k}");
     }
-    let want = logits(&llm, &PEFT_IDS());
+    let want = logits_at_every_position(&llm, &PEFT_IDS());
     let peft = load_safetensors("peft-text-lora-peft-outputs.safetensors");
     let d = max_abs_diff(&want, &peft["logits"]);
     assert!(d <= 1e-4, "farcer's logits differ from PEFT's by {d}");
@@ -333,7 +323,7 @@ fn peft_loads_the_plain_adapter_farcer_writes_on_every_projection() {
     let (read, saved) = load_peft(&fixture("peft-text-lora"), &mut back.model).unwrap();
     assert!(saved.is_empty(), "a text-only adapter saves no projection");
     assert_eq!(read.target_modules, cfg.target_modules);
-    let d = max_abs_diff(&logits(&back, &PEFT_IDS()), &want);
+    let d = max_abs_diff(&logits_at_every_position(&back, &PEFT_IDS()), &want);
     assert!(d <= 1e-5, "read back: {d}");
     std::fs::remove_dir_all(tmp).unwrap();
 }
@@ -345,14 +335,7 @@ fn peft_loads_the_plain_adapter_farcer_writes_on_every_projection() {
 #[test]
 fn recomputed_layers_give_the_same_gradients() {
     use farcer::model::llama::Recompute;
-    let mut llm = tiny();
-    let cfg = LoraConfig {
-        dropout: 0.3,
-        target_modules: ALL_MODULES.map(String::from).to_vec(),
-        ..Default::default()
-    };
-    let vars = llm.model.add_lora(&cfg, 3).unwrap();
-    randomise_b(&llm, 6);
+    let (llm, vars) = tiny_with_every_adapter(6);
     let ids = PEFT_IDS();
     let (pre, rest) = ids.split_at(10);
     let run = |recompute: Recompute, cached: bool| {

@@ -17,15 +17,7 @@ fn logits_match_transformers_on_a_100_token_prompt() {
     let f = load_safetensors("smollm2-logits.safetensors");
     let ids = ids_of(&f["ids"]);
     assert_eq!(ids.len(), 100);
-    let x = llm.model.embed(&ids).unwrap().unsqueeze(0).unwrap();
-    let at: Vec<usize> = (0..100).collect();
-    let logits = llm
-        .model
-        .forward(&x, &mut llm.model.new_cache(), &Positions::default(), &at)
-        .unwrap()
-        .unwrap()
-        .i(0)
-        .unwrap();
+    let logits = logits_at_every_position(&llm, &ids).i(..100).unwrap();
     let top_ids = f["top_ids"]
         .to_dtype(DType::I64)
         .unwrap()

@@ -317,10 +317,7 @@ fn projection_learns_labels_only_the_images_show() {
     // farcer's own seeded, untrained ViT (the one the demo uses), written in HF layout.
     let vit_dir = dir.join("vit");
     let enc = demo_vit(&vit_dir, 0);
-    let llm_dir = dir.join("llm");
-    write_steerable_llama(&llm_dir, 7);
-    let load =
-        || farcer::model::load_llm(llm_dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let load = steerable_llm(&dir, 7);
     let mut f = farcer_with(load(), enc.dim(), 1, 3);
     let failed = f
         .load_vectors(&enc, &dir.join("vectors"), &[&train, &test], &|_, _| {})
@@ -440,10 +437,7 @@ impl farcer::train::Observer for StopAfter {
 #[test]
 fn resumed_run_equals_uninterrupted_run() {
     let dir = tmpdir("resume");
-    let llm_dir = dir.join("llm");
-    write_steerable_llama(&llm_dir, 3);
-    let load =
-        || farcer::model::load_llm(llm_dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let load = steerable_llm(&dir, 3);
     let train = synthetic(&dir.join("train"), "train", 3, 1);
     let val = synthetic(&dir.join("val"), "val", 1, 2);
     let cfg = farcer::train::TrainConfig::from_toml(
@@ -664,10 +658,7 @@ fn lora_training_reaches_at_least_the_base_score() {
     let test = synthetic(&dir.join("test"), "test", 4, 2);
     let vit_dir = dir.join("vit");
     let enc = demo_vit(&vit_dir, 0);
-    let llm_dir = dir.join("llm");
-    write_steerable_llama(&llm_dir, 7);
-    let load =
-        || farcer::model::load_llm(llm_dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let load = steerable_llm(&dir, 7);
     let opts = EvalOptions::new(
         Scope::Last,
         PromptConfig {
@@ -923,10 +914,7 @@ fn one_pass_over_a_dialogue_equals_the_per_prefix_samples() {
 #[test]
 fn text_lora_trains_and_saves_a_plain_peft_adapter() {
     let dir = tmpdir("textlora");
-    let llm_dir = dir.join("llm");
-    write_steerable_llama(&llm_dir, 5);
-    let load =
-        || farcer::model::load_llm(llm_dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    let load = steerable_llm(&dir, 5);
     let train = synthetic(&dir.join("train"), "train", 2, 1);
     let val = synthetic(&dir.join("val"), "val", 1, 2);
     let cfg = farcer::train::TrainConfig::from_toml(
@@ -1069,4 +1057,11 @@ fn train_config_new_equals_the_minimal_file() {
         assert_eq!(made.to_toml(), from_file.to_toml(), "{}", kind.name());
         assert_eq!(made.lora.is_some(), kind.has_lora());
     }
+}
+
+/// A seeded steerable tiny Llama written into `dir/llm`, and a loader of fresh copies.
+fn steerable_llm(dir: &std::path::Path, seed: u64) -> impl Fn() -> farcer::model::Llm {
+    let llm_dir = dir.join("llm");
+    write_steerable_llama(&llm_dir, seed);
+    move || farcer::model::load_llm(llm_dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap()
 }

@@ -217,3 +217,17 @@ pub fn forward_after_prefix(
         .unwrap();
     (l, x)
 }
+
+/// The logits at every position of `ids`, run from an empty cache: `(len, vocab)`.
+pub fn logits_at_every_position(llm: &farcer::model::Llm, ids: &[u32]) -> Tensor {
+    use candle_core::IndexOp;
+    let x = llm.model.embed(ids).unwrap().unsqueeze(0).unwrap();
+    let at: Vec<usize> = (0..ids.len()).collect();
+    let pos = farcer::model::llama::Positions::default();
+    llm.model
+        .forward(&x, &mut llm.model.new_cache(), &pos, &at)
+        .unwrap()
+        .unwrap()
+        .i(0)
+        .unwrap()
+}
