@@ -62,25 +62,80 @@ fn calibrated(lib: &'static blas::Cblas, log: &dyn Fn(&str)) -> Result<Choice> {
     let key = format!("{}\n{}\nthreads {}\n", cpu_id(), lib.name, blas::threads());
     let dir = farcer_home().join("gemm");
     let path = dir.join(format!("{}.txt", &sha256_bytes(key.as_bytes())[..16]));
-    match std::fs::read_to_string(&path) {
+    let cached = |quiet: bool| match std::fs::read_to_string(&path) {
         Ok(text) => {
-            if let Some(c) = text
+            let c = text
                 .strip_prefix(&key)
                 .and_then(|rest| rest.lines().next())
-                .and_then(|t| Choice::from_table_text(lib, t))
-            {
-                return Ok(c);
+                .and_then(|t| Choice::from_table_text(lib, t));
+            if c.is_none() && !quiet {
+                log(&format!(
+                    "{}: not a GEMM calibration; measuring again",
+                    path.display()
+                ));
             }
-            log(&format!(
-                "{}: not a GEMM calibration; measuring again",
-                path.display()
-            ));
+            c
         }
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound && !quiet => {
             log(&format!("{}: {e}; measuring again", path.display()));
+            None
         }
-        Err(_) => {}
+        Err(_) => None,
+    };
+    if let Some(c) = cached(false) {
+        return Ok(c);
     }
+    // One process calibrates at a time (two at once would each time the other's load):
+    // the others wait up to a minute for its table; a lock older than that is stale.
+    let lock = path.with_extension("lock");
+    let _ = std::fs::create_dir_all(&dir);
+    let mut waited = 0;
+    let held = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+        {
+            Ok(_) => break true,
+            Err(_) if waited < 600 => {
+                let stale = std::fs::metadata(&lock)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() > 60);
+                if stale {
+                    let _ = std::fs::remove_file(&lock);
+                    continue;
+                }
+                if waited == 0 {
+                    log("waiting for another farcer process's GEMM calibration");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                waited += 1;
+                if let Some(c) = cached(true) {
+                    return Ok(c);
+                }
+            }
+            // No lock to be had (an unwritable folder, or a minute gone): measure anyway.
+            Err(_) => break false,
+        }
+    };
+    let c = calibrate_and_save(lib, log, &key, &dir, &path);
+    if held {
+        let _ = std::fs::remove_file(&lock);
+    }
+    Ok(c)
+}
+
+/// Measures `lib` against the crate and saves the table (a cache that cannot be written
+/// costs a calibration next time, not this command).
+fn calibrate_and_save(
+    lib: &'static blas::Cblas,
+    log: &dyn Fn(&str),
+    key: &str,
+    dir: &std::path::Path,
+    path: &std::path::Path,
+) -> Choice {
     log(&format!(
         "calibrating GEMM: {} against the gemm crate (once for this CPU)",
         lib.name
@@ -90,10 +145,9 @@ fn calibrated(lib: &'static blas::Cblas, log: &dyn Fn(&str)) -> Result<Choice> {
     for (class, r) in &ratios {
         text.push_str(&format!("{class}: library/crate time {r:.3}\n"));
     }
-    // A cache that cannot be written costs a calibration next time, not this command.
-    let saved = std::fs::create_dir_all(&dir)
+    let saved = std::fs::create_dir_all(dir)
         .map_err(|e| Error::msg(format!("{}: {e}", dir.display())))
-        .and_then(|_| write_atomic(&path, text.as_bytes()));
+        .and_then(|_| write_atomic(path, text.as_bytes()));
     match saved {
         Ok(()) => log(&format!(
             "GEMM: {} (saved in {})",
@@ -102,5 +156,5 @@ fn calibrated(lib: &'static blas::Cblas, log: &dyn Fn(&str)) -> Result<Choice> {
         )),
         Err(e) => log(&format!("GEMM: {} (not saved: {e})", c.describe())),
     }
-    Ok(c)
+    c
 }
