@@ -41,10 +41,8 @@ pub fn choose_from_env(log: &dyn Fn(&str)) -> Result<String> {
             let lib = auto.strip_prefix("auto:").unwrap_or("openblas");
             match blas::open(lib) {
                 Ok(l) => calibrated(l, log)?,
-                Err(e) if auto == "auto" => {
-                    let _ = e; // no OpenBLAS here: the crate, as without FARCER_GEMM
-                    Choice::crate_only()
-                }
+                // No OpenBLAS here: the crate, as without FARCER_GEMM.
+                Err(_) if auto == "auto" => Choice::crate_only(),
                 Err(e) => return Err(Error::msg(format!("FARCER_GEMM={auto}: {e}"))),
             }
         }

@@ -73,12 +73,10 @@ pub struct Breakdown {
     pub gemm_gflops: f64,
 }
 
-/// Set in a case's child process by `--profile`.
-static PROFILE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 fn breakdown(reps: usize, seconds: f64) -> Breakdown {
-    use farcer_kernels::profile::{totals, PARTS};
+    use farcer_kernels::profile::{totals, Part, PARTS};
     let t = totals();
+    let gemm = t[Part::Gemm as usize];
     let r = reps.max(1) as f64;
     let parts: Vec<(String, f64, f64)> = PARTS
         .iter()
@@ -88,8 +86,8 @@ fn breakdown(reps: usize, seconds: f64) -> Breakdown {
     let inside: f64 = parts.iter().map(|p| p.1).sum();
     Breakdown {
         rest: (seconds - inside).max(0.0),
-        gemm_gflops: if t[0].seconds > 0.0 {
-            t[0].flops / t[0].seconds / 1e9
+        gemm_gflops: if gemm.seconds > 0.0 {
+            gemm.flops / gemm.seconds / 1e9
         } else {
             0.0
         },
@@ -283,13 +281,14 @@ fn base_projection(in_dim: usize, out_dim: usize, dev: &Device) -> Result<Projec
     Ok(Projection::new(cfg, 0, dev)?)
 }
 
-/// Runs one case in this process.
+/// Runs one case in this process (with `profile`, also where its repetitions' time went).
 pub fn run_case(
     case: &str,
     llm_path: &str,
     meld: Option<&std::path::Path>,
     vit_s: Option<&std::path::Path>,
     reps: usize,
+    profile: bool,
 ) -> Result<CaseResult> {
     let dev = Device::Cpu;
     let threads = candle_core::utils::get_num_threads();
@@ -299,7 +298,6 @@ pub fn run_case(
                  f: &mut dyn FnMut() -> Result<()>|
      -> Result<CaseResult> {
         f()?; // warm-up
-        let profile = PROFILE.load(std::sync::atomic::Ordering::Relaxed);
         if profile {
             farcer_kernels::profile::start();
         }
@@ -573,14 +571,8 @@ pub fn shared_inputs(llm: &Llm, meld: Option<&std::path::Path>) -> Result<Shared
             past_labels: false,
             images: true,
         };
-        let p = farcer::prompt::Prompter::new(
-            &llm.tokenizer,
-            &llm.template,
-            &data.labels,
-            &cfg,
-            PromptSet::draw(&pool, 7, 0)?,
-            llm.model.config.max_position_embeddings,
-        )?;
+        let set = PromptSet::draw(&pool, 7, 0)?;
+        let p = farcer::eval::prompter_for(llm, &data.labels, &cfg, set, None)?;
         out.farcer_prefix = p.prefix.clone();
         let flat = |e: &farcer::prompt::Encoded| -> Vec<i64> {
             e.pieces
@@ -1051,8 +1043,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(c) = &a.case {
-        PROFILE.store(a.profile, std::sync::atomic::Ordering::Relaxed);
-        let r = run_case(c, &llm, meld, vit_s, a.reps)?;
+        let r = run_case(c, &llm, meld, vit_s, a.reps, a.profile)?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }

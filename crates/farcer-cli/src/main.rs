@@ -601,9 +601,7 @@ fn show_prompt(a: PromptArgs) -> Result<()> {
         past_labels: a.past_labels,
         images: a.images,
     };
-    let max = llm.model.config.max_position_embeddings;
-    let p =
-        farcer::prompt::Prompter::new(&llm.tokenizer, &llm.template, &data.labels, &cfg, set, max)?;
+    let p = farcer::eval::prompter_for(&llm, &data.labels, &cfg, set, None)?;
     let samples = data.samples(a.scope);
     let s = samples.get(a.index).with_context(|| {
         format!(

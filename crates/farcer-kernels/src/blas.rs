@@ -2,10 +2,10 @@
 //! process of which GEMM runs which product.
 //!
 //! Nothing links against a BLAS: the build is the same with or without one, and the
-//! `gemm` crate stays the portable fallback. `FARCER_GEMM` names the choice (see
-//! [`Choice::from_env`]). A library runs single-threaded and farcer splits each product
-//! across its own rayon threads, so no second thread pool spins beside rayon's between
-//! the products and the element-wise kernels.
+//! `gemm` crate stays the portable fallback. The farcer library reads `FARCER_GEMM` and
+//! fixes the choice with [`set_choice`]. A library runs single-threaded and farcer
+//! splits each product across its own rayon threads, so no second thread pool spins
+//! beside rayon's between the products and the element-wise kernels.
 
 use rayon::prelude::*;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -360,15 +360,16 @@ impl Choice {
                 _ => None,
             })
             .collect::<Option<_>>()?;
-        if bits.len() != 4 * 3 * 2 {
+        if bits.len() != LAYOUTS.len() * (M_EDGES.len() + 1) * 2 {
             return None;
         }
         let mut c = Choice {
             lib: Some(lib),
             use_lib: Default::default(),
         };
-        for (i, b) in bits.into_iter().enumerate() {
-            c.use_lib[i / 6][(i / 2) % 3][i % 2] = b;
+        // The order `table_text` wrote them in.
+        for (slot, b) in c.use_lib.iter_mut().flatten().flatten().zip(bits) {
+            *slot = b;
         }
         Some(c)
     }
@@ -378,10 +379,17 @@ impl Choice {
         let Some(lib) = self.lib() else {
             return "gemm crate for every product".into();
         };
+        let [m0, m1] = M_EDGES;
+        let rows = [
+            format!("m<={m0}"),
+            format!("{m0}<m<={m1}"),
+            format!("m>{m1}"),
+        ];
+        let inner = [format!("k<={K_EDGE}"), format!("k>{K_EDGE}")];
         let mut on = Vec::new();
         for (l, name) in LAYOUTS.iter().enumerate() {
-            for (mb, rows) in ["m<=256", "256<m<=1024", "m>1024"].iter().enumerate() {
-                for (kb, inner) in ["k<=1024", "k>1024"].iter().enumerate() {
+            for (mb, rows) in rows.iter().enumerate() {
+                for (kb, inner) in inner.iter().enumerate() {
                     if self.use_lib[l][mb][kb] {
                         on.push(format!("{name} {rows} {inner}"));
                     }
@@ -424,7 +432,7 @@ pub fn choice() -> &'static Choice {
 }
 
 /// The engine for a top-level product of this shape under the process's choice.
-pub(crate) fn engine_for(m: usize, _n: usize, k: usize, a_t: bool, b_t: bool) -> Engine {
+pub(crate) fn engine_for(m: usize, k: usize, a_t: bool, b_t: bool) -> Engine {
     choice().engine(m, k, a_t, b_t)
 }
 

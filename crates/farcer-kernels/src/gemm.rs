@@ -24,23 +24,12 @@ pub(crate) unsafe fn gemm_raw(
     b_cs: usize,
     par: gemm::Parallelism,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !acc {
-            for i in 0..m {
-                std::ptr::write_bytes(dst.add(i * dst_rs), 0, n);
-            }
-        }
-        return;
-    }
     // Products inside parallel tasks (attention blocks, on rayon's workers) stay on the
     // crate; top-level ones go where the process's choice sends their shape.
     let engine = if rayon::current_thread_index().is_some() {
         Engine::Crate
     } else {
-        blas::engine_for(m, n, k, a_cs != 1, b_cs != 1)
+        blas::engine_for(m, k, a_cs != 1, b_cs != 1)
     };
     let _span = profile::span(Part::Gemm, 2.0 * (m * n * k) as f64);
     gemm_on(
@@ -48,7 +37,7 @@ pub(crate) unsafe fn gemm_raw(
     )
 }
 
-/// [`gemm_raw`] on a given engine (`k > 0`).
+/// [`gemm_raw`] on a given engine.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_on(
     engine: Engine,
@@ -66,6 +55,17 @@ pub(crate) unsafe fn gemm_on(
     b_cs: usize,
     par: gemm::Parallelism,
 ) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for i in 0..m {
+                std::ptr::write_bytes(dst.add(i * dst_rs), 0, n);
+            }
+        }
+        return;
+    }
     if let Engine::Blas(lib) = engine {
         let threads = match par {
             gemm::Parallelism::Rayon(t) => t,
@@ -271,15 +271,6 @@ pub fn matmul_on(
     assert!(a.len() >= m * k && b.len() >= k * n && dst.len() >= m * n);
     let (a_rs, a_cs) = if a_t { (1, m) } else { (k, 1) };
     let (b_rs, b_cs) = if b_t { (1, k) } else { (n, 1) };
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !acc {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
     // SAFETY: the lengths are checked above; the strides describe those slices.
     unsafe {
         gemm_on(

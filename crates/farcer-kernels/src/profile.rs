@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// A kind of kernel.
+/// A kind of kernel (its discriminant is its index in [`PARTS`] and the totals).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
     Gemm,
@@ -52,14 +52,19 @@ pub struct Total {
     pub flops: f64,
 }
 
-static ON: AtomicBool = AtomicBool::new(false);
-static TOTALS: Mutex<[Total; 6]> = Mutex::new(
-    [Total {
+impl Total {
+    const ZERO: Total = Total {
         seconds: 0.0,
         calls: 0,
         flops: 0.0,
-    }; 6],
-);
+    };
+}
+
+/// The sums of every part, indexed by `Part as usize`.
+pub type Totals = [Total; PARTS.len()];
+
+static ON: AtomicBool = AtomicBool::new(false);
+static TOTALS: Mutex<Totals> = Mutex::new([Total::ZERO; PARTS.len()]);
 
 thread_local! {
     static MINE: Cell<bool> = const { Cell::new(false) };
@@ -69,12 +74,12 @@ thread_local! {
 /// Starts (or restarts from zero) counting the calling thread's kernels.
 pub fn start() {
     MINE.with(|m| m.set(true));
-    *TOTALS.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+    *TOTALS.lock().unwrap_or_else(|p| p.into_inner()) = [Total::ZERO; PARTS.len()];
     ON.store(true, Ordering::Relaxed);
 }
 
 /// The sums since [`start`], per part in the order of [`PARTS`].
-pub fn totals() -> [Total; 6] {
+pub fn totals() -> Totals {
     *TOTALS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -115,10 +120,10 @@ impl Drop for Span {
         if let Some(t0) = self.t0 {
             let s = t0.elapsed().as_secs_f64();
             let mut t = TOTALS.lock().unwrap_or_else(|p| p.into_inner());
-            let i = PARTS.iter().position(|p| *p == self.part).unwrap_or(0);
-            t[i].seconds += s;
-            t[i].calls += 1;
-            t[i].flops += self.flops;
+            let t = &mut t[self.part as usize];
+            t.seconds += s;
+            t.calls += 1;
+            t.flops += self.flops;
         }
     }
 }

@@ -585,7 +585,6 @@ impl Llama {
         })
     }
 
-    /// The same weights with another backend.
     /// The same model with another rule for recomputing layers in training.
     pub fn with_recompute(mut self, recompute: Recompute) -> Self {
         self.recompute = recompute;
@@ -605,6 +604,7 @@ impl Llama {
         6 * h + (q + 2 * kv) + 4 * q + 3 * kv + 4 * i
     }
 
+    /// The same weights with another backend.
     pub fn with_backend(mut self, backend: Backend) -> Result<Self> {
         backend.check(&self.device, self.dtype())?;
         self.backend = backend;

@@ -366,10 +366,7 @@ impl AppState {
         jobs.sort_by_key(|(b, _)| Arc::as_ptr(&b.session) as usize);
         let sessions: Vec<Arc<Mutex<Session>>> =
             jobs.iter().map(|(b, _)| b.session.clone()).collect();
-        let mut guards: Vec<_> = sessions
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()))
-            .collect();
+        let mut guards: Vec<_> = sessions.iter().map(|s| lock_session(s)).collect();
         let before: Vec<usize> = guards.iter().map(|g| g.rebuilds).collect();
         let steps = guards
             .iter_mut()
@@ -726,14 +723,30 @@ fn find(
     }
 }
 
+/// A session's lock; one poisoned by a step that panicked is taken over rather than
+/// failing every later request to the session.
+fn lock_session(s: &Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `f` of a session, run off the async threads: a batch may hold the session for a whole
+/// model pass.
+async fn read_session<T: Send + 'static>(
+    s: &Arc<Mutex<Session>>,
+    f: impl FnOnce(&Session) -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || f(&lock_session(&s)))
+        .await
+        .map_err(|e| ApiError::new(500, "server", e.to_string()))
+}
+
 async fn session_info(
     State(st): State<Arc<AppState>>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     let (s, _) = find(&st, &id)?;
-    // Off the async threads: a batch may hold the session for a whole model pass.
-    let s = tokio::task::spawn_blocking(move || {
-        let s = s.lock().unwrap_or_else(|e| e.into_inner());
+    let (utterances, cache_tokens, cache_bytes, dropped, rebuilds) = read_session(&s, |s| {
         (
             s.len(),
             s.cache_tokens(),
@@ -742,9 +755,7 @@ async fn session_info(
             s.rebuilds,
         )
     })
-    .await
-    .map_err(|e| ApiError::new(500, "server", e.to_string()))?;
-    let (utterances, cache_tokens, cache_bytes, dropped, rebuilds) = s;
+    .await?;
     Ok(axum::Json(json!({
         "id": id,
         "utterances": utterances,
@@ -776,12 +787,7 @@ async fn add_utterance(
     let bytes = json_body(&st, &headers, body).await?;
     let u: api::InUtterance = api::parse(&bytes)?;
     let (session, events) = find(&st, &id)?;
-    let index = {
-        let s = session.clone();
-        tokio::task::spawn_blocking(move || s.lock().unwrap_or_else(|e| e.into_inner()).len())
-            .await
-            .map_err(|e| ApiError::new(500, "server", e.to_string()))?
-    };
+    let index = read_session(&session, |s| s.len()).await?;
     if index >= 100_000 {
         return Err(ApiError::bad(
             "utterances",
