@@ -185,6 +185,7 @@ pub fn score_label_queries(
             pos: Positions {
                 ids: Some(p.positions()),
                 mask: Some(mask),
+                grad_from: 0,
             },
         })
         .collect();

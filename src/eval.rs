@@ -418,6 +418,7 @@ pub fn score_dialogue(
             &Positions {
                 ids: Some(pass.pack.positions()),
                 mask: Some(&mask),
+                grad_from: 0,
             },
             &at,
         )?

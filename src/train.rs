@@ -526,7 +526,10 @@ pub fn sample_loss(
         (llm.model.new_cache(), p.len())
     };
     let at: Vec<usize> = (0..n).map(|i| offset + t - 1 + i).collect();
-    let pos = Positions::default();
+    let pos = Positions {
+        grad_from: offset + enc.first_image_row(),
+        ..Positions::default()
+    };
     let logits = match train {
         Some(d) => llm.model.forward_train(&inp, &mut cache, &pos, &at, d)?,
         None => llm.model.forward(&inp, &mut cache, &pos, &at)?,
@@ -677,7 +680,8 @@ impl Packed {
         mut train: Option<&mut Dropout>,
     ) -> Result<Tensor> {
         let llm = &f.llm;
-        let x = f.embeds(&self.pass.encoded(), utts, train.as_deref_mut())?;
+        let enc = self.pass.encoded();
+        let x = f.embeds(&enc, utts, train.as_deref_mut())?;
         let mut cache = if use_cache {
             ps.cache.clone()
         } else {
@@ -688,6 +692,7 @@ impl Packed {
         let pos = Positions {
             ids: Some(self.pass.pack.positions()),
             mask: Some(&mask),
+            grad_from: enc.first_image_row(),
         };
         let logits = match train {
             Some(d) => llm.model.forward_train(&x, &mut cache, &pos, &self.at, d)?,

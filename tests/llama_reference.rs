@@ -418,6 +418,7 @@ fn fused_layers_match_the_op_by_op_path() {
     let pos = Positions {
         ids: None,
         mask: Some(&mask),
+        grad_from: 0,
     };
     let at: Vec<usize> = (0..t).collect();
     let run = |fused: bool| {
@@ -438,4 +439,91 @@ fn fused_layers_match_the_op_by_op_path() {
             .unwrap()
             > 1e-3
     );
+}
+
+/// With `grad_from`, the fused backward skips the rows before it: the input gradient of
+/// every later row is what the full backward on candle's ops gives, the skipped rows get
+/// exactly zero (so the skip was taken), and where skipping would change a gradient (a
+/// mask that lets an early row see a later one, or adapters) every row is computed.
+#[test]
+fn gradient_rows_before_grad_from_are_skipped_without_changing_the_rest() {
+    let llm = tiny();
+    let dev = Device::Cpu;
+    let prefix: Vec<u32> = vec![3, 17, 42, 5];
+    let ids: Vec<u32> = (0..12).map(|i| (i * 11 + 2) % 260).collect();
+    let (p, t, g) = (prefix.len(), ids.len(), 5);
+    let w = Tensor::arange(0f32, (3 * 268) as f32, &dev)
+        .unwrap()
+        .reshape((1, 3, 268))
+        .unwrap()
+        .affine(1e-2, 0.0)
+        .unwrap()
+        .sin()
+        .unwrap();
+    let at = [8, 10, 11];
+    let grad = |llm: &farcer::model::Llm, fused: bool, pos: &Positions| {
+        let (l, x) = forward_after_prefix(llm, fused, &prefix, &ids, pos, &at);
+        let gs = (&l * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        gs.get(&x).unwrap().i(0).unwrap()
+    };
+    let rows_norm =
+        |x: &Tensor, r: std::ops::Range<usize>| max_abs(&x.narrow(0, r.start, r.len()).unwrap());
+    let check = |llm: &farcer::model::Llm, mask: Option<&Tensor>, skipped: bool| {
+        let full = grad(
+            llm,
+            false,
+            &Positions {
+                mask,
+                ..Default::default()
+            },
+        );
+        let part = grad(
+            llm,
+            true,
+            &Positions {
+                mask,
+                grad_from: g,
+                ..Default::default()
+            },
+        );
+        let tail = |x: &Tensor| x.narrow(0, g, t - g).unwrap();
+        let d = max_abs_diff(&tail(&part), &tail(&full)) / max_abs(&full).max(1.0);
+        assert!(d <= 1e-4, "later rows' gradients differ by {d} (relative)");
+        assert!(rows_norm(&full, 0..g) > 1e-4, "early rows carry gradient");
+        if skipped {
+            assert_eq!(rows_norm(&part, 0..g), 0.0, "early rows skipped");
+        } else {
+            let d = max_abs_diff(&part, &full) / max_abs(&full).max(1.0);
+            assert!(d <= 1e-4, "every row computed: differs by {d}");
+        }
+    };
+    // Causal: skipped.
+    check(&llm, None, true);
+    // Row 2 sees row 7 (after `g`): its state depends on later rows, so nothing is skipped.
+    let allowed: Vec<Vec<bool>> = (0..t)
+        .map(|r| {
+            (0..p + t)
+                .map(|c| c <= p + r || (r == 2 && c == p + 7))
+                .collect()
+        })
+        .collect();
+    let leaky = farcer::model::llama::mask_from_allowed(&allowed, &dev, DType::F32).unwrap();
+    check(&llm, Some(&leaky), false);
+    // A mask that keeps early rows among themselves (a packed branch before `g`): skipped.
+    let allowed: Vec<Vec<bool>> = (0..t)
+        .map(|r| {
+            (0..p + t)
+                .map(|c| c <= p + r && !(r >= 3 && c == p + 1))
+                .collect()
+        })
+        .collect();
+    let sealed = farcer::model::llama::mask_from_allowed(&allowed, &dev, DType::F32).unwrap();
+    check(&llm, Some(&sealed), true);
+    // Adapters take gradient from every row: nothing is skipped.
+    let mut with_lora = tiny();
+    with_lora
+        .model
+        .add_lora(&farcer::model::lora::LoraConfig::default(), 1)
+        .unwrap();
+    check(&with_lora, None, false);
 }

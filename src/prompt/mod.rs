@@ -286,6 +286,20 @@ impl Encoded {
         self.len() == 0
     }
 
+    /// The row of the first image slot, or the length when there is none: with only the
+    /// projection training, no earlier row carries a gradient (see
+    /// `Positions::grad_from`).
+    pub fn first_image_row(&self) -> usize {
+        let mut row = 0;
+        for p in &self.pieces {
+            match p {
+                Piece::Tokens(t) => row += t.len(),
+                Piece::Image(_) => return row,
+            }
+        }
+        row
+    }
+
     /// Token ids of the suffix, with `image` in place of each image slot (for text-only
     /// paths and for display).
     pub fn flat_tokens(&self) -> Vec<u32> {
@@ -678,5 +692,21 @@ mod tests {
             .map(|e| (e.dialogue_id.clone(), e.utterances.len()))
             .collect();
         assert_eq!(ids.len(), 7, "examples are not repeated");
+    }
+
+    #[test]
+    fn first_image_row_counts_the_tokens_before_the_first_slot() {
+        let enc = |pieces| Encoded { pieces, dropped: 0 };
+        let with = enc(vec![
+            Piece::Tokens(vec![1, 2, 3]),
+            Piece::Tokens(vec![4]),
+            Piece::Image(0),
+            Piece::Tokens(vec![5, 6]),
+            Piece::Image(1),
+        ]);
+        assert_eq!(with.first_image_row(), 4);
+        assert_eq!(enc(vec![Piece::Image(0)]).first_image_row(), 0);
+        let without = enc(vec![Piece::Tokens(vec![1, 2]), Piece::Tokens(vec![3])]);
+        assert_eq!(without.first_image_row(), without.len());
     }
 }

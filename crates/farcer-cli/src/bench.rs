@@ -258,9 +258,14 @@ fn step_with_image(
     let t = ids.len();
     let at: Vec<usize> = (t - targets.len()..t).collect();
     let mut cache = llm.model.new_cache();
+    // Only the image's row and later ones carry its gradient (ignored with adapters).
+    let pos = Positions {
+        grad_from: image_pos,
+        ..Positions::default()
+    };
     let logits = llm
         .model
-        .forward_train(&x, &mut cache, &Positions::default(), &at, &mut dropout)?
+        .forward_train(&x, &mut cache, &pos, &at, &mut dropout)?
         .expect("logits")
         .squeeze(0)?;
     let lp = farcer::model::llama::log_softmax(&logits)?;

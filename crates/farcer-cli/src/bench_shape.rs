@@ -227,16 +227,22 @@ fn train_step(
         &inp.answer_ids[..n - 1],
         Some(&mut dropout),
     )?;
-    let mut s = inp.suffix_ids.len();
+    let (mut s, mut image) = (inp.suffix_ids.len(), inp.image_pos);
     if prefix.is_none() {
         let p = model.embed(&inp.prefix_ids)?.unsqueeze(0)?;
         x = Tensor::cat(&[&p, &x], 1)?;
         s += inp.prefix_ids.len();
+        image += inp.prefix_ids.len();
     }
     let at: Vec<usize> = (s - 1..s - 1 + n).collect();
     let mut cache = prefix.cloned().unwrap_or_else(|| model.new_cache());
+    // As in training: no gradient is needed before the image (ignored with adapters).
+    let pos = Positions {
+        grad_from: image,
+        ..Positions::default()
+    };
     let logits = model
-        .forward_train(&x, &mut cache, &Positions::default(), &at, &mut dropout)?
+        .forward_train(&x, &mut cache, &pos, &at, &mut dropout)?
         .ok_or_else(|| Error::msg("no logits"))?
         .squeeze(0)?;
     let lp = log_softmax(&logits)?;

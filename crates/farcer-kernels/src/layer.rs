@@ -42,6 +42,46 @@ pub struct LayerInput<'a> {
     pub p: usize,
     /// Additive `(t, p + t)`.
     pub mask: Option<&'a [f32]>,
+    /// The first new row whose input carries a gradient anyone needs (a projected image
+    /// in a projection-only step): rows before it cannot depend on it when no earlier row
+    /// sees a later one, so the backward skips them and returns zeros there. 0: every row.
+    /// Ignored (every row computed) with adapters, whose weights take gradient from every
+    /// row, with a batch above 1, or when the mask lets an earlier row see a later one.
+    pub grad_from: usize,
+}
+
+/// The rows the backward of a layer may skip: `a.grad_from` when skipping them cannot
+/// change the gradient of any later row or of any adapter, else 0.
+fn skippable_rows(a: &LayerInput, parts: &[LoraPart]) -> usize {
+    let g = a.grad_from;
+    if g == 0 || g >= a.t || !parts.is_empty() || a.heads.batch != 1 {
+        return 0;
+    }
+    let s = a.p + a.t;
+    let sealed = match a.mask {
+        // Without a mask every row sees every row.
+        None => false,
+        Some(m) => (0..g).all(|r| {
+            m[r * s + a.p + g..(r + 1) * s]
+                .iter()
+                .all(|&x| x == f32::NEG_INFINITY)
+        }),
+    };
+    if sealed {
+        g
+    } else {
+        0
+    }
+}
+
+/// Rows `g ..` of each `(rows, t)` block of `x` (rows of width `w` each), one block after
+/// another: the later query rows of every head.
+fn tail_rows(x: &[f32], blocks: usize, t: usize, g: usize, w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(blocks * (t - g) * w);
+    for b in 0..blocks {
+        out.extend_from_slice(&x[(b * t + g) * w..(b + 1) * t * w]);
+    }
+    out
 }
 
 /// A layer's new hidden states, keys and values `(b, hk, p + t, d)`, and (when asked)
@@ -147,7 +187,9 @@ fn layer_after_qkv(
 type LoraGrads = Vec<Option<(Vec<f32>, Vec<f32>)>>;
 
 /// The backward of [`layer_after_qkv`]: the gradients of `qkv` and of `h` (through the
-/// residual), and those of the adapters on o, gate/up and down (by index into `parts`).
+/// residual), and those of the adapters on o, gate/up and down (by index into `parts`),
+/// for rows `g ..` only (see [`skippable_rows`]; `g` is 0 with adapters).
+#[allow(clippy::too_many_arguments)]
 fn layer_after_qkv_backward(
     s: &LayerSaved,
     k: &[f32],
@@ -156,10 +198,14 @@ fn layer_after_qkv_backward(
     a: &LayerInput,
     parts: &[LoraPart],
     dout: &[f32],
+    g: usize,
 ) -> (Vec<f32>, Vec<f32>, LoraGrads) {
     let hs = a.heads;
-    let (dim, n) = (w.hidden, dout.len() / w.hidden);
+    let dim = w.hidden;
+    let dout = &dout[g * dim..];
+    let n = dout.len() / dim;
     let hd = hs.heads * hs.head_dim;
+    assert!(g == 0 || (parts.is_empty() && hs.batch == 1));
     let at = |site: Site| {
         parts
             .iter()
@@ -171,7 +217,7 @@ fn layer_after_qkv_backward(
     for (i, p) in at(Site::Down) {
         grads[i] = Some(lora_backward(dout, dim, n, w.inter, p, &s.lora[i], &mut dm));
     }
-    let dgu = swiglu_grad(&s.gu, &dm, n, w.inter);
+    let dgu = swiglu_grad(&s.gu[g * 2 * w.inter..], &dm, n, w.inter);
     drop(dm);
     let mut dn2 = matmul_nn(&dgu, w.gate_up, n, 2 * w.inter, dim);
     for (i, p) in at(Site::GateUp) {
@@ -186,16 +232,47 @@ fn layer_after_qkv_backward(
         ));
     }
     drop(dgu);
-    let dh1 = rms_norm_grad(&s.h1, w.post_norm, &s.r2, &dn2, Some(dout), dim);
+    let dh1 = rms_norm_grad(
+        &s.h1[g * dim..],
+        w.post_norm,
+        &s.r2[g..],
+        &dn2,
+        Some(dout),
+        dim,
+    );
     drop(dn2);
     let mut datt = matmul_nn(&dh1, w.o, n, dim, hd);
     for (i, p) in at(Site::O) {
         grads[i] = Some(lora_backward(&dh1, dim, n, hd, p, &s.lora[i], &mut datt));
     }
     let s_len = a.p + a.t;
-    let (dq, dk, dv) = attention_grad(&s.q, k, v, a.mask, &s.att, &datt, &s.lse, hs, a.t, s_len);
+    // Rows `g ..` are queries `g ..` of every head (batch 1): as if rows `.. g` were cached.
+    let (q, lse, att, t) = if g == 0 {
+        (
+            std::borrow::Cow::Borrowed(&s.q[..]),
+            std::borrow::Cow::Borrowed(&s.lse[..]),
+            &s.att[..],
+            a.t,
+        )
+    } else {
+        let d = hs.head_dim;
+        (
+            tail_rows(&s.q, hs.heads, a.t, g, d).into(),
+            tail_rows(&s.lse, hs.heads, a.t, g, 1).into(),
+            &s.att[g * hd..],
+            a.t - g,
+        )
+    };
+    let mask = a.mask.map(|m| &m[g * s_len..]);
+    let (dq, dk, dv) = attention_grad(&q, k, v, mask, att, &datt, &lse, hs, t, s_len);
     drop(datt);
-    let dqkv = split_rope_grad(&dq, &dk, &dv, hs, a.t, a.cos, a.sin, a.scale, a.p);
+    let half = hs.head_dim / 2;
+    let (cos, sin) = if a.cos.is_empty() {
+        (a.cos, a.sin)
+    } else {
+        (&a.cos[g * half..], &a.sin[g * half..])
+    };
+    let dqkv = split_rope_grad(&dq, &dk, &dv, hs, t, cos, sin, a.scale, a.p + g);
     (dqkv, dh1, grads)
 }
 
@@ -433,7 +510,7 @@ fn forward(
 
 /// The backward of [`layer_forward`]: the gradient of the layer's input `h` and, per
 /// adapter, the gradients of `A` `(r, in)` and `B` `(width, r)` (the frozen weights get
-/// none).
+/// none). Rows before [`LayerInput::grad_from`] get zeros when they may be skipped.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub fn layer_backward(
     s: &LayerSaved,
@@ -445,9 +522,11 @@ pub fn layer_backward(
     parts: &[LoraPart],
     dout: &[f32],
 ) -> (Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>) {
-    let (dim, n) = (w.hidden, dout.len() / w.hidden);
+    let g = skippable_rows(a, parts);
+    let dim = w.hidden;
+    let n = dout.len() / dim - g;
     let wd = a.heads.width();
-    let (dqkv, dh1, mut grads) = layer_after_qkv_backward(s, k, v, w, a, parts, dout);
+    let (dqkv, dh1, mut grads) = layer_after_qkv_backward(s, k, v, w, a, parts, dout, g);
     let mut dn1 = matmul_nn(&dqkv, w.qkv, n, wd, dim);
     for (i, p) in parts
         .iter()
@@ -457,8 +536,23 @@ pub fn layer_backward(
         grads[i] = Some(lora_backward(&dqkv, wd, n, dim, p, &s.lora[i], &mut dn1));
     }
     drop(dqkv);
+    let tail = rms_norm_grad(
+        &h[g * dim..],
+        w.input_norm,
+        &s.r1[g..],
+        &dn1,
+        Some(&dh1),
+        dim,
+    );
+    let dh = if g == 0 {
+        tail
+    } else {
+        let mut dh = vec![0f32; g * dim];
+        dh.extend_from_slice(&tail);
+        dh
+    };
     (
-        rms_norm_grad(h, w.input_norm, &s.r1, &dn1, Some(&dh1), dim),
+        dh,
         grads
             .into_iter()
             .map(|g| g.expect("every adapter's site ran its backward"))

@@ -347,6 +347,14 @@ pub struct Positions<'a> {
     pub ids: Option<&'a [u32]>,
     /// Additive mask `(new, cache.len() + new)` (0 or -inf); default causal.
     pub mask: Option<&'a Tensor>,
+    /// Training: the first new position whose input carries a gradient anyone needs (the
+    /// first projected image when only the projection trains). Earlier positions cannot
+    /// depend on it, so the fused CPU backward skips them and their input gradient is
+    /// left at zero; the gradients of later positions and of everything upstream of them
+    /// are unchanged. Ignored where skipping would change a gradient (adapters, a mask
+    /// that lets an earlier row see a later one, a batch above 1) and off the fused path.
+    /// 0: every position.
+    pub grad_from: usize,
 }
 
 /// One independent sequence of [`Llama::forward_segments`]: its cache, its number of
@@ -809,6 +817,7 @@ impl Llama {
                             scale: a.scale(),
                             past: past.as_ref(),
                             mask: mask.as_ref(),
+                            grad_from: s.pos.grad_from,
                         })
                         .collect();
                     // Adapters (if any) are added inside the fused op, each to its
@@ -1150,6 +1159,7 @@ impl Attention {
                     scale: self.scale(),
                     past: past.as_ref(),
                     mask,
+                    grad_from: 0,
                 },
             )?;
             *kv = Some((k, v));

@@ -274,6 +274,12 @@ impl ViT {
     /// Hidden states `(b, 1 + patches, hidden)` of the last encoder layer, before the
     /// final LayerNorm. `pixels`: `(b, channels, size, size)`, already normalised.
     pub fn last_hidden_before_norm(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.hidden(pixels, false)
+    }
+
+    /// [`ViT::last_hidden_before_norm`], or with `cls_only` only its CLS rows `(b, 1,
+    /// hidden)`: the last layer then carries only those rows past its keys and values.
+    fn hidden(&self, pixels: &Tensor, cls_only: bool) -> Result<Tensor> {
         let c = &self.config;
         let (b, ch, h, w) = pixels.dims4()?;
         let p = c.patch_size;
@@ -304,13 +310,19 @@ impl ViT {
             // The residual stream stays one vector through all layers.
             let dims = x.dims3()?;
             let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-            for l in &fused {
-                v = frozen::vit_layer(v, dims, l)?;
+            let last = fused.len().saturating_sub(1);
+            for (i, l) in fused.iter().enumerate() {
+                v = frozen::vit_layer(v, dims, l, cls_only && i == last)?;
             }
-            return Tensor::from_vec(v, dims, x.device());
+            let rows = if cls_only { 1 } else { dims.1 };
+            return Tensor::from_vec(v, (dims.0, rows, dims.2), x.device());
         }
-        for l in &self.layers {
-            x = l.forward(&x, heads)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, l) in self.layers.iter().enumerate() {
+            x = l.forward(&x, heads, cls_only && i == last)?;
+        }
+        if cls_only && self.layers.is_empty() {
+            x = x.narrow(1, 0, 1)?;
         }
         Ok(x)
     }
@@ -324,8 +336,7 @@ impl ViT {
     /// The CLS vector of each image `(b, hidden)`, before (the authors') or after the
     /// final LayerNorm.
     pub fn cls(&self, pixels: &Tensor, after_norm: bool) -> Result<Tensor> {
-        let h = self.last_hidden_before_norm(pixels)?;
-        let cls = h.narrow(1, 0, 1)?;
+        let cls = self.hidden(pixels, true)?;
         let cls = if after_norm {
             self.final_norm.forward(&cls)?
         } else {
@@ -373,26 +384,34 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+    /// The layer on `x` `(b, t, d)`; with `cls_only`, only each image's first row past
+    /// the keys and values (see [`frozen::vit_layer`]), giving `(b, 1, d)`.
+    fn forward(&self, x: &Tensor, heads: usize, cls_only: bool) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let hd = d / heads;
-        let n = self.ln1.forward(x)?.reshape((b * t, d))?;
-        let split = |y: Tensor| -> Result<Tensor> {
+        let n = self.ln1.forward(x)?;
+        let split = |y: Tensor, t: usize| -> Result<Tensor> {
             y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = split(self.q.forward(&n)?)?;
-        let k = split(self.k.forward(&n)?)?;
-        let v = split(self.v.forward(&n)?)?;
+        let (x, nq, tq) = if cls_only {
+            (x.narrow(1, 0, 1)?, n.narrow(1, 0, 1)?, 1)
+        } else {
+            (x.clone(), n.clone(), t)
+        };
+        let q = split(self.q.forward(&nq.reshape((b * tq, d))?)?, tq)?;
+        let n = n.reshape((b * t, d))?;
+        let k = split(self.k.forward(&n)?, t)?;
+        let v = split(self.v.forward(&n)?, t)?;
         let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let o = att
             .matmul(&v)?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((b * t, d))?;
-        let x = (x + self.o.forward(&o)?.reshape((b, t, d))?)?;
-        let n = self.ln2.forward(&x)?.reshape((b * t, d))?;
+            .reshape((b * tq, d))?;
+        let x = (x + self.o.forward(&o)?.reshape((b, tq, d))?)?;
+        let n = self.ln2.forward(&x)?.reshape((b * tq, d))?;
         let m = self.fc2.forward(&self.fc1.forward(&n)?.gelu_erf()?)?;
-        x + m.reshape((b, t, d))?
+        x + m.reshape((b, tq, d))?
     }
 }

@@ -476,6 +476,9 @@ pub struct AttendArgs<'a> {
     pub past: Option<&'a (Tensor, Tensor)>,
     /// Additive `(t, p + t)`.
     pub mask: Option<&'a Tensor>,
+    /// The first new position whose input's gradient is needed (see
+    /// [`kernels::LayerInput::grad_from`]); 0: every position.
+    pub grad_from: usize,
 }
 
 /// The attention of one layer from its fused projection `qkv` `(b t, (h + 2 hk) d)` in
@@ -625,6 +628,7 @@ struct LayerCtx {
     scale: f32,
     past: Option<(Tensor, Tensor)>,
     mask: Option<Tensor>,
+    grad_from: usize,
 }
 
 impl LayerCtx {
@@ -641,6 +645,7 @@ impl LayerCtx {
             scale: a.scale,
             past,
             mask: a.mask.map(|m| m.contiguous()).transpose()?,
+            grad_from: a.grad_from,
         })
     }
 
@@ -685,6 +690,7 @@ impl<G: std::ops::Deref<Target = Storage>> CtxView<G> {
             past: self.past.as_ref().map(|(k, v)| (k.s(), v.s())),
             p,
             mask: self.mask.as_ref().map(|m| m.s()),
+            grad_from: c.grad_from,
         }
     }
 }
@@ -973,13 +979,18 @@ pub struct VitLayer<'a> {
 /// One pre-norm ViT encoder layer (inference, CPU, f32) on the residual stream `x`
 /// `(b, t, d)` (updated in place and returned): one GEMM for q, k, v, the blocked
 /// attention kernel (no mask, no rotation), the output and MLP products accumulated
-/// onto the stream, and the fc1 bias folded into the exact-erf GELU's pass.
+/// onto the stream, and the fc1 bias folded into the exact-erf GELU's pass. With
+/// `cls_only` (the last layer, when only the CLS vector is wanted) every row still gives
+/// its key and value, but only each image's first row goes on through attention's query,
+/// the output projection and the MLP: the result is `(b, 1, d)`, and three quarters of
+/// the layer's products are skipped.
 pub fn vit_layer(
     mut x: Vec<f32>,
     (b, t, d): (usize, usize, usize),
     l: &VitLayer,
+    cls_only: bool,
 ) -> Result<Vec<f32>> {
-    let (h, n) = (l.heads, b * t);
+    let h = l.heads;
     let hd = d / h;
     let inter = l.fc1.0.dim(1)?;
     let norm = |x: &[f32], (w, bias, eps): (&Tensor, &Tensor, f32)| -> Result<Vec<f32>> {
@@ -994,7 +1005,7 @@ pub fn vit_layer(
     let n1 = norm(&x, l.ln1)?;
     let qkv = {
         let (w, bias) = (view(l.qkv.0)?, view(l.qkv.1)?);
-        kernels::linear(&n1, w.s(), Some(bias.s()), None, n, d, 3 * d)
+        kernels::linear(&n1, w.s(), Some(bias.s()), None, b * t, d, 3 * d)
     };
     drop(n1);
     let hs = Heads {
@@ -1006,7 +1017,24 @@ pub fn vit_layer(
     let scale = 1.0 / (hd as f32).sqrt();
     let (q, k, v) = kernels::split_rope(&qkv, hs, t, &[], &[], scale, None, 0);
     drop(qkv);
-    let (att, _) = kernels::attention(&q, &k, &v, None, hs, t, t);
+    // The rows that go on: all of them, or each image's first (`q` is `(b, h, t, hd)`).
+    let (q, tq) = if cls_only {
+        let q = q
+            .chunks_exact(t * hd)
+            .flat_map(|c| &c[..hd])
+            .copied()
+            .collect();
+        x = x
+            .chunks_exact(t * d)
+            .flat_map(|c| &c[..d])
+            .copied()
+            .collect();
+        (q, 1)
+    } else {
+        (q, t)
+    };
+    let n = b * tq;
+    let (att, _) = kernels::attention(&q, &k, &v, None, hs, tq, t);
     drop((q, k, v));
     let acc = |y: &mut [f32], x: &[f32], (w, bias): (&Tensor, Option<&Tensor>), k, m| {
         let (wv, bv) = (view(w)?, bias.map(view).transpose()?);
@@ -1232,6 +1260,7 @@ mod tests {
                 scale,
                 past: Some(&past),
                 mask: Some(&mask),
+                grad_from: 0,
             },
         )?;
         // Composite form.
