@@ -527,3 +527,53 @@ fn gradient_rows_before_grad_from_are_skipped_without_changing_the_rest() {
         .unwrap();
     check(&with_lora, None, false);
 }
+
+/// Asked for logits at a few positions (out of order, one twice), the fused path's last
+/// layer carries only those rows past its keys and values: the logits and every row's
+/// input gradient still equal candle's op-by-op path, which computes every row.
+#[test]
+fn last_layer_on_the_asked_rows_only_changes_nothing() {
+    let llm = tiny();
+    let dev = Device::Cpu;
+    let prefix: Vec<u32> = vec![9, 4, 77];
+    let ids: Vec<u32> = (0..11).map(|i| (i * 13 + 5) % 260).collect();
+    let at = [9, 2, 9, 5];
+    let w = Tensor::arange(0f32, (at.len() * 268) as f32, &dev)
+        .unwrap()
+        .reshape((1, at.len(), 268))
+        .unwrap()
+        .affine(1e-2, 0.0)
+        .unwrap()
+        .cos()
+        .unwrap();
+    let run = |fused: bool| {
+        let (l, x) = forward_after_prefix(&llm, fused, &prefix, &ids, &Positions::default(), &at);
+        let g = (&l * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        (l, g.get(&x).unwrap().clone())
+    };
+    let (lf, gf) = run(true);
+    let (ls, gs) = run(false);
+    assert_eq!(lf.dims(), &[1, at.len(), 268]);
+    let (dl, dg) = (max_abs_diff(&lf, &ls), max_abs_diff(&gf, &gs));
+    assert!(
+        dl <= 1e-5 && dg <= 1e-4 * max_abs(&gs).max(1.0),
+        "logits {dl}, gradients {dg}"
+    );
+    // Every row before the last asked one carries gradient (through keys and values).
+    for r in 0..10 {
+        assert!(max_abs(&gs.i((0, r)).unwrap()) > 1e-5, "row {r}");
+    }
+    // A position past the end is refused before anything runs.
+    let x = llm.model.embed(&ids).unwrap().unsqueeze(0).unwrap();
+    let err = llm
+        .model
+        .forward(
+            &x,
+            &mut llm.model.new_cache(),
+            &Positions::default(),
+            &[3, 11],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("position 11 of 11"), "{err}");
+}

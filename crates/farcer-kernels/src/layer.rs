@@ -48,6 +48,37 @@ pub struct LayerInput<'a> {
     /// Ignored (every row computed) with adapters, whose weights take gradient from every
     /// row, with a batch above 1, or when the mask lets an earlier row see a later one.
     pub grad_from: usize,
+    /// Only these new rows go on past the keys and values (the last layer, when only
+    /// their logits are wanted): every row still gives its key and value, but the query,
+    /// output projection and MLP run on these rows alone, and the layer's output has
+    /// only them, in this order. Needs batch 1, a single segment and no adapters.
+    pub keep: Option<&'a [usize]>,
+}
+
+/// Rows `rows` of `x` (rows of width `w`) in `blocks` consecutive blocks of `t` rows.
+fn gather_rows(x: &[f32], blocks: usize, t: usize, rows: &[usize], w: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(blocks * rows.len() * w);
+    for b in 0..blocks {
+        for &r in rows {
+            out.extend_from_slice(&x[(b * t + r) * w..][..w]);
+        }
+    }
+    out
+}
+
+/// The adjoint of [`gather_rows`]: `x`'s rows added into rows `rows` of zeros.
+fn scatter_rows(x: &[f32], blocks: usize, t: usize, rows: &[usize], w: usize) -> Vec<f32> {
+    let mut out = vec![0f32; blocks * t * w];
+    for b in 0..blocks {
+        for (i, &r) in rows.iter().enumerate() {
+            let src = &x[(b * rows.len() + i) * w..][..w];
+            out[(b * t + r) * w..][..w]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(o, s)| *o += s);
+        }
+    }
+    out
 }
 
 /// The rows the backward of a layer may skip: `a.grad_from` when skipping them cannot
@@ -104,6 +135,14 @@ pub struct LayerSaved {
 /// Keys and values `(b, hk, p + t, d)` of one segment, for its cache.
 pub type SegmentKv = (Vec<f32>, Vec<f32>);
 
+/// The queries `(1, h, keep, d)` of the kept rows and their rows of the mask.
+fn kept_queries(q: &[f32], a: &LayerInput, keep: &[usize]) -> (Vec<f32>, Option<Vec<f32>>) {
+    let hs = a.heads;
+    let q = gather_rows(q, hs.heads, a.t, keep, hs.head_dim);
+    let mask = a.mask.map(|m| gather_rows(m, 1, a.t, keep, a.p + a.t));
+    (q, mask)
+}
+
 /// The layer from its q/k/v projection `qkv` `(rows, (h + 2 hk) d)` on (so adapters on q,
 /// k, v can be added outside): attention, output projection, residual, MLP, residual, with
 /// the adapters of `parts` that sit on o, gate/up and down added to their products (their
@@ -142,7 +181,17 @@ fn layer_after_qkv(
         let mine = &qkv[off * wd..(off + rows) * wd];
         off += rows;
         let (q, k, v) = split_rope(mine, hs, a.t, a.cos, a.sin, a.scale, a.past, a.p);
-        let (att, lse) = attention(&q, &k, &v, a.mask, hs, a.t, a.p + a.t);
+        let (q, (att, lse)) = match a.keep {
+            None => {
+                let out = attention(&q, &k, &v, a.mask, hs, a.t, a.p + a.t);
+                (q, out)
+            }
+            Some(keep) => {
+                let (q, mask) = kept_queries(&q, a, keep);
+                let out = attention(&q, &k, &v, mask.as_deref(), hs, keep.len(), a.p + a.t);
+                (q, out)
+            }
+        };
         kvs.push((k, v));
         atts.push(att);
         if save {
@@ -150,6 +199,19 @@ fn layer_after_qkv(
         }
     }
     assert_eq!(off, n, "the segments cover every row");
+    // From here on, the rows that go on.
+    let kept;
+    let (h, n) = match segs[0].keep {
+        None => (h, n),
+        Some(keep) => {
+            assert!(
+                segs.len() == 1 && hs0.batch == 1 && parts.is_empty(),
+                "keeping rows needs one segment, batch 1 and no adapters"
+            );
+            kept = gather_rows(h, 1, n, keep, dim);
+            (&kept[..], keep.len())
+        }
+    };
     let att = if atts.len() == 1 {
         atts.pop().expect("one segment")
     } else {
@@ -246,6 +308,27 @@ fn layer_after_qkv_backward(
         grads[i] = Some(lora_backward(&dh1, dim, n, hd, p, &s.lora[i], &mut datt));
     }
     let s_len = a.p + a.t;
+    if let Some(keep) = a.keep {
+        // The kept rows' queries (saved gathered) and mask rows; their query gradients
+        // go back to their rows, the others' being zero.
+        let mask = a.mask.map(|m| gather_rows(m, 1, a.t, keep, s_len));
+        let (dq, dk, dv) = attention_grad(
+            &s.q,
+            k,
+            v,
+            mask.as_deref(),
+            &s.att,
+            &datt,
+            &s.lse,
+            hs,
+            keep.len(),
+            s_len,
+        );
+        drop(datt);
+        let dq = scatter_rows(&dq, hs.heads, a.t, keep, hs.head_dim);
+        let dqkv = split_rope_grad(&dq, &dk, &dv, hs, a.t, a.cos, a.sin, a.scale, a.p);
+        return (dqkv, dh1, grads);
+    }
     // Rows `g ..` are queries `g ..` of every head (batch 1): as if rows `.. g` were cached.
     let (q, lse, att, t) = if g == 0 {
         (
@@ -522,11 +605,21 @@ pub fn layer_backward(
     parts: &[LoraPart],
     dout: &[f32],
 ) -> (Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>) {
-    let g = skippable_rows(a, parts);
+    // A layer that kept some rows gets their gradients only; every row has a key and
+    // value, so every row gets a gradient through them.
+    let g = if a.keep.is_some() {
+        0
+    } else {
+        skippable_rows(a, parts)
+    };
     let dim = w.hidden;
-    let n = dout.len() / dim - g;
+    let n = h.len() / dim - g;
     let wd = a.heads.width();
     let (dqkv, dh1, mut grads) = layer_after_qkv_backward(s, k, v, w, a, parts, dout, g);
+    let dh1 = match a.keep {
+        Some(keep) => scatter_rows(&dh1, 1, a.t, keep, dim),
+        None => dh1,
+    };
     let mut dn1 = matmul_nn(&dqkv, w.qkv, n, wd, dim);
     for (i, p) in parts
         .iter()

@@ -691,9 +691,13 @@ impl Llama {
             len: t,
             pos: pos.clone(),
         }];
-        let h = self.hidden(x, &mut segs, train)?;
+        let (h, kept) = self.hidden(x, &mut segs, train, logits_at)?;
         if logits_at.is_empty() {
             return Ok(None);
+        }
+        if kept {
+            let at: Vec<usize> = (0..logits_at.len()).collect();
+            return Ok(Some(self.logits(&h, &at)?));
         }
         Ok(Some(self.logits(&h, logits_at)?))
     }
@@ -710,7 +714,7 @@ impl Llama {
         segs: &mut [Segment],
         logits_at: &[usize],
     ) -> Result<Option<Tensor>> {
-        let h = self.hidden(x, segs, None)?;
+        let (h, _) = self.hidden(x, segs, None, &[])?;
         if logits_at.is_empty() {
             return Ok(None);
         }
@@ -742,14 +746,22 @@ impl Llama {
     }
 
     /// The final hidden states (before the last norm) of the new positions of every
-    /// segment (one segment, or several with batch 1 and no training).
+    /// segment (one segment, or several with batch 1 and no training). With `keep` (the
+    /// positions whose logits are wanted; none: all), the last layer may carry only those
+    /// rows past its keys and values (the fused path, one segment, batch 1, no adapters):
+    /// then only they come back, in `keep`'s order, and the flag says so.
     fn hidden(
         &self,
         x: &Tensor,
         segs: &mut [Segment],
         mut train: Option<&mut Dropout>,
-    ) -> Result<Tensor> {
+        keep: &[usize],
+    ) -> Result<(Tensor, bool)> {
         let (b, total, _) = x.dims3()?;
+        if let Some(&bad) = keep.iter().find(|&&i| i >= total) {
+            candle_core::bail!("logits asked at position {bad} of {total}");
+        }
+        let mut kept = false;
         if segs.is_empty() {
             candle_core::bail!("a forward pass needs at least one segment");
         }
@@ -818,6 +830,7 @@ impl Llama {
                             past: past.as_ref(),
                             mask: mask.as_ref(),
                             grad_from: s.pos.grad_from,
+                            keep: None,
                         })
                         .collect();
                     // Adapters (if any) are added inside the fused op, each to its
@@ -859,7 +872,20 @@ impl Llama {
                         }
                         h = out;
                     } else {
-                        let (out, k, v) = frozen::layer(&h, &fl, &args[0], parts)?;
+                        // The last layer's rows that no logit reads stop at their keys
+                        // and values.
+                        let last = i + 1 == self.layers.len();
+                        let mut a0 = args.into_iter().next().expect("one segment");
+                        if last
+                            && b == 1
+                            && parts.is_empty()
+                            && !keep.is_empty()
+                            && keep.len() < total
+                        {
+                            a0.keep = Some(keep);
+                            kept = true;
+                        }
+                        let (out, k, v) = frozen::layer(&h, &fl, &a0, parts)?;
                         segs[0].cache.kvs[i] = Some((k, v));
                         h = out;
                     }
@@ -903,7 +929,7 @@ impl Llama {
         for s in segs.iter_mut() {
             s.cache.len += s.len;
         }
-        Ok(h)
+        Ok((h, kept))
     }
 
     /// Final norm and LM head at the listed positions of hidden states `(b, t, hidden)`.
@@ -1160,6 +1186,7 @@ impl Attention {
                     past: past.as_ref(),
                     mask,
                     grad_from: 0,
+                    keep: None,
                 },
             )?;
             *kv = Some((k, v));

@@ -479,6 +479,9 @@ pub struct AttendArgs<'a> {
     /// The first new position whose input's gradient is needed (see
     /// [`kernels::LayerInput::grad_from`]); 0: every position.
     pub grad_from: usize,
+    /// Only these new positions go on past the keys and values (see
+    /// [`kernels::LayerInput::keep`]; [`layer`] only).
+    pub keep: Option<&'a [usize]>,
 }
 
 /// The attention of one layer from its fused projection `qkv` `(b t, (h + 2 hk) d)` in
@@ -629,6 +632,7 @@ struct LayerCtx {
     past: Option<(Tensor, Tensor)>,
     mask: Option<Tensor>,
     grad_from: usize,
+    keep: Option<Vec<usize>>,
 }
 
 impl LayerCtx {
@@ -646,6 +650,7 @@ impl LayerCtx {
             past,
             mask: a.mask.map(|m| m.contiguous()).transpose()?,
             grad_from: a.grad_from,
+            keep: a.keep.map(|k| k.to_vec()),
         })
     }
 
@@ -679,7 +684,7 @@ impl CtxView<()> {
 }
 
 impl<G: std::ops::Deref<Target = Storage>> CtxView<G> {
-    fn input<'b>(&'b self, c: &LayerCtx) -> kernels::LayerInput<'b> {
+    fn input<'b>(&'b self, c: &'b LayerCtx) -> kernels::LayerInput<'b> {
         let p = c.past.as_ref().map_or(0, |(k, _)| k.dims()[2]);
         kernels::LayerInput {
             heads: c.heads,
@@ -691,6 +696,7 @@ impl<G: std::ops::Deref<Target = Storage>> CtxView<G> {
             p,
             mask: self.mask.as_ref().map(|m| m.s()),
             grad_from: c.grad_from,
+            keep: c.keep.as_deref(),
         }
     }
 }
@@ -839,6 +845,19 @@ pub fn layer(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let h = h.contiguous()?;
     let shape = h.shape().clone();
+    let out_shape = match a.keep {
+        None => shape.clone(),
+        Some(keep) => {
+            if a.heads.batch != 1 || !parts.is_empty() {
+                candle_core::bail!("keeping some rows needs batch 1 and no adapters");
+            }
+            if let Some(&bad) = keep.iter().find(|&&r| r >= a.t) {
+                candle_core::bail!("row {bad} kept of {}", a.t);
+            }
+            let (_, _, hidden) = shape.dims3()?;
+            (1, keep.len(), hidden).into()
+        }
+    };
     let ctx = LayerCtx::new(a)?;
     let parts = parts
         .into_iter()
@@ -872,7 +891,7 @@ pub fn layer(
     let k = Tensor::from_vec(k, (b, hk, s, d), &dev)?;
     let v = Tensor::from_vec(v, (b, hk, s, d), &dev)?;
     if !save {
-        return Ok((Tensor::from_vec(out, shape, &dev)?, k, v));
+        return Ok((Tensor::from_vec(out, out_shape, &dev)?, k, v));
     }
     let saved = saved.expect("saved when tracked");
     let (kc, vc, hd, l) = (k.clone(), v.clone(), h.detach(), l.clone());
@@ -897,7 +916,7 @@ pub fn layer(
         ))
     };
     let out = match params {
-        None => output("frozen-layer", &h, out, h.shape().clone(), move || {
+        None => output("frozen-layer", &h, out, out_shape, move || {
             Box::new(move |_, dout| Ok(grads(dout)?.0))
         })?,
         Some(params) => {
@@ -911,7 +930,7 @@ pub fn layer(
                 &params,
                 Precomputed2 {
                     name: "frozen-layer-lora",
-                    value: Mutex::new(Some(Value::Cpu(out, h.shape().clone()))),
+                    value: Mutex::new(Some(Value::Cpu(out, out_shape))),
                     backward,
                 },
             )?
@@ -1261,6 +1280,7 @@ mod tests {
                 past: Some(&past),
                 mask: Some(&mask),
                 grad_from: 0,
+                keep: None,
             },
         )?;
         // Composite form.
