@@ -452,15 +452,17 @@ fn gradient_rows_before_grad_from_are_skipped_without_changing_the_rest() {
     let prefix: Vec<u32> = vec![3, 17, 42, 5];
     let ids: Vec<u32> = (0..12).map(|i| (i * 11 + 2) % 260).collect();
     let (p, t, g) = (prefix.len(), ids.len(), 5);
-    let w = Tensor::arange(0f32, (3 * 268) as f32, &dev)
+    // Logits at every row, so that no layer keeps only some rows (which computes every
+    // row's gradient itself) and each layer's skip is seen.
+    let at: Vec<usize> = (0..t).collect();
+    let w = Tensor::arange(0f32, (t * 268) as f32, &dev)
         .unwrap()
-        .reshape((1, 3, 268))
+        .reshape((1, t, 268))
         .unwrap()
         .affine(1e-2, 0.0)
         .unwrap()
         .sin()
         .unwrap();
-    let at = [8, 10, 11];
     let grad = |llm: &farcer::model::Llm, fused: bool, pos: &Positions| {
         let (l, x) = forward_after_prefix(llm, fused, &prefix, &ids, pos, &at);
         let gs = (&l * &w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -526,6 +528,14 @@ fn gradient_rows_before_grad_from_are_skipped_without_changing_the_rest() {
         .add_lora(&farcer::model::lora::LoraConfig::default(), 1)
         .unwrap();
     check(&with_lora, None, false);
+    // An adapter on the first layer only: the layer above it has none, but its skipped
+    // rows would hand the adapter zeros, so it computes every row too.
+    let mut low_lora = tiny();
+    let (out_dim, in_dim) = (64, 64);
+    let cfg = farcer::model::lora::LoraConfig::default();
+    let lora = farcer::model::lora::LoraLinear::new(&cfg, in_dim, out_dim, 2, "q", &dev).unwrap();
+    low_lora.model.set_lora(0, "q_proj", lora).unwrap();
+    check(&low_lora, None, false);
 }
 
 /// Asked for logits at a few positions (out of order, one twice), the fused path's last

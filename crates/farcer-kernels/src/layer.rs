@@ -46,7 +46,9 @@ pub struct LayerInput<'a> {
     /// in a projection-only step): rows before it cannot depend on it when no earlier row
     /// sees a later one, so the backward skips them and returns zeros there. 0: every row.
     /// Ignored (every row computed) with adapters, whose weights take gradient from every
-    /// row, with a batch above 1, or when the mask lets an earlier row see a later one.
+    /// row, with a batch above 1, when the mask lets an earlier row see a later one, and
+    /// with `keep`. The caller must also pass 0 when any layer below has adapters: the
+    /// zeros would reach them.
     pub grad_from: usize,
     /// Only these new rows go on past the keys and values (the last layer, when only
     /// their logits are wanted): every row still gives its key and value, but the query,
@@ -115,8 +117,8 @@ fn tail_rows(x: &[f32], blocks: usize, t: usize, g: usize, w: usize) -> Vec<f32>
     out
 }
 
-/// A layer's new hidden states, keys and values `(b, hk, p + t, d)`, and (when asked)
-/// what its backward needs.
+/// A layer's new hidden states (the kept rows only, with [`LayerInput::keep`]), keys and
+/// values `(b, hk, p + t, d)`, and (when asked) what its backward needs.
 pub type LayerOutput<S> = (Vec<f32>, Vec<f32>, Vec<f32>, Option<S>);
 
 /// What a layer's backward needs besides the weights and the keys and values.
@@ -199,6 +201,10 @@ fn layer_after_qkv(
         }
     }
     assert_eq!(off, n, "the segments cover every row");
+    assert!(
+        segs.len() == 1 || segs.iter().all(|a| a.keep.is_none()),
+        "keeping rows needs a single segment"
+    );
     // From here on, the rows that go on.
     let kept;
     let (h, n) = match segs[0].keep {
@@ -326,7 +332,7 @@ fn layer_after_qkv_backward(
         );
         drop(datt);
         let dq = scatter_rows(&dq, hs.heads, a.t, keep, hs.head_dim);
-        let dqkv = split_rope_grad(&dq, &dk, &dv, hs, a.t, a.cos, a.sin, a.scale, a.p);
+        let dqkv = split_rope_grad(&dq, &dk, &dv, hs, a.t, a.cos, a.sin, a.scale, a.p + g);
         return (dqkv, dh1, grads);
     }
     // Rows `g ..` are queries `g ..` of every head (batch 1): as if rows `.. g` were cached.
@@ -529,8 +535,9 @@ fn lora_backward(
 
 /// One frozen Llama decoder layer on `h` `(b t, hidden)`, with LoRA adapters (`parts`,
 /// possibly none: each adds its low-rank product to its columns of the q/k/v, o, gate/up
-/// or down product). Returns the new hidden states, the keys and values
-/// `(b, hk, p + t, d)` for the cache, and (with `save`) what the backward needs.
+/// or down product). Returns the new hidden states (only the rows of
+/// [`LayerInput::keep`], in its order, when set), the keys and values `(b, hk, p + t, d)`
+/// for the cache, and (with `save`) what the backward needs.
 pub fn layer_forward(
     h: &[f32],
     w: &LayerWeights,
@@ -651,4 +658,124 @@ pub fn layer_backward(
             .map(|g| g.expect("every adapter's site ran its backward"))
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in about [-scale, scale].
+    fn values(n: usize, seed: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0) * scale)
+            .collect()
+    }
+
+    /// `(rows, cols)` row-major, transposed.
+    fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        (0..cols * rows)
+            .map(|i| w[(i % rows) * cols + i / rows])
+            .collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    /// The layer with `keep` gives the kept rows of the full layer, in `keep`'s order (one
+    /// row twice), and its backward from those rows' gradients gives what the full
+    /// backward gives from the same gradients placed at those rows (zeros elsewhere).
+    #[test]
+    fn kept_rows_equal_the_full_layers_rows_and_gradients() {
+        let (dim, inter, t, p) = (16, 24, 9, 3);
+        let heads = Heads {
+            batch: 1,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 4,
+        };
+        let wd = heads.width();
+        let qkv = values(wd * dim, 1, 0.4);
+        let o = values(dim * dim, 2, 0.4);
+        let gate_up = values(2 * inter * dim, 3, 0.4);
+        let down = values(dim * inter, 4, 0.3);
+        let (norm1, norm2) = (values(dim, 5, 0.5), values(dim, 6, 0.5));
+        let norm1: Vec<f32> = norm1.iter().map(|x| 1.0 + x).collect();
+        let norm2: Vec<f32> = norm2.iter().map(|x| 1.0 + x).collect();
+        let (qkv_t, o_t) = (transpose(&qkv, wd, dim), transpose(&o, dim, dim));
+        let gate_up_t = transpose(&gate_up, 2 * inter, dim);
+        let down_t = transpose(&down, dim, inter);
+        let w = LayerWeights {
+            input_norm: &norm1,
+            qkv_t: &qkv_t,
+            o_t: &o_t,
+            gate_up_t: &gate_up_t,
+            down_t: &down_t,
+            qkv: &qkv,
+            o: &o,
+            post_norm: &norm2,
+            gate_up: &gate_up,
+            down: &down,
+            eps: 1e-5,
+            hidden: dim,
+            inter,
+        };
+        let half = heads.head_dim / 2;
+        let cos: Vec<f32> = (0..t * half).map(|i| (i as f32 * 0.3).cos()).collect();
+        let sin: Vec<f32> = (0..t * half).map(|i| (i as f32 * 0.3).sin()).collect();
+        let (pk, pv) = (values(2 * p * 4, 7, 0.5), values(2 * p * 4, 8, 0.5));
+        let s = p + t;
+        let mask: Vec<f32> = (0..t * s)
+            .map(|i| {
+                if i % s <= p + i / s {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let keep = [6usize, 2, 6, 8];
+        let input = |keep| LayerInput {
+            heads,
+            t,
+            cos: &cos,
+            sin: &sin,
+            scale: 0.5,
+            past: Some((&pk, &pv)),
+            p,
+            mask: Some(&mask),
+            grad_from: 0,
+            keep,
+        };
+        let h = values(t * dim, 9, 1.0);
+        let (full, kf, vf, sf) = layer_forward(&h, &w, &input(None), &[], true);
+        let (kept, kk, vk, sk) = layer_forward(&h, &w, &input(Some(&keep)), &[], true);
+        assert_eq!(kept.len(), keep.len() * dim, "only the kept rows come out");
+        let want = gather_rows(&full, 1, t, &keep, dim);
+        assert!(max_diff(&kept, &want) <= 1e-5, "kept rows");
+        assert!(
+            max_diff(&kk, &kf) == 0.0 && max_diff(&vk, &vf) == 0.0,
+            "keys, values"
+        );
+        let dout = values(keep.len() * dim, 10, 1.0);
+        let (dk, _) = layer_backward(
+            &sk.unwrap(),
+            &h,
+            &kk,
+            &vk,
+            &w,
+            &input(Some(&keep)),
+            &[],
+            &dout,
+        );
+        let dfull = scatter_rows(&dout, 1, t, &keep, dim);
+        let (df, _) = layer_backward(&sf.unwrap(), &h, &kf, &vf, &w, &input(None), &[], &dfull);
+        let scale = df.iter().fold(1f32, |m, x| m.max(x.abs()));
+        assert!(max_diff(&dk, &df) <= 1e-5 * scale, "input gradients");
+        assert!(
+            df[..dim].iter().any(|x| x.abs() > 1e-4),
+            "row 0 carries gradient"
+        );
+    }
 }

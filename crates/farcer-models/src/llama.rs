@@ -347,13 +347,14 @@ pub struct Positions<'a> {
     pub ids: Option<&'a [u32]>,
     /// Additive mask `(new, cache.len() + new)` (0 or -inf); default causal.
     pub mask: Option<&'a Tensor>,
-    /// Training: the first new position whose input carries a gradient anyone needs (the
-    /// first projected image when only the projection trains). Earlier positions cannot
-    /// depend on it, so the fused CPU backward skips them and their input gradient is
-    /// left at zero; the gradients of later positions and of everything upstream of them
-    /// are unchanged. Ignored where skipping would change a gradient (adapters, a mask
-    /// that lets an earlier row see a later one, a batch above 1) and off the fused path.
-    /// 0: every position.
+    /// Training: the first new row (an index into the new rows, not a position id)
+    /// whose input carries a gradient anyone needs (the first projected image when only
+    /// the projection trains). Earlier rows cannot depend on it, so the fused CPU
+    /// backward skips them and their input gradient is left at zero; the gradients of
+    /// later rows and of everything upstream of them are unchanged. Ignored where
+    /// skipping would change a gradient (adapters in or below a layer, a mask that lets
+    /// an earlier row see a later one, a batch above 1) and off the fused path. 0: every
+    /// row.
     pub grad_from: usize,
 }
 
@@ -807,6 +808,16 @@ impl Llama {
                 bytes > RECOMPUTE_ABOVE
             }
         };
+        // Whether a layer at or below each one has adapters: then their weights need the
+        // gradient of every row above them, so no layer up to there may skip rows.
+        let adapters_below: Vec<bool> = self
+            .layers
+            .iter()
+            .scan(false, |any, l| {
+                *any |= l.projections().iter().any(|(_, _, p)| p.lora.is_some());
+                Some(*any)
+            })
+            .collect();
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(fl) = layer.frozen(self.backend, eps) {
                 let a = &layer.attn;
@@ -829,7 +840,11 @@ impl Llama {
                             scale: a.scale(),
                             past: past.as_ref(),
                             mask: mask.as_ref(),
-                            grad_from: s.pos.grad_from,
+                            grad_from: if adapters_below[i] {
+                                0
+                            } else {
+                                s.pos.grad_from
+                            },
                             keep: None,
                         })
                         .collect();

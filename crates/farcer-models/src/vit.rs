@@ -314,8 +314,11 @@ impl ViT {
             for (i, l) in fused.iter().enumerate() {
                 v = frozen::vit_layer(v, dims, l, cls_only && i == last)?;
             }
-            let rows = if cls_only { 1 } else { dims.1 };
-            return Tensor::from_vec(v, (dims.0, rows, dims.2), x.device());
+            if cls_only && !fused.is_empty() {
+                return Tensor::from_vec(v, (dims.0, 1, dims.2), x.device());
+            }
+            let h = Tensor::from_vec(v, dims, x.device())?;
+            return if cls_only { h.narrow(1, 0, 1) } else { Ok(h) };
         }
         let last = self.layers.len().saturating_sub(1);
         for (i, l) in self.layers.iter().enumerate() {

@@ -476,10 +476,10 @@ pub struct AttendArgs<'a> {
     pub past: Option<&'a (Tensor, Tensor)>,
     /// Additive `(t, p + t)`.
     pub mask: Option<&'a Tensor>,
-    /// The first new position whose input's gradient is needed (see
-    /// [`kernels::LayerInput::grad_from`]); 0: every position.
+    /// The first new row whose input's gradient is needed (see
+    /// [`kernels::LayerInput::grad_from`]); 0: every row.
     pub grad_from: usize,
-    /// Only these new positions go on past the keys and values (see
+    /// Only these new rows go on past the keys and values (see
     /// [`kernels::LayerInput::keep`]; [`layer`] only).
     pub keep: Option<&'a [usize]>,
 }
@@ -831,7 +831,8 @@ fn with_lora<R>(parts: &[LoraInput], f: impl FnOnce(&[kernels::LoraPart]) -> R) 
 }
 
 /// A whole frozen decoder layer as one op (CPU, f32): `h` `(b, t, hidden)` in, the new
-/// hidden states and the keys and values `(b, hk, p + t, d)` for the cache out. Adapters
+/// hidden states (`(1, keep.len(), hidden)` with [`AttendArgs::keep`]) and the keys and
+/// values `(b, hk, p + t, d)` for the cache out. Adapters
 /// on any of its projections (`parts`, possibly none) are added inside the op. With a graph, the
 /// backward ([`kernels::layer_backward`]) returns the gradient of `h` and, with adapters,
 /// of every `A` and `B`: the op then also takes the adapters' weights, flattened and
@@ -955,6 +956,9 @@ pub fn layer_segments(
     }
     if args.iter().any(|a| a.heads.batch != 1) {
         candle_core::bail!("segments in one pass have batch 1 each");
+    }
+    if args.iter().any(|a| a.keep.is_some()) {
+        candle_core::bail!("keeping some rows is for a single segment");
     }
     let h = h.contiguous()?;
     let ctxs = args.iter().map(LayerCtx::new).collect::<Result<Vec<_>>>()?;
