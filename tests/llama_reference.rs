@@ -407,14 +407,7 @@ fn fused_layers_match_the_op_by_op_path() {
         })
         .collect();
     let mask = farcer::model::llama::mask_from_allowed(&allowed, &dev, DType::F32).unwrap();
-    let w = Tensor::arange(0f32, (t * 268) as f32, &dev)
-        .unwrap()
-        .reshape((1, t, 268))
-        .unwrap()
-        .affine(1e-2, 0.0)
-        .unwrap()
-        .cos()
-        .unwrap();
+    let w = logit_weights(t, true);
     let pos = Positions {
         ids: None,
         mask: Some(&mask),
@@ -455,14 +448,7 @@ fn gradient_rows_before_grad_from_are_skipped_without_changing_the_rest() {
     // Logits at every row, so that no layer keeps only some rows (which computes every
     // row's gradient itself) and each layer's skip is seen.
     let at: Vec<usize> = (0..t).collect();
-    let w = Tensor::arange(0f32, (t * 268) as f32, &dev)
-        .unwrap()
-        .reshape((1, t, 268))
-        .unwrap()
-        .affine(1e-2, 0.0)
-        .unwrap()
-        .sin()
-        .unwrap();
+    let w = logit_weights(t, false);
     let grad = |llm: &farcer::model::Llm, fused: bool, pos: &Positions| {
         let (l, x) = forward_after_prefix(llm, fused, &prefix, &ids, pos, &at);
         let gs = (&l * &w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -544,18 +530,10 @@ fn gradient_rows_before_grad_from_are_skipped_without_changing_the_rest() {
 #[test]
 fn last_layer_on_the_asked_rows_only_changes_nothing() {
     let llm = tiny();
-    let dev = Device::Cpu;
     let prefix: Vec<u32> = vec![9, 4, 77];
     let ids: Vec<u32> = (0..11).map(|i| (i * 13 + 5) % 260).collect();
     let at = [9, 2, 9, 5];
-    let w = Tensor::arange(0f32, (at.len() * 268) as f32, &dev)
-        .unwrap()
-        .reshape((1, at.len(), 268))
-        .unwrap()
-        .affine(1e-2, 0.0)
-        .unwrap()
-        .cos()
-        .unwrap();
+    let w = logit_weights(at.len(), true);
     let run = |fused: bool| {
         let (l, x) = forward_after_prefix(&llm, fused, &prefix, &ids, &Positions::default(), &at);
         let g = (&l * &w).unwrap().sum_all().unwrap().backward().unwrap();

@@ -194,14 +194,7 @@ fn fused_layers_with_adapters_match_the_op_by_op_path() {
     // layer op (q/k/v, o, gate/up, down), with dropout.
     let (llm, vars) = tiny_with_every_adapter(4);
     let ids = PEFT_IDS();
-    let w = Tensor::arange(0f32, (ids.len() * 268) as f32, &Device::Cpu)
-        .unwrap()
-        .reshape((1, ids.len(), 268))
-        .unwrap()
-        .affine(1e-2, 0.0)
-        .unwrap()
-        .sin()
-        .unwrap();
+    let w = logit_weights(ids.len(), false);
     let run = |fused: bool| {
         let model = llm.model.clone().with_backend(backend(fused)).unwrap();
         let x = candle_core::Var::from_tensor(&model.embed(&ids).unwrap().unsqueeze(0).unwrap())

@@ -231,3 +231,15 @@ pub fn logits_at_every_position(llm: &farcer::model::Llm, ids: &[u32]) -> Tensor
         .i(0)
         .unwrap()
 }
+
+/// Smooth, varied weights `(1, rows, 268)` (the tiny models' vocabulary) to sum logits
+/// with, so that every logit gets its own gradient: `sin` or `cos` of `0.01 i`.
+pub fn logit_weights(rows: usize, cos: bool) -> Tensor {
+    let x = Tensor::arange(0f32, (rows * 268) as f32, &candle_core::Device::Cpu)
+        .unwrap()
+        .reshape((1, rows, 268))
+        .unwrap()
+        .affine(1e-2, 0.0)
+        .unwrap();
+    if cos { x.cos() } else { x.sin() }.unwrap()
+}
