@@ -57,8 +57,9 @@ pub struct LayerInput<'a> {
     pub keep: Option<&'a [usize]>,
 }
 
-/// Rows `rows` of `x` (rows of width `w`) in `blocks` consecutive blocks of `t` rows.
-fn gather_rows(x: &[f32], blocks: usize, t: usize, rows: &[usize], w: usize) -> Vec<f32> {
+/// Rows `rows` of `x` (rows of width `w`) in `blocks` consecutive blocks of `t` rows:
+/// some query rows of every head, or some positions of every image.
+pub fn gather_rows(x: &[f32], blocks: usize, t: usize, rows: &[usize], w: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(blocks * rows.len() * w);
     for b in 0..blocks {
         for &r in rows {
@@ -84,10 +85,12 @@ fn scatter_rows(x: &[f32], blocks: usize, t: usize, rows: &[usize], w: usize) ->
 }
 
 /// The rows the backward of a layer may skip: `a.grad_from` when skipping them cannot
-/// change the gradient of any later row or of any adapter, else 0.
+/// change the gradient of any later row or of any adapter, else 0. A layer that kept
+/// some rows skips none: every row has a key and value, so every row gets a gradient
+/// through them.
 fn skippable_rows(a: &LayerInput, parts: &[LoraPart]) -> usize {
     let g = a.grad_from;
-    if g == 0 || g >= a.t || !parts.is_empty() || a.heads.batch != 1 {
+    if g == 0 || g >= a.t || !parts.is_empty() || a.heads.batch != 1 || a.keep.is_some() {
         return 0;
     }
     let s = a.p + a.t;
@@ -105,16 +108,6 @@ fn skippable_rows(a: &LayerInput, parts: &[LoraPart]) -> usize {
     } else {
         0
     }
-}
-
-/// Rows `g ..` of each `(rows, t)` block of `x` (rows of width `w` each), one block after
-/// another: the later query rows of every head.
-fn tail_rows(x: &[f32], blocks: usize, t: usize, g: usize, w: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(blocks * (t - g) * w);
-    for b in 0..blocks {
-        out.extend_from_slice(&x[(b * t + g) * w..(b + 1) * t * w]);
-    }
-    out
 }
 
 /// A layer's new hidden states (the kept rows only, with [`LayerInput::keep`]), keys and
@@ -202,18 +195,15 @@ fn layer_after_qkv(
     }
     assert_eq!(off, n, "the segments cover every row");
     assert!(
-        segs.len() == 1 || segs.iter().all(|a| a.keep.is_none()),
-        "keeping rows needs a single segment"
+        segs.iter().all(|a| a.keep.is_none())
+            || (segs.len() == 1 && hs0.batch == 1 && parts.is_empty()),
+        "keeping rows needs one segment, batch 1 and no adapters"
     );
     // From here on, the rows that go on.
     let kept;
     let (h, n) = match segs[0].keep {
         None => (h, n),
         Some(keep) => {
-            assert!(
-                segs.len() == 1 && hs0.batch == 1 && parts.is_empty(),
-                "keeping rows needs one segment, batch 1 and no adapters"
-            );
             kept = gather_rows(h, 1, n, keep, dim);
             (&kept[..], keep.len())
         }
@@ -344,10 +334,10 @@ fn layer_after_qkv_backward(
             a.t,
         )
     } else {
-        let d = hs.head_dim;
+        let later: Vec<usize> = (g..a.t).collect();
         (
-            tail_rows(&s.q, hs.heads, a.t, g, d).into(),
-            tail_rows(&s.lse, hs.heads, a.t, g, 1).into(),
+            gather_rows(&s.q, hs.heads, a.t, &later, hs.head_dim).into(),
+            gather_rows(&s.lse, hs.heads, a.t, &later, 1).into(),
             &s.att[g * hd..],
             a.t - g,
         )
@@ -612,13 +602,7 @@ pub fn layer_backward(
     parts: &[LoraPart],
     dout: &[f32],
 ) -> (Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>) {
-    // A layer that kept some rows gets their gradients only; every row has a key and
-    // value, so every row gets a gradient through them.
-    let g = if a.keep.is_some() {
-        0
-    } else {
-        skippable_rows(a, parts)
-    };
+    let g = skippable_rows(a, parts);
     let dim = w.hidden;
     let n = h.len() / dim - g;
     let wd = a.heads.width();

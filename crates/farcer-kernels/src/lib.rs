@@ -27,8 +27,8 @@ pub use activation::{gelu_erf, swiglu, swiglu_grad};
 pub use attention::{attention, attention_grad};
 pub use gemm::{linear, linear_acc, linear_gelu, matmul_nn, matmul_nt};
 pub use layer::{
-    layer_backward, layer_forward, layer_forward_segments, LayerInput, LayerOutput, LayerSaved,
-    LayerWeights, LoraPart, LoraSaved, SegmentKv, Site,
+    gather_rows, layer_backward, layer_forward, layer_forward_segments, LayerInput, LayerOutput,
+    LayerSaved, LayerWeights, LoraPart, LoraSaved, SegmentKv, Site,
 };
 pub use norm::{layer_norm, rms_norm, rms_norm_grad};
 pub use rope::{split_rope, split_rope_grad, Heads};

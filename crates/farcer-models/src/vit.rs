@@ -306,25 +306,24 @@ impl ViT {
         let mut x = Tensor::cat(&[&cls, &emb], 1)?.broadcast_add(&self.pos)?;
         let heads = c.num_attention_heads;
         let fused: Option<Vec<_>> = self.layers.iter().map(|l| l.fused(heads)).collect();
+        // The last layer carries only the CLS rows when asked; with no layer, they are
+        // taken at the end.
+        let last = self.layers.len().saturating_sub(1);
+        let narrowed = cls_only && !self.layers.is_empty();
         if let (Backend::Kernels, Some(fused)) = (self.backend, fused) {
             // The residual stream stays one vector through all layers.
-            let dims = x.dims3()?;
+            let (b, t, d) = x.dims3()?;
             let mut v = x.flatten_all()?.to_vec1::<f32>()?;
-            let last = fused.len().saturating_sub(1);
             for (i, l) in fused.iter().enumerate() {
-                v = frozen::vit_layer(v, dims, l, cls_only && i == last)?;
+                v = frozen::vit_layer(v, (b, t, d), l, cls_only && i == last)?;
             }
-            if cls_only && !fused.is_empty() {
-                return Tensor::from_vec(v, (dims.0, 1, dims.2), x.device());
+            x = Tensor::from_vec(v, (b, if narrowed { 1 } else { t }, d), x.device())?;
+        } else {
+            for (i, l) in self.layers.iter().enumerate() {
+                x = l.forward(&x, heads, cls_only && i == last)?;
             }
-            let h = Tensor::from_vec(v, dims, x.device())?;
-            return if cls_only { h.narrow(1, 0, 1) } else { Ok(h) };
         }
-        let last = self.layers.len().saturating_sub(1);
-        for (i, l) in self.layers.iter().enumerate() {
-            x = l.forward(&x, heads, cls_only && i == last)?;
-        }
-        if cls_only && self.layers.is_empty() {
+        if cls_only && !narrowed {
             x = x.narrow(1, 0, 1)?;
         }
         Ok(x)

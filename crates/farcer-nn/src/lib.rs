@@ -1042,17 +1042,8 @@ pub fn vit_layer(
     drop(qkv);
     // The rows that go on: all of them, or each image's first (`q` is `(b, h, t, hd)`).
     let (q, tq) = if cls_only {
-        let q = q
-            .chunks_exact(t * hd)
-            .flat_map(|c| &c[..hd])
-            .copied()
-            .collect();
-        x = x
-            .chunks_exact(t * d)
-            .flat_map(|c| &c[..d])
-            .copied()
-            .collect();
-        (q, 1)
+        x = kernels::gather_rows(&x, b, t, &[0], d);
+        (kernels::gather_rows(&q, b * h, t, &[0], hd), 1)
     } else {
         (q, t)
     };
