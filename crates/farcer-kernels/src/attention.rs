@@ -2,25 +2,25 @@
 //! backward), skipping key blocks a causal mask hides.
 
 use crate::gemm::gemm_raw;
-use crate::math::exp_approx;
+use crate::math::{exp_approx, lane_dot};
 use crate::rope::Heads;
 use crate::util::{uninit, SendPtr};
 use rayon::prelude::*;
 
 multiversion! {
-    /// `row <- exp(row + mask - shift)`, returning the sum of the new row.
-    pub(crate) fn exp_shift_sum(row: &mut [f32], shift: f32) -> f32 {
+    /// `row <- exp((row - shift) scale)`, returning the sum of the new row.
+    pub(crate) fn exp_shift_sum(row: &mut [f32], shift: f32, scale: f32) -> f32 {
         let mut acc = [0f32; 16];
         let mut chunks = row.chunks_exact_mut(16);
         for c in &mut chunks {
             for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
-                *v = exp_approx(*v - shift);
+                *v = exp_approx((*v - shift) * scale);
                 *a += *v;
             }
         }
         let mut sum = 0f32;
         for v in chunks.into_remainder() {
-            *v = exp_approx(*v - shift);
+            *v = exp_approx((*v - shift) * scale);
             sum += *v;
         }
         sum + acc.iter().sum::<f32>()
@@ -78,6 +78,13 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `sum(a * b)`, in vectors.
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        lane_dot(a, b)
+    }
+}
+
 /// Query rows per attention task.
 pub(crate) const BLOCK: usize = 64;
 
@@ -101,9 +108,16 @@ pub(crate) fn block_extents(mask: Option<&[f32]>, t: usize, s: usize) -> Vec<usi
 }
 
 /// Scores `q_b k^T` `(tb, se)` of a block of `tb` query rows against the first `se` keys
-/// (`q_b` `(tb, d)`, `k` `(s, d)`), on the calling thread (the blocks run in parallel).
-pub(crate) fn block_scores(qb: &[f32], k: &[f32], tb: usize, se: usize, d: usize) -> Vec<f32> {
-    assert!(qb.len() >= tb * d && k.len() >= se * d);
+/// (`q_b` `(tb, d)` with row stride `q_rs`, `k` `(s, d)` with row stride `k_rs`), on the
+/// calling thread (the blocks run in parallel).
+pub(crate) fn block_scores(
+    (qb, q_rs): (&[f32], usize),
+    (k, k_rs): (&[f32], usize),
+    tb: usize,
+    se: usize,
+    d: usize,
+) -> Vec<f32> {
+    assert!(qb.len() >= (tb - 1) * q_rs + d && k.len() >= (se - 1) * k_rs + d);
     let mut p = uninit(tb * se);
     unsafe {
         gemm_raw(
@@ -114,15 +128,54 @@ pub(crate) fn block_scores(qb: &[f32], k: &[f32], tb: usize, se: usize, d: usize
             se,
             false,
             qb.as_ptr(),
-            d,
+            q_rs,
             1,
             k.as_ptr(),
             1,
-            d,
+            k_rs,
             gemm::Parallelism::None,
         )
     };
     p
+}
+
+/// Where one attention operand's rows lie in its buffer: row `r` of head `hh` (a key or
+/// value head for `k`, `v`) in batch `bi` starts at `off + bi batch + hh head + r row`.
+/// Lets attention read q, k and v straight out of a fused q/k/v product.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows {
+    pub off: usize,
+    pub batch: usize,
+    pub head: usize,
+    pub row: usize,
+}
+
+impl Rows {
+    /// The split layout `(b, heads, t, d)`.
+    pub fn split(heads: usize, t: usize, d: usize) -> Self {
+        Rows {
+            off: 0,
+            batch: heads * t * d,
+            head: t * d,
+            row: d,
+        }
+    }
+
+    /// Operand `which` (0 q, 1 k, 2 v) of a fused product `(b, t, (h + 2 hk) d)`, with
+    /// no grouping (`h == hk`): the layout a ViT's one q/k/v GEMM writes.
+    pub fn fused(which: usize, h: usize, t: usize, d: usize) -> Self {
+        let w = 3 * h * d;
+        Rows {
+            off: which * h * d,
+            batch: t * w,
+            head: d,
+            row: w,
+        }
+    }
+
+    fn start(&self, bi: usize, hh: usize, r: usize) -> usize {
+        self.off + bi * self.batch + hh * self.head + r * self.row
+    }
 }
 
 /// `softmax(q k^T + mask) v` for grouped queries. `q` `(b, h, t, d)` (already scaled),
@@ -137,7 +190,38 @@ pub fn attention(
     t: usize,
     s: usize,
 ) -> (Vec<f32>, Vec<f32>) {
+    let (qr, kr) = (
+        Rows::split(hs.heads, t, hs.head_dim),
+        Rows::split(hs.kv_heads, s, hs.head_dim),
+    );
+    attention_rows((q, qr), (k, kr), (v, kr), mask, hs, t, s, 1.0)
+}
+
+/// [`attention`] on operands laid out as [`Rows`] says (a fused q/k/v product needs no
+/// split into heads), with the scores scaled by `scale` (1 when `q` already is; a mask
+/// then must be 1, as the scale would apply to it too).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_rows(
+    (q, qr): (&[f32], Rows),
+    (k, kr): (&[f32], Rows),
+    (v, vr): (&[f32], Rows),
+    mask: Option<&[f32]>,
+    hs: Heads,
+    t: usize,
+    s: usize,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
     let _span = crate::profile::span(crate::profile::Part::Attention, 0.0);
+    assert!(
+        mask.is_none() || scale == 1.0,
+        "a scaled attention takes no mask"
+    );
+    if t > 0 && s > 0 {
+        let (bl, hl, hkl) = (hs.batch - 1, hs.heads - 1, hs.kv_heads - 1);
+        assert!(q.len() >= qr.start(bl, hl, t - 1) + hs.head_dim);
+        assert!(k.len() >= kr.start(bl, hkl, s - 1) + hs.head_dim);
+        assert!(v.len() >= vr.start(bl, hkl, s - 1) + hs.head_dim);
+    }
     let Heads {
         batch: b,
         heads: h,
@@ -153,12 +237,14 @@ pub fn attention(
     (0..b * h * nblk).into_par_iter().for_each(|job| {
         let (bh, blk) = (job / nblk, job % nblk);
         let (bi, hi) = (bh / h, bh % h);
-        let kvh = bi * hk + hi / rep;
         let t0 = blk * BLOCK;
         let tb = BLOCK.min(t - t0);
         let se = ext[blk];
-        let qb = &q[((bi * h + hi) * t + t0) * d..];
-        let (kb, vb) = (&k[kvh * s * d..], &v[kvh * s * d..]);
+        let qb = &q[qr.start(bi, hi, t0)..];
+        let (kb, vb) = (
+            &k[kr.start(bi, hi / rep, 0)..],
+            &v[vr.start(bi, hi / rep, 0)..],
+        );
         let dst = unsafe { op.get().add((bi * t + t0) * h * d + hi * d) };
         let lse_b =
             unsafe { std::slice::from_raw_parts_mut(lp.get().add((bi * h + hi) * t + t0), tb) };
@@ -169,7 +255,7 @@ pub fn attention(
             }
             return;
         }
-        let mut p = block_scores(qb, kb, tb, se, d);
+        let mut p = block_scores((qb, qr.row), (kb, kr.row), tb, se, d);
         let mut inv = [0f32; BLOCK];
         for r in 0..tb {
             let row = &mut p[r * se..][..se];
@@ -183,9 +269,9 @@ pub fn attention(
                 lse_b[r] = f32::NEG_INFINITY;
                 continue;
             }
-            let sum = exp_shift_sum(row, max);
+            let sum = exp_shift_sum(row, max, scale);
             inv[r] = 1.0 / sum;
-            lse_b[r] = max + sum.ln();
+            lse_b[r] = max * scale + sum.ln();
         }
         // Output rows (tb, d) = p @ v, written with the row stride of (b, t, h d).
         unsafe {
@@ -200,7 +286,7 @@ pub fn attention(
                 se,
                 1,
                 vb.as_ptr(),
-                d,
+                vr.row,
                 1,
                 gemm::Parallelism::None,
             );
@@ -261,7 +347,7 @@ pub fn attention_grad(
                 return (kvh, 0, Vec::new(), Vec::new());
             }
             // P (tb, se) recomputed; dP = dO V^T; dS = P (dP - rowsum(dO O)).
-            let mut p = block_scores(qb, kb, tb, se, d);
+            let mut p = block_scores((qb, d), (kb, d), tb, se, d);
             let mut dp = uninit(tb * se);
             unsafe {
                 gemm_raw(
@@ -284,7 +370,7 @@ pub fn attention_grad(
             for r in 0..tb {
                 let o = &out[row0 + r * hd..][..d];
                 let g = &dout[row0 + r * hd..][..d];
-                let dsum: f32 = o.iter().zip(g).map(|(a, b)| a * b).sum();
+                let dsum = dot(o, g);
                 let l = lse[(bi * h + hi) * t + t0 + r];
                 let (pr, dpr) = (&mut p[r * se..][..se], &mut dp[r * se..][..se]);
                 if l == f32::NEG_INFINITY {

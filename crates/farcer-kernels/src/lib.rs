@@ -51,8 +51,13 @@ mod tests {
         assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_approx(-100.0), 0.0);
         let mut row = vec![1.0, 2.0, f32::NEG_INFINITY, 0.5];
-        let sum = exp_shift_sum(&mut row, 2.0);
+        let sum = exp_shift_sum(&mut row, 2.0, 1.0);
         let want: f32 = [-1f32, 0.0, -1.5].iter().map(|x| x.exp()).sum();
+        assert!((sum - want).abs() < 1e-6 && row[2] == 0.0);
+        // With a scale, on the shifted scores.
+        let mut row = vec![1.0, 2.0, f32::NEG_INFINITY, 0.5];
+        let sum = exp_shift_sum(&mut row, 2.0, 0.125);
+        let want: f32 = [-0.125f32, 0.0, -0.1875].iter().map(|x| x.exp()).sum();
         assert!((sum - want).abs() < 1e-6 && row[2] == 0.0);
     }
 
@@ -94,5 +99,80 @@ mod tests {
             f = (n as f64 / 2.0) / (x + f);
         }
         (-x * x).exp() / std::f64::consts::PI.sqrt() / (x + f)
+    }
+
+    /// Attention read straight from a fused q/k/v product (a ViT's), scaled in the
+    /// softmax, against softmax(q k^T / sqrt(d)) v in f64, written out here; all query
+    /// rows (more than one block) and each image's first row only.
+    #[test]
+    fn attention_on_a_fused_product_matches_the_plain_form() {
+        use crate::attention::{attention_rows, Rows};
+        let (b, h, t, d) = (2, 3, 70, 8);
+        let w = 3 * h * d;
+        let qkv: Vec<f32> = (0..b * t * w)
+            .map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 3.0)
+            .collect();
+        let hs = Heads {
+            batch: b,
+            heads: h,
+            kv_heads: h,
+            head_dim: d,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let at = |bi: usize, r: usize, which: usize, hi: usize, c: usize| {
+            qkv[(bi * t + r) * w + which * h * d + hi * d + c] as f64
+        };
+        // Output row `r` of image `bi`, every head, `(h d)`, and each head's log-sum-exp.
+        let plain = |bi: usize, r: usize| -> (Vec<f64>, Vec<f64>) {
+            let mut o = vec![0f64; h * d];
+            let mut lse = vec![0f64; h];
+            for hi in 0..h {
+                let sc: Vec<f64> = (0..t)
+                    .map(|j| {
+                        (0..d)
+                            .map(|c| at(bi, r, 0, hi, c) * at(bi, j, 1, hi, c))
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                lse[hi] = m + z.ln();
+                for c in 0..d {
+                    o[hi * d + c] = (0..t).map(|j| e[j] / z * at(bi, j, 2, hi, c)).sum();
+                }
+            }
+            (o, lse)
+        };
+        let rows = |which| Rows::fused(which, h, t, d);
+        for (tq, picked) in [(t, (0..t).collect::<Vec<_>>()), (1, vec![0])] {
+            let (out, lse) = attention_rows(
+                (&qkv, rows(0)),
+                (&qkv, rows(1)),
+                (&qkv, rows(2)),
+                None,
+                hs,
+                tq,
+                t,
+                scale,
+            );
+            assert_eq!((out.len(), lse.len()), (b * tq * h * d, b * h * tq));
+            let mut worst = 0f64;
+            for bi in 0..b {
+                for (i, &r) in picked.iter().enumerate() {
+                    let (want, want_lse) = plain(bi, r);
+                    let got = &out[(bi * tq + i) * h * d..][..h * d];
+                    for (g, w) in got.iter().zip(&want) {
+                        worst = worst.max((*g as f64 - w).abs());
+                    }
+                    for (hi, w) in want_lse.iter().enumerate() {
+                        let g = lse[(bi * h + hi) * tq + i] as f64;
+                        worst = worst.max((g - w).abs());
+                    }
+                }
+            }
+            assert!(worst < 1e-5, "{tq} query rows: max abs error {worst}");
+        }
     }
 }

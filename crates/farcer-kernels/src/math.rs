@@ -39,3 +39,31 @@ pub(crate) fn erf_approx(x: f32) -> f32 {
     let y = 1.0 - poly * exp_approx(-a * a);
     y.copysign(x)
 }
+
+/// Sum of `x` in 16 lanes: a plain `iter().sum()` keeps the strict order of the adds and
+/// so one scalar add per value; lanes let the compiler use whole vectors.
+#[inline(always)]
+pub(crate) fn lane_sum(x: &[f32]) -> f32 {
+    lane_fold(x.len(), |i| x[i])
+}
+
+/// `sum(a * b)` in 16 lanes (see [`lane_sum`]).
+#[inline(always)]
+pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let b = &b[..a.len()];
+    lane_fold(a.len(), |i| a[i] * b[i])
+}
+
+/// `sum(f(i))` over `0..n` in 16 lanes, then the lanes and the tail.
+#[inline(always)]
+pub(crate) fn lane_fold(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let body = n / 16 * 16;
+    for c in (0..body).step_by(16) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(c + l);
+        }
+    }
+    let tail: f32 = (body..n).map(&f).sum();
+    acc.iter().sum::<f32>() + tail
+}

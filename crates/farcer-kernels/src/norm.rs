@@ -1,7 +1,56 @@
 //! RMSNorm (forward, backward) and LayerNorm.
 
+use crate::math::{lane_dot, lane_fold, lane_sum};
 use crate::util::uninit;
 use rayon::prelude::*;
+
+multiversion! {
+    /// One row of [`rms_norm`]: writes `y`, returns `r`.
+    fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) -> f32 {
+        let r = 1.0 / (lane_dot(x, x) / x.len() as f32 + eps).sqrt();
+        for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+            *y = x * r * w;
+        }
+        r
+    }
+}
+
+multiversion! {
+    /// One row of [`rms_norm_grad`].
+    fn rms_norm_grad_row(x: &[f32], w: &[f32], r: f32, dy: &[f32], dres: Option<&[f32]>, dx: &mut [f32]) {
+        let dim = x.len();
+        let (w, dy) = (&w[..dim], &dy[..dim]);
+        let gx = lane_fold(dim, |k| dy[k] * w[k] * x[k]);
+        let c = r * r * r * gx / dim as f32;
+        match dres {
+            Some(d) => {
+                let d = &d[..dim];
+                for k in 0..dim {
+                    dx[k] = d[k] + r * dy[k] * w[k] - x[k] * c;
+                }
+            }
+            None => {
+                for k in 0..dim {
+                    dx[k] = r * dy[k] * w[k] - x[k] * c;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// One row of [`layer_norm`] (two passes over the row for the variance, which stays
+    /// accurate when the mean is large).
+    fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+        let dim = x.len();
+        let mean = lane_sum(x) / dim as f32;
+        let var = lane_fold(dim, |k| (x[k] - mean) * (x[k] - mean)) / dim as f32;
+        let r = 1.0 / (var + eps).sqrt();
+        for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+            *y = (x - mean) * r * w + b;
+        }
+    }
+}
 
 /// RMSNorm of the rows of `x` `(n, dim)`: `y = x r w` with `r = 1 / rms(x)`; returns
 /// `y` and each row's `r` (for the backward).
@@ -14,13 +63,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, dim: usize) -> (Vec<f32>, Vec<f3
         .zip(r.par_iter_mut())
         .zip(x.par_chunks(dim))
         .with_min_len(8)
-        .for_each(|((y, r), x)| {
-            let ss: f32 = x.iter().map(|v| v * v).sum();
-            *r = 1.0 / (ss / dim as f32 + eps).sqrt();
-            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                *y = x * *r * w;
-            }
-        });
+        .for_each(|((y, r), x)| *r = rms_norm_row(x, w, eps, y));
     (y, r)
 }
 
@@ -42,13 +85,8 @@ pub fn rms_norm_grad(
         .with_min_len(8)
         .for_each(|(i, dx)| {
             let (x, dy) = (&x[i * dim..][..dim], &dy[i * dim..][..dim]);
-            let r = r[i];
-            let gx: f32 = dy.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum();
-            let c = r * r * r * gx / dim as f32;
             let dres = dres.map(|d| &d[i * dim..][..dim]);
-            for k in 0..dim {
-                dx[k] = dres.map_or(0.0, |d| d[k]) + r * dy[k] * w[k] - x[k] * c;
-            }
+            rms_norm_grad_row(x, w, r[i], dy, dres, dx);
         });
     dx
 }
@@ -61,13 +99,6 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, dim: usize) -> Vec<
     y.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
         .with_min_len(8)
-        .for_each(|(y, x)| {
-            let mean = x.iter().sum::<f32>() / dim as f32;
-            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
-            let r = 1.0 / (var + eps).sqrt();
-            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                *y = (x - mean) * r * w + b;
-            }
-        });
+        .for_each(|(y, x)| layer_norm_row(x, w, b, eps, y));
     y
 }

@@ -1037,19 +1037,28 @@ pub fn vit_layer(
         kv_heads: h,
         head_dim: hd,
     };
-    let scale = 1.0 / (hd as f32).sqrt();
-    let (q, k, v) = kernels::split_rope(&qkv, hs, t, &[], &[], scale, None, 0);
-    drop(qkv);
-    // The rows that go on: all of them, or each image's first (`q` is `(b, h, t, hd)`).
-    let (q, tq) = if cls_only {
+    // Attention reads q, k and v where the product wrote them (no split into heads); the
+    // rows that go on are all of them, or each image's first.
+    let tq = if cls_only {
         x = kernels::gather_rows(&x, b, t, &[0], d);
-        (kernels::gather_rows(&q, b * h, t, &[0], hd), 1)
+        1
     } else {
-        (q, t)
+        t
     };
     let n = b * tq;
-    let (att, _) = kernels::attention(&q, &k, &v, None, hs, tq, t);
-    drop((q, k, v));
+    let rows = |which| kernels::attention::Rows::fused(which, h, t, hd);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (att, _) = kernels::attention::attention_rows(
+        (&qkv, rows(0)),
+        (&qkv, rows(1)),
+        (&qkv, rows(2)),
+        None,
+        hs,
+        tq,
+        t,
+        scale,
+    );
+    drop(qkv);
     let acc = |y: &mut [f32], x: &[f32], (w, bias): (&Tensor, Option<&Tensor>), k, m| {
         let (wv, bv) = (view(w)?, bias.map(view).transpose()?);
         kernels::linear_acc(y, x, wv.s(), bv.as_ref().map(|b| b.s()), n, k, m);
