@@ -161,12 +161,12 @@ impl Rows {
         }
     }
 
-    /// Operand `which` (0 q, 1 k, 2 v) of a fused product `(b, t, (h + 2 hk) d)`, with
-    /// no grouping (`h == hk`): the layout a ViT's one q/k/v GEMM writes.
-    pub fn fused(which: usize, h: usize, t: usize, d: usize) -> Self {
-        let w = 3 * h * d;
+    /// Operand `which` (0 q, 1 k, 2 v) of a fused product `(b, t, (h + 2 hk) d)` (`h`
+    /// query heads, `hk` key and value heads): the layout one q/k/v GEMM writes.
+    pub fn fused(which: usize, h: usize, hk: usize, t: usize, d: usize) -> Self {
+        let w = (h + 2 * hk) * d;
         Rows {
-            off: which * h * d,
+            off: [0, h, h + hk][which] * d,
             batch: t * w,
             head: d,
             row: w,
@@ -175,6 +175,17 @@ impl Rows {
 
     fn start(&self, bi: usize, hh: usize, r: usize) -> usize {
         self.off + bi * self.batch + hh * self.head + r * self.row
+    }
+
+    /// One past the last value read for `batch` batches of `heads` heads of `rows` rows of
+    /// `d` values (each count at least 1); `None` on overflow.
+    fn end(&self, batch: usize, heads: usize, rows: usize, d: usize) -> Option<usize> {
+        let last = |n: usize, stride: usize| (n - 1).checked_mul(stride);
+        last(batch, self.batch)?
+            .checked_add(last(heads, self.head)?)?
+            .checked_add(last(rows, self.row)?)?
+            .checked_add(self.off)?
+            .checked_add(d)
     }
 }
 
@@ -198,8 +209,9 @@ pub fn attention(
 }
 
 /// [`attention`] on operands laid out as [`Rows`] says (a fused q/k/v product needs no
-/// split into heads), with the scores scaled by `scale` (1 when `q` already is; a mask
-/// then must be 1, as the scale would apply to it too).
+/// split into heads), with the scores scaled by `scale` (1 when `q` already is). A mask
+/// needs `scale == 1` (it would be scaled too). The log-sum-exp is of the scaled scores;
+/// [`attention_grad`] recomputes unscaled ones, so it pairs only with `scale == 1`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_rows(
     (q, qr): (&[f32], Rows),
@@ -216,18 +228,25 @@ pub fn attention_rows(
         mask.is_none() || scale == 1.0,
         "a scaled attention takes no mask"
     );
-    if t > 0 && s > 0 {
-        let (bl, hl, hkl) = (hs.batch - 1, hs.heads - 1, hs.kv_heads - 1);
-        assert!(q.len() >= qr.start(bl, hl, t - 1) + hs.head_dim);
-        assert!(k.len() >= kr.start(bl, hkl, s - 1) + hs.head_dim);
-        assert!(v.len() >= vr.start(bl, hkl, s - 1) + hs.head_dim);
-    }
+    assert!(scale > 0.0 && scale.is_finite(), "attention scale {scale}");
     let Heads {
         batch: b,
         heads: h,
         kv_heads: hk,
         head_dim: d,
     } = hs;
+    assert!(hk > 0 && h % hk == 0, "{h} query heads over {hk} key heads");
+    if b > 0 && h > 0 && t > 0 && s > 0 {
+        let fits = |x: &[f32], r: Rows, heads, rows| {
+            r.end(b, heads, rows, d).is_some_and(|e| e <= x.len())
+        };
+        assert!(fits(q, qr, h, t), "queries out of bounds");
+        assert!(fits(k, kr, hk, s), "keys out of bounds");
+        assert!(fits(v, vr, hk, s), "values out of bounds");
+    }
+    if let Some(m) = mask {
+        assert!(m.len() >= t * s, "mask shorter than ({t}, {s})");
+    }
     let rep = h / hk;
     let ext = block_extents(mask, t, s);
     let nblk = ext.len();

@@ -24,7 +24,7 @@ pub mod profile;
 pub mod rope;
 
 pub use activation::{gelu_erf, swiglu, swiglu_grad};
-pub use attention::{attention, attention_grad};
+pub use attention::{attention, attention_grad, attention_rows, Rows};
 pub use gemm::{linear, linear_acc, linear_gelu, matmul_nn, matmul_nt};
 pub use layer::{
     gather_rows, layer_backward, layer_forward, layer_forward_segments, LayerInput, LayerOutput,
@@ -101,26 +101,39 @@ mod tests {
         (-x * x).exp() / std::f64::consts::PI.sqrt() / (x + f)
     }
 
-    /// Attention read straight from a fused q/k/v product (a ViT's), scaled in the
-    /// softmax, against softmax(q k^T / sqrt(d)) v in f64, written out here; all query
-    /// rows (more than one block) and each image's first row only.
+    /// Attention read straight from a fused q/k/v product, scaled in the softmax, against
+    /// softmax(q k^T / sqrt(d)) v in f64, written out here: without grouping (a ViT's)
+    /// and with two query heads per key head; all query rows (more than one block) and
+    /// each image's first row only.
     #[test]
     fn attention_on_a_fused_product_matches_the_plain_form() {
-        use crate::attention::{attention_rows, Rows};
-        let (b, h, t, d) = (2, 3, 70, 8);
-        let w = 3 * h * d;
+        for (h, hk) in [(3, 3), (4, 2)] {
+            fused_attention_case(h, hk);
+        }
+    }
+
+    fn fused_attention_case(h: usize, hk: usize) {
+        let (b, t, d) = (2, 70, 8);
+        let w = (h + 2 * hk) * d;
         let qkv: Vec<f32> = (0..b * t * w)
             .map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 3.0)
             .collect();
         let hs = Heads {
             batch: b,
             heads: h,
-            kv_heads: h,
+            kv_heads: hk,
             head_dim: d,
         };
         let scale = 1.0 / (d as f32).sqrt();
+        // Value `c` of row `r` of image `bi` in query head `hi` (its key and value head
+        // for `which` 1 and 2).
         let at = |bi: usize, r: usize, which: usize, hi: usize, c: usize| {
-            qkv[(bi * t + r) * w + which * h * d + hi * d + c] as f64
+            let col = match which {
+                0 => hi * d,
+                1 => (h + hi / (h / hk)) * d,
+                _ => (h + hk + hi / (h / hk)) * d,
+            };
+            qkv[(bi * t + r) * w + col + c] as f64
         };
         // Output row `r` of image `bi`, every head, `(h d)`, and each head's log-sum-exp.
         let plain = |bi: usize, r: usize| -> (Vec<f64>, Vec<f64>) {
@@ -145,7 +158,7 @@ mod tests {
             }
             (o, lse)
         };
-        let rows = |which| Rows::fused(which, h, t, d);
+        let rows = |which| Rows::fused(which, h, hk, t, d);
         for (tq, picked) in [(t, (0..t).collect::<Vec<_>>()), (1, vec![0])] {
             let (out, lse) = attention_rows(
                 (&qkv, rows(0)),
@@ -172,7 +185,35 @@ mod tests {
                     }
                 }
             }
-            assert!(worst < 1e-5, "{tq} query rows: max abs error {worst}");
+            assert!(
+                worst < 1e-5,
+                "({h}, {hk}) heads, {tq} query rows: max abs error {worst}"
+            );
         }
+    }
+
+    /// Operands that do not fit their layout are refused before any is read.
+    #[test]
+    #[should_panic(expected = "values out of bounds")]
+    fn attention_refuses_operands_shorter_than_their_layout() {
+        let (h, t, d) = (2, 5, 4);
+        let hs = Heads {
+            batch: 1,
+            heads: h,
+            kv_heads: h,
+            head_dim: d,
+        };
+        let qkv = vec![0.5f32; t * 3 * h * d];
+        let rows = |which| Rows::fused(which, h, h, t, d);
+        attention_rows(
+            (&qkv, rows(0)),
+            (&qkv, rows(1)),
+            (&qkv[..qkv.len() - 1], rows(2)),
+            None,
+            hs,
+            t,
+            t,
+            0.5,
+        );
     }
 }

@@ -23,8 +23,7 @@ impl Heads {
 /// Splits the fused projection `qkv` `(b * t, (h + 2 hk) d)` into `q` `(b, h, t, d)`
 /// (rotated and multiplied by `scale`) and the keys and values `(b, hk, p + t, d)`:
 /// the `p` cached past rows of `past` (`(b, hk, p, d)` each) then the new rows (keys
-/// rotated). RoPE in the half-split convention, `cos`/`sin` `(t, d / 2)`; empty tables
-/// mean no rotation.
+/// rotated). RoPE in the half-split convention, `cos`/`sin` `(t, d / 2)`.
 #[allow(clippy::too_many_arguments)]
 pub fn split_rope(
     qkv: &[f32],
@@ -81,11 +80,6 @@ pub fn split_rope(
             let out = &mut dst[ti * d..][..d];
             if !rot {
                 out.copy_from_slice(src);
-                continue;
-            }
-            if cos.is_empty() {
-                // No rotary embedding (a ViT): only the scale.
-                out.iter_mut().zip(src).for_each(|(o, x)| *o = x * sc);
                 continue;
             }
             let (c, sn) = (&cos[ti * half..][..half], &sin[ti * half..][..half]);

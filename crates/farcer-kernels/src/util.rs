@@ -31,8 +31,9 @@ pub(crate) fn parallelism() -> gemm::Parallelism {
     }
 }
 
-/// Compiles `$body` (a closure-free loop over slices) for AVX-512, AVX2+FMA and the
-/// baseline, and runs the best one this CPU has.
+/// Compiles `$body` (loops over slices; whatever it calls must be `#[inline(always)]` to
+/// be compiled with it) for AVX-512, AVX2+FMA and the baseline, and runs the best one
+/// this CPU has.
 macro_rules! multiversion {
     ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$attr])*

@@ -1046,9 +1046,9 @@ pub fn vit_layer(
         t
     };
     let n = b * tq;
-    let rows = |which| kernels::attention::Rows::fused(which, h, t, hd);
+    let rows = |which| kernels::Rows::fused(which, h, h, t, hd);
     let scale = 1.0 / (hd as f32).sqrt();
-    let (att, _) = kernels::attention::attention_rows(
+    let (att, _) = kernels::attention_rows(
         (&qkv, rows(0)),
         (&qkv, rows(1)),
         (&qkv, rows(2)),
