@@ -1,28 +1,33 @@
 //! Which GEMM runs the CPU kernels' products, chosen once per process from
 //! `FARCER_GEMM`:
-//! - `auto` (the default): when OpenBLAS can be opened (`scripts/setup` installs it),
-//!   each class of product goes to whichever of it and the `gemm` crate ran that class
-//!   faster in a calibration of a few seconds, cached per CPU, library and thread count
-//!   under `$FARCER_HOME/gemm/`; `auto:mkl` (or `auto:<path>`) calibrates another library.
+//! - `auto` (the default): on an Intel CPU with MKL (`scripts/setup` installs it), MKL
+//!   for every product. Elsewhere each class of product goes to whichever of the `gemm`
+//!   crate and the CBLAS libraries that open (OpenBLAS, MKL) ran that class fastest in a
+//!   calibration of about ten seconds, and a linear layer's forward reads its weight in
+//!   the layout that ran faster; cached per CPU, libraries and thread count under
+//!   `$FARCER_HOME/gemm/`. `auto:mkl` (or `auto:<path>`) calibrates one library only.
 //!   Without a library, the crate for everything.
 //! - `gemm`: the crate for everything (the portable fallback).
 //! - `openblas`, `mkl`, or a path to a CBLAS `.so`: that library for every product it
-//!   can take (MKL's PyPI wheel: set `MKLROOT` to the environment that holds it).
+//!   can take (MKL: the copy under `$FARCER_HOME/mkl`, or `MKLROOT`'s).
 
 use crate::util::{farcer_home, sha256_bytes, write_atomic};
 use crate::{Error, Result};
 use farcer_kernels::blas::{self, Choice};
 
+/// One field of the first CPU in `/proc/cpuinfo` (empty where there is none).
+fn cpu_field(k: &str) -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find(|l| l.split(':').next().is_some_and(|f| f.trim() == k))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// The CPU's model and vector flags, which the calibration depends on.
 fn cpu_id() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |k: &str| {
-        info.lines()
-            .find(|l| l.split(':').next().is_some_and(|f| f.trim() == k))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_default()
-    };
+    let field = cpu_field;
     let flags = field("flags");
     let flags: Vec<&str> = flags
         .split_whitespace()
@@ -37,27 +42,70 @@ pub fn choose_from_env(log: &dyn Fn(&str)) -> Result<String> {
     let spec = std::env::var("FARCER_GEMM").unwrap_or_else(|_| "auto".into());
     let choice = match spec.as_str() {
         "" | "gemm" => Choice::crate_only(),
-        auto if auto == "auto" || auto.starts_with("auto:") => {
-            let lib = auto.strip_prefix("auto:").unwrap_or("openblas");
-            match blas::open(lib) {
-                Ok(l) => calibrated(l, log)?,
-                // No OpenBLAS here: the crate, as without FARCER_GEMM.
-                Err(_) if auto == "auto" => Choice::crate_only(),
+        "auto" => {
+            let mkl = blas::open(&mkl_spec()).ok();
+            match mkl {
+                // Intel's library on Intel's CPU: every product. On a Xeon with
+                // AVX-512 it ran a 128-token step 20% faster than the calibrated mix,
+                // which times each class alone and misses it (BENCHMARKS.md).
+                Some(mkl) if cpu_field("vendor_id") == "GenuineIntel" => Choice::everywhere(mkl),
+                _ => {
+                    // Every library that opens; none: the crate, as without FARCER_GEMM.
+                    let libs: Vec<_> = blas::open("openblas").ok().into_iter().chain(mkl).collect();
+                    if libs.is_empty() {
+                        Choice::crate_only()
+                    } else {
+                        calibrated(&libs, log)?
+                    }
+                }
+            }
+        }
+        auto if auto.starts_with("auto:") => {
+            let lib = &auto["auto:".len()..];
+            let lib = if lib == "mkl" { mkl_spec() } else { lib.into() };
+            match blas::open(&lib) {
+                Ok(l) => calibrated(&[l], log)?,
                 Err(e) => return Err(Error::msg(format!("FARCER_GEMM={auto}: {e}"))),
             }
         }
-        lib => Choice::everywhere(
-            blas::open(lib).map_err(|e| Error::msg(format!("FARCER_GEMM={lib}: {e}")))?,
-        ),
+        lib => {
+            let spec = if lib == "mkl" { mkl_spec() } else { lib.into() };
+            Choice::everywhere(
+                blas::open(&spec).map_err(|e| Error::msg(format!("FARCER_GEMM={lib}: {e}")))?,
+            )
+        }
     };
     let words = choice.describe();
     blas::set_choice(choice);
     Ok(words)
 }
 
-/// The cached calibration for this CPU, library and thread count, or a new one (saved).
-fn calibrated(lib: &'static blas::Cblas, log: &dyn Fn(&str)) -> Result<Choice> {
-    let key = format!("{}\n{}\nthreads {}\n", cpu_id(), lib.name, blas::threads());
+/// MKL as `blas::open` should look for it: the copy `scripts/setup` installs under
+/// `$FARCER_HOME/mkl` unless `MKLROOT` names another (or neither: the system's).
+fn mkl_spec() -> String {
+    if std::env::var_os("MKLROOT").is_none() {
+        let lib = farcer_home().join("mkl/lib");
+        for v in ["3", "2"] {
+            let f = lib.join(format!("libmkl_rt.so.{v}"));
+            if f.exists() {
+                return f.to_string_lossy().into_owned();
+            }
+        }
+    }
+    "mkl".into()
+}
+
+/// The cached calibration for this CPU, these libraries and the thread count, or a new
+/// one (saved).
+fn calibrated(libs: &[&'static blas::Cblas], log: &dyn Fn(&str)) -> Result<Choice> {
+    let names: Vec<&str> = libs.iter().map(|l| l.name.as_str()).collect();
+    // v2: one digit per class (which library), the forward's layout, three widths.
+    let key = format!(
+        "{}\n{}\nthreads {}\nv2\n",
+        cpu_id(),
+        names.join(", "),
+        blas::threads()
+    );
     let dir = farcer_home().join("gemm");
     let path = dir.join(format!("{}.txt", &sha256_bytes(key.as_bytes())[..16]));
     let cached = |quiet: bool| match std::fs::read_to_string(&path) {
@@ -65,7 +113,7 @@ fn calibrated(lib: &'static blas::Cblas, log: &dyn Fn(&str)) -> Result<Choice> {
             let c = text
                 .strip_prefix(&key)
                 .and_then(|rest| rest.lines().next())
-                .and_then(|t| Choice::from_table_text(lib, t));
+                .and_then(|t| Choice::from_table_text(libs, t));
             if c.is_none() && !quiet {
                 log(&format!(
                     "{}: not a GEMM calibration; measuring again",
@@ -118,30 +166,31 @@ fn calibrated(lib: &'static blas::Cblas, log: &dyn Fn(&str)) -> Result<Choice> {
             Err(_) => break false,
         }
     };
-    let c = calibrate_and_save(lib, log, &key, &dir, &path);
+    let c = calibrate_and_save(libs, log, &key, &dir, &path);
     if held {
         let _ = std::fs::remove_file(&lock);
     }
     Ok(c)
 }
 
-/// Measures `lib` against the crate and saves the table (a cache that cannot be written
+/// Measures `libs` against the crate and saves the table (a cache that cannot be written
 /// costs a calibration next time, not this command).
 fn calibrate_and_save(
-    lib: &'static blas::Cblas,
+    libs: &[&'static blas::Cblas],
     log: &dyn Fn(&str),
     key: &str,
     dir: &std::path::Path,
     path: &std::path::Path,
 ) -> Choice {
+    let names: Vec<&str> = libs.iter().map(|l| l.name.as_str()).collect();
     log(&format!(
         "calibrating GEMM: {} against the gemm crate (once for this CPU)",
-        lib.name
+        names.join(", ")
     ));
-    let (c, ratios) = Choice::calibrate(lib, 5);
+    let (c, ratios) = Choice::calibrate(libs, 3);
     let mut text = format!("{key}{}\n", c.table_text());
     for (class, r) in &ratios {
-        text.push_str(&format!("{class}: library/crate time {r:.3}\n"));
+        text.push_str(&format!("{class} time {r:.3}\n"));
     }
     let saved = std::fs::create_dir_all(dir)
         .map_err(|e| Error::msg(format!("{}: {e}", dir.display())))

@@ -97,43 +97,58 @@ fn blas_products_equal_a_plain_product() {
     }
 }
 
-/// A calibration's table reads back as the same choice; text that is not a table is
-/// refused.
+/// A calibration's table reads back as the same choice; text that is not a table (or
+/// names a library the choice does not have) is refused.
 fn calibration_table_reads_back() {
-    for lib in opened() {
-        let (c, ratios) = Choice::calibrate(lib, 1);
-        assert_eq!(ratios.len(), 18, "{ratios:?}");
-        assert!(
-            ratios.iter().all(|(_, r)| r.is_finite() && *r > 0.0),
-            "{ratios:?}"
-        );
-        let text = c.table_text();
-        let back = Choice::from_table_text(lib, &text).expect("its own table");
-        assert_eq!(back.table_text(), text);
-        assert_eq!(back.describe(), c.describe());
-        let all = Choice::from_table_text(lib, &"1".repeat(24)).unwrap();
-        assert!(
-            all.describe().contains("NN m<=256 k<=1024"),
-            "{}",
-            all.describe()
-        );
-        // Each position of the text is its own class: one '1' names exactly one class,
-        // and no two positions name the same one.
-        let mut seen = std::collections::HashSet::new();
-        for i in 0..24 {
-            let mut t = vec![b'0'; 24];
-            t[i] = b'1';
-            let t = String::from_utf8(t).unwrap();
-            let one = Choice::from_table_text(lib, &t).unwrap();
-            let d = one.describe();
-            let classes = d.split(" for ").nth(1).unwrap().split("; ").next().unwrap();
-            assert!(!classes.contains(", "), "{i}: {d}");
-            assert!(seen.insert(classes.to_string()), "{i} repeats {classes}");
-            assert_eq!(one.table_text(), t);
-        }
-        assert!(Choice::from_table_text(lib, "0101").is_none());
-        assert!(Choice::from_table_text(lib, &"2".repeat(24)).is_none());
+    let libs = opened();
+    let (c, ratios) = Choice::calibrate(&libs, 1);
+    // Three layouts x six (rows, inner) classes per library, and six forward classes.
+    assert_eq!(ratios.len(), 18 * libs.len() + 6, "{ratios:?}");
+    assert!(
+        ratios.iter().all(|(_, r)| r.is_finite() && *r > 0.0),
+        "{ratios:?}"
+    );
+    let text = c.table_text();
+    let back = Choice::from_table_text(&libs, &text).expect("its own table");
+    assert_eq!(back.table_text(), text);
+    assert_eq!(back.describe(), c.describe());
+    let zeros = |n| "0".repeat(n);
+    let all = Choice::from_table_text(&libs, &format!("{} {}", "1".repeat(24), zeros(6)));
+    let all = all.unwrap().describe();
+    assert!(all.contains("NN m<=256 k<=1024"), "{all}");
+    assert!(!all.contains("forwards"), "{all}");
+    // Each position of the text is its own class: one '1' names exactly one class,
+    // and no two positions name the same one; the same for the forward's classes.
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..24 {
+        let mut t = vec![b'0'; 24];
+        t[i] = b'1';
+        let t = format!("{} {}", String::from_utf8(t).unwrap(), zeros(6));
+        let one = Choice::from_table_text(&libs, &t).unwrap();
+        let d = one.describe();
+        let classes = d.split(" for ").nth(1).unwrap().split("; ").next().unwrap();
+        assert!(!classes.contains(", "), "{i}: {d}");
+        assert!(seen.insert(classes.to_string()), "{i} repeats {classes}");
+        assert_eq!(one.table_text(), t);
     }
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..6 {
+        let mut f = vec![b'0'; 6];
+        f[i] = b'1';
+        let t = format!("{} {}", zeros(24), String::from_utf8(f).unwrap());
+        let d = Choice::from_table_text(&libs, &t).unwrap().describe();
+        let classes = d
+            .split("forwards read weights as stored for ")
+            .nth(1)
+            .unwrap();
+        assert!(!classes.contains(", "), "{i}: {d}");
+        assert!(seen.insert(classes.to_string()), "{i} repeats {classes}");
+    }
+    assert!(Choice::from_table_text(&libs, "0101 000000").is_none());
+    assert!(Choice::from_table_text(&libs, &zeros(24)).is_none());
+    let past = char::from(b'1' + libs.len() as u8).to_string();
+    assert!(Choice::from_table_text(&libs, &format!("{} {}", past.repeat(24), zeros(6))).is_none());
+    assert!(Choice::from_table_text(&libs, &format!("{} {}", zeros(24), "2".repeat(6))).is_none());
 }
 
 /// The fused kernels' forward and backward with every product on the library agree with

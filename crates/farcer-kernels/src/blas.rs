@@ -69,13 +69,17 @@ fn symbol(handle: *mut c_void, name: &str) -> Option<*mut c_void> {
 fn candidates(spec: &str) -> Vec<String> {
     let mut v: Vec<String> = match spec {
         "openblas" => vec!["libopenblas.so.0".into(), "libopenblas.so".into()],
-        "mkl" => vec!["libmkl_rt.so.2".into(), "libmkl_rt.so".into()],
+        // MKL 2025 and earlier ship `.so.2`; its 2026 wheels, `.so.3`.
+        "mkl" => ["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"]
+            .map(String::from)
+            .to_vec(),
         path => return vec![path.to_string()],
     };
     // MKL from its PyPI wheel lives in a virtual environment's lib/; name it with MKLROOT.
     if spec == "mkl" {
         if let Ok(root) = std::env::var("MKLROOT") {
-            v.insert(0, format!("{root}/lib/libmkl_rt.so.2"));
+            let local = ["3", "2"].map(|n| format!("{root}/lib/libmkl_rt.so.{n}"));
+            v.splice(0..0, local);
         }
     }
     v
@@ -258,7 +262,8 @@ pub(crate) unsafe fn blas_gemm(
 /// to 1024, more) x inner size (up to 1024, more). Each class goes to one engine.
 const M_EDGES: [usize; 2] = [256, 1024];
 const K_EDGE: usize = 1024;
-type Table = [[[bool; 2]; 3]; 4];
+/// Per class: 0 for the crate, `i + 1` for the choice's library `i`.
+type Table = [[[u8; 2]; 3]; 4];
 
 fn class(m: usize, k: usize, a_t: bool, b_t: bool) -> (usize, usize, usize) {
     let layout = (a_t as usize) << 1 | b_t as usize;
@@ -268,91 +273,147 @@ fn class(m: usize, k: usize, a_t: bool, b_t: bool) -> (usize, usize, usize) {
 
 const LAYOUTS: [&str; 4] = ["NN", "NT", "TN", "TT"];
 
-/// Which engine runs each class of top-level product, fixed once per process.
+/// Which engine runs each class of top-level product, fixed once per process, and which
+/// way a linear layer's forward reads its weight.
 #[derive(Clone, Debug)]
 pub struct Choice {
-    lib: Option<&'static Cblas>,
-    use_lib: Table,
+    libs: Vec<&'static Cblas>,
+    table: Table,
+    /// Per (rows, inner size) class: the forward reads the `(out, in)` weight as stored
+    /// (NT) instead of its `(in, out)` copy (NN). MKL on an Intel Xeon runs NT twice as
+    /// fast as NN at 128 rows; the crate wants the copy.
+    forward_nt: [[bool; 2]; 3],
 }
 
 impl Choice {
     /// The `gemm` crate for everything (the default).
     pub fn crate_only() -> Self {
         Choice {
-            lib: None,
-            use_lib: Default::default(),
+            libs: Vec::new(),
+            table: Default::default(),
+            forward_nt: Default::default(),
         }
     }
 
-    /// `lib` for every product it can express.
+    /// `lib` for every product it can express (forwards read the transposed copies).
     pub fn everywhere(lib: &'static Cblas) -> Self {
         Choice {
-            lib: Some(lib),
-            use_lib: [[[true; 2]; 3]; 4],
+            libs: vec![lib],
+            table: [[[1; 2]; 3]; 4],
+            forward_nt: Default::default(),
         }
     }
 
-    /// The library, if any class uses it.
+    /// The first library that some class uses, if any.
     pub fn lib(&self) -> Option<&'static Cblas> {
-        self.lib
-            .filter(|_| self.use_lib.iter().flatten().flatten().any(|&u| u))
+        let used = |i: usize| {
+            self.table
+                .iter()
+                .flatten()
+                .flatten()
+                .any(|&v| v as usize == i + 1)
+        };
+        (0..self.libs.len())
+            .find(|&i| used(i))
+            .map(|i| self.libs[i])
     }
 
-    /// Times `lib` against the crate on one product per class (rows 128, 512 and 2048;
-    /// inner size 576 and 2048; 1024 columns; layouts NN, NT and TN), the two taking
-    /// turns `reps` times, and sends a class to the library only when the median of its
-    /// per-turn time ratios is below 0.9 (a tie, or a gain within the noise of a short
-    /// calibration, stays on the portable crate). Returns the
-    /// choice and, per class, that median ratio (library / crate).
-    pub fn calibrate(lib: &'static Cblas, reps: usize) -> (Self, Vec<(String, f64)>) {
+    /// Times each library in `libs` against the crate on three products per class (rows
+    /// 128, 512 and 2048; inner size 576 and 2048; 576, 960 and 3072 columns, their
+    /// times summed; layouts NN, NT and TN),
+    /// all engines and layouts of a class taking turns `reps` times (the order reversed
+    /// every other turn). A class goes to the library with the lowest median of per-turn
+    /// time ratios (library / crate) when that median is below 0.9: a tie, or a gain
+    /// within the noise of a short calibration, stays on the portable crate. The forward
+    /// reads weights as stored when NT on its engine beats NN on its own by the same
+    /// margin. Returns the choice and the medians, named.
+    pub fn calibrate(libs: &[&'static Cblas], reps: usize) -> (Self, Vec<(String, f64)>) {
+        let reps = reps.max(1);
+        let engines: Vec<Engine> = std::iter::once(Engine::Crate)
+            .chain(libs.iter().map(|&l| Engine::Blas(l)))
+            .collect();
         let mut c = Choice {
-            lib: Some(lib),
-            use_lib: Default::default(),
+            libs: libs.to_vec(),
+            table: Default::default(),
+            forward_nt: Default::default(),
+        };
+        let median = |mut r: Vec<f64>| {
+            r.sort_by(f64::total_cmp);
+            r[r.len() / 2]
         };
         let mut ratios = Vec::new();
-        for (layout, name) in LAYOUTS.iter().enumerate().take(3) {
-            let (a_t, b_t) = (layout & 2 != 0, layout & 1 != 0);
-            for m in [128, 512, 2048] {
-                for k in [576, 2048] {
-                    let n = 1024;
-                    let mut r: Vec<f64> = (0..reps.max(1))
-                        .map(|i| {
-                            let t = |e| crate::gemm::time_gemm(e, m, n, k, a_t, b_t, 1);
-                            let (x, y) = if i % 2 == 0 {
-                                let x = t(Engine::Blas(lib));
-                                (x, t(Engine::Crate))
-                            } else {
-                                let y = t(Engine::Crate);
-                                (t(Engine::Blas(lib)), y)
-                            };
-                            x / y
-                        })
+        for m in [128, 512, 2048] {
+            for k in [576, 2048] {
+                // secs[turn][layout][engine], summed over the columns of typical
+                // products (a power of two alone misleads: with a row stride of 4 KiB,
+                // MKL's NN runs at two thirds of its speed at 960 or 1536 columns).
+                const COLUMNS: [usize; 3] = [576, 960, 3072];
+                let mut secs = vec![vec![vec![0.0; engines.len()]; 3]; reps];
+                for (turn, s) in secs.iter_mut().enumerate() {
+                    let mut order: Vec<(usize, usize)> = (0..3)
+                        .flat_map(|l| (0..engines.len()).map(move |e| (l, e)))
                         .collect();
-                    r.sort_by(f64::total_cmp);
-                    let med = r[r.len() / 2];
-                    let (l, mb, kb) = class(m, k, a_t, b_t);
-                    c.use_lib[l][mb][kb] = med < 0.9;
-                    ratios.push((format!("{name} m={m} k={k}"), med));
+                    if turn % 2 == 1 {
+                        order.reverse();
+                    }
+                    for (l, e) in order {
+                        let (a_t, b_t) = (l & 2 != 0, l & 1 != 0);
+                        s[l][e] = COLUMNS
+                            .iter()
+                            .map(|&n| crate::gemm::time_gemm(engines[e], m, n, k, a_t, b_t, 1))
+                            .sum();
+                    }
                 }
+                let (_, mb, kb) = class(m, k, false, false);
+                let mut best = [0usize; 3];
+                for (l, name) in LAYOUTS.iter().enumerate().take(3) {
+                    let mut pick = (0, 0.9);
+                    for (e, lib) in libs.iter().enumerate().map(|(i, l)| (i + 1, l)) {
+                        let r = median(secs.iter().map(|s| s[l][e] / s[l][0]).collect());
+                        ratios.push((format!("{name} m={m} k={k} {}/crate", lib.name), r));
+                        if r < pick.1 {
+                            pick = (e, r);
+                        }
+                    }
+                    best[l] = pick.0;
+                    c.table[l][mb][kb] = pick.0 as u8;
+                }
+                let r = median(secs.iter().map(|s| s[1][best[1]] / s[0][best[0]]).collect());
+                ratios.push((format!("forward m={m} k={k} NT/NN"), r));
+                c.forward_nt[mb][kb] = r < 0.9;
             }
         }
         (c, ratios)
     }
 
-    /// The per-class table as text (for a cache file): one `0`/`1` per class.
+    /// The choice as text (for a cache file): one digit per class (0 the crate, `i + 1`
+    /// library `i`), a space, then one `0`/`1` per forward class.
     pub fn table_text(&self) -> String {
-        self.use_lib
+        let digits: String = self
+            .table
             .iter()
             .flatten()
             .flatten()
+            .map(|&v| char::from(b'0' + v))
+            .collect();
+        let fwd: String = self
+            .forward_nt
+            .iter()
+            .flatten()
             .map(|&u| if u { '1' } else { '0' })
-            .collect()
+            .collect();
+        format!("{digits} {fwd}")
     }
 
-    /// The inverse of [`Choice::table_text`]; `None` if the text is not a table.
-    pub fn from_table_text(lib: &'static Cblas, text: &str) -> Option<Self> {
-        let bits: Vec<bool> = text
-            .trim()
+    /// The inverse of [`Choice::table_text`] for these libraries, in the order the
+    /// calibration took them; `None` if the text is not such a table.
+    pub fn from_table_text(libs: &[&'static Cblas], text: &str) -> Option<Self> {
+        let (digits, fwd) = text.trim().split_once(' ')?;
+        let digits: Vec<u8> = digits
+            .bytes()
+            .map(|c| c.is_ascii_digit().then(|| c - b'0'))
+            .collect::<Option<_>>()?;
+        let fwd: Vec<bool> = fwd
             .chars()
             .map(|c| match c {
                 '0' => Some(false),
@@ -360,25 +421,31 @@ impl Choice {
                 _ => None,
             })
             .collect::<Option<_>>()?;
-        if bits.len() != LAYOUTS.len() * (M_EDGES.len() + 1) * 2 {
+        let classes = LAYOUTS.len() * (M_EDGES.len() + 1) * 2;
+        if digits.len() != classes
+            || digits.iter().any(|&d| d as usize > libs.len())
+            || fwd.len() != (M_EDGES.len() + 1) * 2
+        {
             return None;
         }
         let mut c = Choice {
-            lib: Some(lib),
-            use_lib: Default::default(),
+            libs: libs.to_vec(),
+            table: Default::default(),
+            forward_nt: Default::default(),
         };
         // The order `table_text` wrote them in.
-        for (slot, b) in c.use_lib.iter_mut().flatten().flatten().zip(bits) {
-            *slot = b;
+        for (slot, d) in c.table.iter_mut().flatten().flatten().zip(digits) {
+            *slot = d;
+        }
+        for (slot, u) in c.forward_nt.iter_mut().flatten().zip(fwd) {
+            *slot = u;
         }
         Some(c)
     }
 
-    /// Which classes run on the library, in words.
+    /// Which classes run on which library, and where the forward reads weights as
+    /// stored, in words.
     pub fn describe(&self) -> String {
-        let Some(lib) = self.lib() else {
-            return "gemm crate for every product".into();
-        };
         let [m0, m1] = M_EDGES;
         let rows = [
             format!("m<={m0}"),
@@ -386,34 +453,49 @@ impl Choice {
             format!("m>{m1}"),
         ];
         let inner = [format!("k<={K_EDGE}"), format!("k>{K_EDGE}")];
-        let mut on = Vec::new();
-        for (l, name) in LAYOUTS.iter().enumerate() {
-            for (mb, rows) in rows.iter().enumerate() {
-                for (kb, inner) in inner.iter().enumerate() {
-                    if self.use_lib[l][mb][kb] {
-                        on.push(format!("{name} {rows} {inner}"));
+        let mut parts = Vec::new();
+        for (i, lib) in self.libs.iter().enumerate() {
+            let mut on = Vec::new();
+            for (l, name) in LAYOUTS.iter().enumerate() {
+                for (mb, rows) in rows.iter().enumerate() {
+                    for (kb, inner) in inner.iter().enumerate() {
+                        if self.table[l][mb][kb] as usize == i + 1 {
+                            on.push(format!("{name} {rows} {inner}"));
+                        }
                     }
                 }
             }
+            if !on.is_empty() {
+                parts.push(format!("{} for {}", lib.name, on.join(", ")));
+            }
         }
-        format!(
-            "{} for {}; gemm crate for the rest",
-            lib.name,
-            on.join(", ")
-        )
+        if parts.is_empty() {
+            parts.push("gemm crate for every product".into());
+        } else {
+            parts.push("gemm crate for the rest".into());
+        }
+        let mut fwd = Vec::new();
+        for (mb, rows) in rows.iter().enumerate() {
+            for (kb, inner) in inner.iter().enumerate() {
+                if self.forward_nt[mb][kb] {
+                    fwd.push(format!("{rows} {inner}"));
+                }
+            }
+        }
+        if !fwd.is_empty() {
+            parts.push(format!(
+                "forwards read weights as stored for {}",
+                fwd.join(", ")
+            ));
+        }
+        parts.join("; ")
     }
 
     fn engine(&self, m: usize, k: usize, a_t: bool, b_t: bool) -> Engine {
-        match self.lib {
-            Some(lib) => {
-                let (l, mb, kb) = class(m, k, a_t, b_t);
-                if self.use_lib[l][mb][kb] {
-                    Engine::Blas(lib)
-                } else {
-                    Engine::Crate
-                }
-            }
-            None => Engine::Crate,
+        let (l, mb, kb) = class(m, k, a_t, b_t);
+        match self.table[l][mb][kb] as usize {
+            0 => Engine::Crate,
+            i => Engine::Blas(self.libs[i - 1]),
         }
     }
 }
@@ -434,6 +516,13 @@ pub fn choice() -> &'static Choice {
 /// The engine for a top-level product of this shape under the process's choice.
 pub(crate) fn engine_for(m: usize, k: usize, a_t: bool, b_t: bool) -> Engine {
     choice().engine(m, k, a_t, b_t)
+}
+
+/// Whether a linear layer's forward over `m` rows with inner size `k` should read its
+/// weight as stored, `(out, in)`, rather than its transposed copy.
+pub fn forward_reads_original(m: usize, k: usize) -> bool {
+    let (_, mb, kb) = class(m, k, false, false);
+    choice().forward_nt[mb][kb]
 }
 
 /// The threads a top-level product is split over (rayon's pool).

@@ -213,18 +213,27 @@ fn layer_after_qkv(
     } else {
         atts.concat()
     };
-    let mut h1 = linear(&att, w.o_t, None, Some(h), n, hd, dim);
+    let mut h1 = linear(&att, w.o_t, Some(w.o), None, Some(h), n, hd, dim);
     for (i, p) in at(Site::O) {
         lsaved[i] = Some(lora_forward(&att, n, hd, p, &mut h1, dim));
     }
     let (n2, r2) = rms_norm(&h1, w.post_norm, w.eps, dim);
-    let mut gu = linear(&n2, w.gate_up_t, None, None, n, dim, 2 * w.inter);
+    let mut gu = linear(
+        &n2,
+        w.gate_up_t,
+        Some(w.gate_up),
+        None,
+        None,
+        n,
+        dim,
+        2 * w.inter,
+    );
     for (i, p) in at(Site::GateUp) {
         lsaved[i] = Some(lora_forward(&n2, n, dim, p, &mut gu, 2 * w.inter));
     }
     drop(n2);
     let m = swiglu(&gu, n, w.inter);
-    let mut out = linear(&m, w.down_t, None, Some(&h1), n, w.inter, dim);
+    let mut out = linear(&m, w.down_t, Some(w.down), None, Some(&h1), n, w.inter, dim);
     for (i, p) in at(Site::Down) {
         lsaved[i] = Some(lora_forward(&m, n, w.inter, p, &mut out, dim));
     }
@@ -566,7 +575,7 @@ fn forward(
     let (dim, n) = (w.hidden, h.len() / w.hidden);
     let wd = segs[0].heads.width();
     let (n1, r1) = rms_norm(h, w.input_norm, w.eps, dim);
-    let mut qkv = linear(&n1, w.qkv_t, None, None, n, dim, wd);
+    let mut qkv = linear(&n1, w.qkv_t, Some(w.qkv), None, None, n, dim, wd);
     let mut lsaved: Vec<Option<LoraSaved>> = parts.iter().map(|_| None).collect();
     for (i, p) in parts
         .iter()

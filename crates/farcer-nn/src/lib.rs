@@ -1028,7 +1028,7 @@ pub fn vit_layer(
     let n1 = norm(&x, l.ln1)?;
     let qkv = {
         let (w, bias) = (view(l.qkv.0)?, view(l.qkv.1)?);
-        kernels::linear(&n1, w.s(), Some(bias.s()), None, b * t, d, 3 * d)
+        kernels::linear(&n1, w.s(), None, Some(bias.s()), None, b * t, d, 3 * d)
     };
     drop(n1);
     let hs = Heads {
@@ -1072,7 +1072,7 @@ pub fn vit_layer(
         match l.fc1.1 {
             Some(b1) => kernels::linear_gelu(&n2, w1.s(), view(b1)?.s(), n, d, inter),
             None => {
-                let mut f = kernels::linear(&n2, w1.s(), None, None, n, d, inter);
+                let mut f = kernels::linear(&n2, w1.s(), None, None, None, n, d, inter);
                 kernels::gelu_erf(&mut f);
                 f
             }
