@@ -283,6 +283,10 @@ pub struct Choice {
     /// (NT) instead of its `(in, out)` copy (NN). MKL on an Intel Xeon runs NT twice as
     /// fast as NN at 128 rows; the crate wants the copy.
     forward_nt: [[bool; 2]; 3],
+    /// Products inside parallel tasks (attention's blocks, single-threaded) run on the
+    /// library too; the calibration times whole products only, so it keeps them on the
+    /// crate.
+    in_tasks: bool,
 }
 
 impl Choice {
@@ -292,15 +296,18 @@ impl Choice {
             libs: Vec::new(),
             table: Default::default(),
             forward_nt: Default::default(),
+            in_tasks: false,
         }
     }
 
-    /// `lib` for every product it can express (forwards read the transposed copies).
+    /// `lib` for every product it can express, attention's included (forwards read the
+    /// transposed copies).
     pub fn everywhere(lib: &'static Cblas) -> Self {
         Choice {
             libs: vec![lib],
             table: [[[1; 2]; 3]; 4],
             forward_nt: Default::default(),
+            in_tasks: true,
         }
     }
 
@@ -336,6 +343,7 @@ impl Choice {
             libs: libs.to_vec(),
             table: Default::default(),
             forward_nt: Default::default(),
+            in_tasks: false,
         };
         let median = |mut r: Vec<f64>| {
             r.sort_by(f64::total_cmp);
@@ -432,6 +440,7 @@ impl Choice {
             libs: libs.to_vec(),
             table: Default::default(),
             forward_nt: Default::default(),
+            in_tasks: false,
         };
         // The order `table_text` wrote them in.
         for (slot, d) in c.table.iter_mut().flatten().flatten().zip(digits) {
@@ -488,6 +497,9 @@ impl Choice {
                 fwd.join(", ")
             ));
         }
+        if self.in_tasks {
+            parts.push("attention's products on the library too".into());
+        }
         parts.join("; ")
     }
 
@@ -516,6 +528,16 @@ pub fn choice() -> &'static Choice {
 /// The engine for a top-level product of this shape under the process's choice.
 pub(crate) fn engine_for(m: usize, k: usize, a_t: bool, b_t: bool) -> Engine {
     choice().engine(m, k, a_t, b_t)
+}
+
+/// The engine for a product inside a parallel task (single-threaded).
+pub(crate) fn engine_in_task(m: usize, k: usize, a_t: bool, b_t: bool) -> Engine {
+    let c = choice();
+    if c.in_tasks {
+        c.engine(m, k, a_t, b_t)
+    } else {
+        Engine::Crate
+    }
 }
 
 /// Whether a linear layer's forward over `m` rows with inner size `k` should read its

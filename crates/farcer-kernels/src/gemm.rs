@@ -25,9 +25,10 @@ pub(crate) unsafe fn gemm_raw(
     par: gemm::Parallelism,
 ) {
     // Products inside parallel tasks (attention blocks, on rayon's workers) stay on the
-    // crate; top-level ones go where the process's choice sends their shape.
+    // crate unless the choice sends every product to a library; top-level ones go where
+    // the choice sends their shape.
     let engine = if rayon::current_thread_index().is_some() {
-        Engine::Crate
+        blas::engine_in_task(m, k, a_cs != 1, b_cs != 1)
     } else {
         blas::engine_for(m, k, a_cs != 1, b_cs != 1)
     };
