@@ -1057,6 +1057,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     } else {
         a.cases.clone()
     };
+    // Which GEMM ran the products belongs with the times (each case's process makes the
+    // same choice from the same environment).
+    eprintln!("GEMM: {}", farcer_kernels::blas::choice().describe());
     let exe = std::env::current_exe()?;
     let mut results = Vec::new();
     println!(

@@ -123,7 +123,11 @@ pub fn open(spec: &str) -> Result<&'static Cblas, String> {
             }
         }
         let lib: &'static Cblas = Box::leak(Box::new(Cblas {
-            name: format!("{spec} ({file})"),
+            name: if file == spec {
+                spec.to_string()
+            } else {
+                format!("{spec} ({file})")
+            },
             // SAFETY: cblas_sgemm has this signature in every CBLAS.
             sgemm: unsafe { std::mem::transmute::<*mut c_void, SgemmFn>(sgemm) },
         }));
@@ -474,13 +478,15 @@ impl Choice {
                     }
                 }
             }
-            if !on.is_empty() {
+            if on.len() == LAYOUTS.len() * rows.len() * inner.len() {
+                parts.push(format!("{} for every product", lib.name));
+            } else if !on.is_empty() {
                 parts.push(format!("{} for {}", lib.name, on.join(", ")));
             }
         }
         if parts.is_empty() {
             parts.push("gemm crate for every product".into());
-        } else {
+        } else if !parts[0].ends_with("for every product") {
             parts.push("gemm crate for the rest".into());
         }
         let mut fwd = Vec::new();
