@@ -331,9 +331,8 @@ impl Choice {
 
     /// Times each library in `libs` against the crate on three products per class (rows
     /// 128, 512 and 2048; inner size 576 and 2048; 576, 960 and 3072 columns, their
-    /// times summed; layouts NN, NT and TN),
-    /// all engines and layouts of a class taking turns `reps` times (the order reversed
-    /// every other turn). A class goes to the library with the lowest median of per-turn
+    /// times summed; layouts NN, NT and TN), all engines and layouts of a class taking
+    /// turns `reps` times (the order reversed every other turn). A class goes to the library with the lowest median of per-turn
     /// time ratios (library / crate) when that median is below 0.9: a tie, or a gain
     /// within the noise of a short calibration, stays on the portable crate. The forward
     /// reads weights as stored when NT on its engine beats NN on its own by the same
