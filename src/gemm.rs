@@ -15,9 +15,13 @@ use crate::util::{farcer_home, sha256_bytes, write_atomic};
 use crate::{Error, Result};
 use farcer_kernels::blas::{self, Choice};
 
-/// One field of the first CPU in `/proc/cpuinfo` (empty where there is none).
-fn cpu_field(k: &str) -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+/// `/proc/cpuinfo` (empty where there is none).
+fn cpuinfo() -> String {
+    std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default()
+}
+
+/// One field of the first CPU in `cpuinfo`'s text (empty where there is none).
+fn cpu_field(info: &str, k: &str) -> String {
     info.lines()
         .find(|l| l.split(':').next().is_some_and(|f| f.trim() == k))
         .and_then(|l| l.split_once(':'))
@@ -27,7 +31,8 @@ fn cpu_field(k: &str) -> String {
 
 /// The CPU's model and vector flags, which the calibration depends on.
 fn cpu_id() -> String {
-    let field = cpu_field;
+    let info = cpuinfo();
+    let field = |k| cpu_field(&info, k);
     let flags = field("flags");
     let flags: Vec<&str> = flags
         .split_whitespace()
@@ -48,7 +53,9 @@ pub fn choose_from_env(log: &dyn Fn(&str)) -> Result<String> {
                 // Intel's library on Intel's CPU: every product. On a Xeon with
                 // AVX-512 it ran a 128-token step 20% faster than the calibrated mix,
                 // which times each class alone and misses it (BENCHMARKS.md).
-                Some(mkl) if cpu_field("vendor_id") == "GenuineIntel" => Choice::everywhere(mkl),
+                Some(mkl) if cpu_field(&cpuinfo(), "vendor_id") == "GenuineIntel" => {
+                    Choice::everywhere(mkl)
+                }
                 _ => {
                     // Every library that opens; none: the crate, as without FARCER_GEMM.
                     let libs: Vec<_> = blas::open("openblas").ok().into_iter().chain(mkl).collect();
@@ -84,12 +91,10 @@ pub fn choose_from_env(log: &dyn Fn(&str)) -> Result<String> {
 /// `$FARCER_HOME/mkl` unless `MKLROOT` names another (or neither: the system's).
 fn mkl_spec() -> String {
     if std::env::var_os("MKLROOT").is_none() {
-        let lib = farcer_home().join("mkl/lib");
-        for v in ["3", "2"] {
-            let f = lib.join(format!("libmkl_rt.so.{v}"));
-            if f.exists() {
-                return f.to_string_lossy().into_owned();
-            }
+        let root = farcer_home().join("mkl");
+        let files = blas::mkl_files(&root.to_string_lossy());
+        if let Some(f) = files.into_iter().find(|f| std::path::Path::new(f).exists()) {
+            return f;
         }
     }
     "mkl".into()

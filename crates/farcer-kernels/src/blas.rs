@@ -69,7 +69,7 @@ fn symbol(handle: *mut c_void, name: &str) -> Option<*mut c_void> {
 fn candidates(spec: &str) -> Vec<String> {
     let mut v: Vec<String> = match spec {
         "openblas" => vec!["libopenblas.so.0".into(), "libopenblas.so".into()],
-        // MKL 2025 and earlier ship `.so.2`; its 2026 wheels, `.so.3`.
+        // Newest first, as in [`mkl_files`].
         "mkl" => ["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"]
             .map(String::from)
             .to_vec(),
@@ -78,11 +78,17 @@ fn candidates(spec: &str) -> Vec<String> {
     // MKL from its PyPI wheel lives in a virtual environment's lib/; name it with MKLROOT.
     if spec == "mkl" {
         if let Ok(root) = std::env::var("MKLROOT") {
-            let local = ["3", "2"].map(|n| format!("{root}/lib/libmkl_rt.so.{n}"));
-            v.splice(0..0, local);
+            v.splice(0..0, mkl_files(&root));
         }
     }
     v
+}
+
+/// MKL's runtime library under an installation root (a virtual environment, or the
+/// folder `scripts/setup` unpacks its wheel into), newest version first: MKL 2025 and
+/// earlier ship `.so.2`, its 2026 wheels `.so.3`.
+pub fn mkl_files(root: &str) -> [String; 2] {
+    ["3", "2"].map(|n| format!("{root}/lib/libmkl_rt.so.{n}"))
 }
 
 /// Opens a CBLAS library by short name (`openblas`, `mkl`) or path, once per name for
@@ -332,11 +338,12 @@ impl Choice {
     /// Times each library in `libs` against the crate on three products per class (rows
     /// 128, 512 and 2048; inner size 576 and 2048; 576, 960 and 3072 columns, their
     /// times summed; layouts NN, NT and TN), all engines and layouts of a class taking
-    /// turns `reps` times (the order reversed every other turn). A class goes to the library with the lowest median of per-turn
-    /// time ratios (library / crate) when that median is below 0.9: a tie, or a gain
-    /// within the noise of a short calibration, stays on the portable crate. The forward
-    /// reads weights as stored when NT on its engine beats NN on its own by the same
-    /// margin. Returns the choice and the medians, named.
+    /// turns `reps` times (the order reversed every other turn). A class goes to the
+    /// library with the lowest median of per-turn time ratios (library / crate) when that
+    /// median is below 0.9: a tie, or a gain within the noise of a short calibration,
+    /// stays on the portable crate. The forward reads weights as stored when NT on its
+    /// engine beats NN on its own by the same margin. Returns the choice and the medians,
+    /// named.
     pub fn calibrate(libs: &[&'static Cblas], reps: usize) -> (Self, Vec<(String, f64)>) {
         let reps = reps.max(1);
         let engines: Vec<Engine> = std::iter::once(Engine::Crate)
@@ -466,6 +473,8 @@ impl Choice {
         ];
         let inner = [format!("k<={K_EDGE}"), format!("k>{K_EDGE}")];
         let mut parts = Vec::new();
+        // Whether some class is left to the crate.
+        let mut rest = true;
         for (i, lib) in self.libs.iter().enumerate() {
             let mut on = Vec::new();
             for (l, name) in LAYOUTS.iter().enumerate() {
@@ -479,13 +488,14 @@ impl Choice {
             }
             if on.len() == LAYOUTS.len() * rows.len() * inner.len() {
                 parts.push(format!("{} for every product", lib.name));
+                rest = false;
             } else if !on.is_empty() {
                 parts.push(format!("{} for {}", lib.name, on.join(", ")));
             }
         }
         if parts.is_empty() {
             parts.push("gemm crate for every product".into());
-        } else if !parts[0].ends_with("for every product") {
+        } else if rest {
             parts.push("gemm crate for the rest".into());
         }
         let mut fwd = Vec::new();
