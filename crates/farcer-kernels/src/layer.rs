@@ -4,10 +4,11 @@
 use crate::activation::{swiglu, swiglu_grad};
 use crate::attention::{attention, attention_grad};
 use crate::gemm::gemm_raw;
-use crate::gemm::{linear, matmul_nn, matmul_nt};
+use crate::gemm::{linear, matmul_nn};
 use crate::norm::{rms_norm, rms_norm_grad};
 use crate::rope::{split_rope, split_rope_grad, Heads};
 use crate::util::{parallelism, uninit};
+use rayon::prelude::*;
 
 /// A frozen decoder layer's weights (row-major, as Hugging Face stores them).
 pub struct LayerWeights<'a> {
@@ -395,11 +396,43 @@ pub struct LoraPart<'a> {
 pub struct LoraSaved {
     /// The adapter's input `x * mask` `(n, in)`.
     xd: Vec<f32>,
-    /// `xd A^T` `(n, r)`.
-    u: Vec<f32>,
+    /// `scale xd A^T` `(n, r)`.
+    us: Vec<f32>,
 }
 
-/// Adds adapter `p`'s product on `x` `(n, input)` to its columns of `y` (row stride `ldy`).
+/// Rows per task in an adapter's passes: a block's input, mask and low-rank products stay
+/// in cache between the element-wise work and the products around it.
+const LORA_ROWS: usize = 32;
+
+multiversion! {
+    /// `out = x * m`.
+    fn mul_into(out: &mut [f32], x: &[f32], m: &[f32]) {
+        for ((o, x), m) in out.iter_mut().zip(x).zip(m) {
+            *o = x * m;
+        }
+    }
+}
+
+multiversion! {
+    /// `acc += x * m`.
+    fn add_mul(acc: &mut [f32], x: &[f32], m: &[f32]) {
+        for ((a, x), m) in acc.iter_mut().zip(x).zip(m) {
+            *a += x * m;
+        }
+    }
+}
+
+multiversion! {
+    /// `acc += x`.
+    fn add_into(acc: &mut [f32], x: &[f32]) {
+        for (a, x) in acc.iter_mut().zip(x) {
+            *a += x;
+        }
+    }
+}
+
+/// Adds adapter `p`'s product on `x` `(n, input)` to its columns of `y` (row stride `ldy`):
+/// each block of rows is masked, multiplied by `A^T` and then by `B^T` in one task.
 fn lora_forward(
     x: &[f32],
     n: usize,
@@ -408,35 +441,66 @@ fn lora_forward(
     y: &mut [f32],
     ldy: usize,
 ) -> LoraSaved {
-    let xd = match p.mask {
-        Some(m) => x.iter().zip(m).map(|(x, m)| x * m).collect(),
-        None => x.to_vec(),
-    };
-    let u = matmul_nt(&xd, p.a, n, input, p.r);
-    // y[:, col..col + width] += scale * u B^T.
-    let ub: Vec<f32> = u.iter().map(|v| v * p.scale).collect();
-    unsafe {
-        gemm_raw(
-            n,
-            p.width,
-            p.r,
-            y.as_mut_ptr().add(p.col),
-            ldy,
-            true,
-            ub.as_ptr(),
-            p.r,
-            1,
-            p.b.as_ptr(),
-            1,
-            p.r,
-            parallelism(),
-        )
-    };
-    LoraSaved { xd, u }
+    let _span = crate::profile::span(crate::profile::Part::Adapter, 0.0);
+    let r = p.r;
+    assert!(r > 0 && x.len() >= n * input && p.mask.is_none_or(|m| m.len() >= n * input));
+    assert!(p.a.len() >= r * input && p.b.len() >= p.width * r && p.col + p.width <= ldy);
+    let mut xd = uninit(n * input);
+    let mut us = uninit(n * r);
+    xd.par_chunks_mut(LORA_ROWS * input)
+        .zip(us.par_chunks_mut(LORA_ROWS * r))
+        .zip(y[..n * ldy].par_chunks_mut(LORA_ROWS * ldy))
+        .enumerate()
+        .for_each(|(bi, ((xd, us), y))| {
+            let (r0, rows) = (bi * LORA_ROWS, us.len() / r);
+            let x = &x[r0 * input..][..rows * input];
+            match p.mask {
+                Some(m) => mul_into(xd, x, &m[r0 * input..][..rows * input]),
+                None => xd.copy_from_slice(x),
+            }
+            // SAFETY: the blocks hold `rows` rows of their widths; `a` and `b` were
+            // checked above, and `y`'s columns `col .. col + width` lie within `ldy`.
+            unsafe {
+                // us = scale xd A^T, then y[:, col .. col + width] += us B^T.
+                gemm_raw(
+                    rows,
+                    r,
+                    input,
+                    us.as_mut_ptr(),
+                    r,
+                    false,
+                    xd.as_ptr(),
+                    input,
+                    1,
+                    p.a.as_ptr(),
+                    1,
+                    input,
+                    gemm::Parallelism::None,
+                );
+                us.iter_mut().for_each(|v| *v *= p.scale);
+                gemm_raw(
+                    rows,
+                    p.width,
+                    r,
+                    y.as_mut_ptr().add(p.col),
+                    ldy,
+                    true,
+                    us.as_ptr(),
+                    r,
+                    1,
+                    p.b.as_ptr(),
+                    1,
+                    r,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    LoraSaved { xd, us }
 }
 
 /// The backward of [`lora_forward`] from the gradient `g` of `y` (row stride `ldg`): adds
-/// the gradient of `x` to `dx` and returns `(dA, dB)`.
+/// the gradient of `x` to `dx` (per block of rows, in one task each) and returns
+/// `(dA, dB)`.
 #[allow(clippy::too_many_arguments)]
 fn lora_backward(
     g: &[f32],
@@ -447,87 +511,97 @@ fn lora_backward(
     sv: &LoraSaved,
     dx: &mut [f32],
 ) -> (Vec<f32>, Vec<f32>) {
-    let g = unsafe { g.as_ptr().add(p.col) };
-    let mut db = uninit(p.width * p.r);
-    let mut gb = uninit(n * p.r);
-    let mut da = uninit(p.r * input);
-    let mut dxd = uninit(n * input);
+    let _span = crate::profile::span(crate::profile::Part::Adapter, 0.0);
+    let r = p.r;
+    assert!(n == 0 || g.len() >= (n - 1) * ldg + p.col + p.width);
+    assert!(dx.len() >= n * input && sv.xd.len() >= n * input && sv.us.len() >= n * r);
+    // The adapter's columns of `g`, as an address: tasks share it.
+    let gp = g[p.col.min(g.len())..].as_ptr() as usize;
+    // gs = scale g B (n, r): the scale once here serves dA and dx.
+    let mut gs = uninit(n * r);
+    gs.par_chunks_mut(LORA_ROWS * r)
+        .zip(dx[..n * input].par_chunks_mut(LORA_ROWS * input))
+        .enumerate()
+        .for_each(|(bi, (gs, dx))| {
+            let (r0, rows) = (bi * LORA_ROWS, gs.len() / r);
+            let mut dxd = uninit(rows * input);
+            // SAFETY: rows `r0 .. r0 + rows` of `g` (checked above) and the block's own
+            // buffers.
+            unsafe {
+                gemm_raw(
+                    rows,
+                    r,
+                    p.width,
+                    gs.as_mut_ptr(),
+                    r,
+                    false,
+                    (gp as *const f32).add(r0 * ldg),
+                    ldg,
+                    1,
+                    p.b.as_ptr(),
+                    r,
+                    1,
+                    gemm::Parallelism::None,
+                );
+                gs.iter_mut().for_each(|v| *v *= p.scale);
+                // d xd = gs A (rows, input).
+                gemm_raw(
+                    rows,
+                    input,
+                    r,
+                    dxd.as_mut_ptr(),
+                    input,
+                    false,
+                    gs.as_ptr(),
+                    r,
+                    1,
+                    p.a.as_ptr(),
+                    input,
+                    1,
+                    gemm::Parallelism::None,
+                );
+            }
+            match p.mask {
+                Some(m) => add_mul(dx, &dxd, &m[r0 * input..][..rows * input]),
+                None => add_into(dx, &dxd),
+            }
+        });
+    let mut db = uninit(p.width * r);
+    let mut da = uninit(r * input);
+    // SAFETY: `g`'s rows were checked above; the rest are this function's buffers.
     unsafe {
-        // dB = scale g^T u: (width, r).
+        // dB = g^T us (width, r).
         gemm_raw(
             p.width,
-            p.r,
+            r,
             n,
             db.as_mut_ptr(),
-            p.r,
+            r,
             false,
-            g,
+            gp as *const f32,
             1,
             ldg,
-            sv.u.as_ptr(),
-            p.r,
+            sv.us.as_ptr(),
+            r,
             1,
             parallelism(),
         );
-        // gB = g B: (n, r).
+        // dA = gs^T xd (r, in).
         gemm_raw(
-            n,
-            p.r,
-            p.width,
-            gb.as_mut_ptr(),
-            p.r,
-            false,
-            g,
-            ldg,
-            1,
-            p.b.as_ptr(),
-            p.r,
-            1,
-            parallelism(),
-        );
-        // dA = scale gB^T xd: (r, in).
-        gemm_raw(
-            p.r,
+            r,
             input,
             n,
             da.as_mut_ptr(),
             input,
             false,
-            gb.as_ptr(),
+            gs.as_ptr(),
             1,
-            p.r,
+            r,
             sv.xd.as_ptr(),
             input,
             1,
             parallelism(),
         );
-        // d xd = scale gB A: (n, in).
-        gemm_raw(
-            n,
-            input,
-            p.r,
-            dxd.as_mut_ptr(),
-            input,
-            false,
-            gb.as_ptr(),
-            p.r,
-            1,
-            p.a.as_ptr(),
-            input,
-            1,
-            parallelism(),
-        );
-    }
-    db.iter_mut()
-        .chain(da.iter_mut())
-        .for_each(|x| *x *= p.scale);
-    match p.mask {
-        Some(m) => dx
-            .iter_mut()
-            .zip(&dxd)
-            .zip(m)
-            .for_each(|((d, x), m)| *d += p.scale * x * m),
-        None => dx.iter_mut().zip(&dxd).for_each(|(d, x)| *d += p.scale * x),
     }
     (da, db)
 }
@@ -674,6 +748,93 @@ mod tests {
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
         a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    /// An adapter's forward and backward against their formulas in f64, with a mask, on
+    /// columns in the middle of a wider product, over several row blocks (the last one
+    /// part-way).
+    #[test]
+    fn adapter_matches_its_formulas() {
+        let (n, input, width, r, ld, col) = (70, 150, 100, 8, 130, 20);
+        assert!(n > 2 * LORA_ROWS && n % LORA_ROWS != 0);
+        let x = values(n * input, 1, 1.0);
+        let a = values(r * input, 2, 0.3);
+        let b = values(width * r, 3, 0.3);
+        let mask: Vec<f32> = (0..n * input)
+            .map(|i| if i % 7 == 3 { 0.0 } else { 1.25 })
+            .collect();
+        let scale = 2.0;
+        let p = LoraPart {
+            site: Site::Qkv,
+            col,
+            width,
+            r,
+            a: &a,
+            b: &b,
+            scale,
+            mask: Some(&mask),
+        };
+        let y0 = values(n * ld, 4, 1.0);
+        let mut y = y0.clone();
+        let sv = lora_forward(&x, n, input, &p, &mut y, ld);
+        let f = |v: f32| v as f64;
+        let xd = |i: usize, c: usize| f(x[i * input + c]) * f(mask[i * input + c]);
+        let u = |i: usize, j: usize| {
+            (0..input)
+                .map(|c| f(a[j * input + c]) * xd(i, c))
+                .sum::<f64>()
+        };
+        let close = |got: f32, want: f64, what: &str| {
+            assert!(
+                (f(got) - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "{what}: {got} against {want}"
+            );
+        };
+        for i in 0..n {
+            let ui: Vec<f64> = (0..r).map(|j| u(i, j)).collect();
+            for c in 0..ld {
+                let add = if (col..col + width).contains(&c) {
+                    f(scale) * (0..r).map(|j| f(b[(c - col) * r + j]) * ui[j]).sum::<f64>()
+                } else {
+                    0.0
+                };
+                close(y[i * ld + c], f(y0[i * ld + c]) + add, "y");
+            }
+        }
+        let g = values(n * ld, 5, 1.0);
+        let dx0 = values(n * input, 6, 1.0);
+        let mut dx = dx0.clone();
+        let (da, db) = lora_backward(&g, ld, n, input, &p, &sv, &mut dx);
+        let gs = |i: usize, j: usize| {
+            f(scale)
+                * (0..width)
+                    .map(|c| f(g[i * ld + col + c]) * f(b[c * r + j]))
+                    .sum::<f64>()
+        };
+        let gsv: Vec<Vec<f64>> = (0..n).map(|i| (0..r).map(|j| gs(i, j)).collect()).collect();
+        for i in 0..n {
+            for c in 0..input {
+                let back = (0..r).map(|j| gsv[i][j] * f(a[j * input + c])).sum::<f64>();
+                let want = f(dx0[i * input + c]) + back * f(mask[i * input + c]);
+                close(dx[i * input + c], want, "dx");
+            }
+        }
+        for j in 0..r {
+            for c in 0..input {
+                let want = (0..n).map(|i| gsv[i][j] * xd(i, c)).sum::<f64>();
+                close(da[j * input + c], want, "dA");
+            }
+        }
+        let uv: Vec<Vec<f64>> = (0..n).map(|i| (0..r).map(|j| u(i, j)).collect()).collect();
+        for c in 0..width {
+            for j in 0..r {
+                let want = f(scale)
+                    * (0..n)
+                        .map(|i| f(g[i * ld + col + c]) * uv[i][j])
+                        .sum::<f64>();
+                close(db[c * r + j], want, "dB");
+            }
+        }
     }
 
     /// The layer with `keep` gives the kept rows of the full layer, in `keep`'s order (one

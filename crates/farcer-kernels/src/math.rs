@@ -44,26 +44,32 @@ pub(crate) fn erf_approx(x: f32) -> f32 {
 /// so one scalar add per value; lanes let the compiler use whole vectors.
 #[inline(always)]
 pub(crate) fn lane_sum(x: &[f32]) -> f32 {
-    lane_fold(x.len(), |i| x[i])
+    lane_fold([x], |[v]| v)
 }
 
 /// `sum(a * b)` in 16 lanes (see [`lane_sum`]).
 #[inline(always)]
 pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
-    let b = &b[..a.len()];
-    lane_fold(a.len(), |i| a[i] * b[i])
+    lane_fold([a, &b[..a.len()]], |[a, b]| a * b)
 }
 
-/// `sum(f(i))` over `0..n` in 16 lanes, then the lanes and the tail.
+/// `sum(f(xs[0][i], xs[1][i], ...))` over the slices' common length: lane `l` adds the
+/// values at `l`, `l + 16`, ..., then the lanes are summed, then the tail. Each step reads
+/// 16-value arrays, so no index is checked inside and the lanes become one vector.
 #[inline(always)]
-pub(crate) fn lane_fold(n: usize, f: impl Fn(usize) -> f32) -> f32 {
-    let mut acc = [0f32; 16];
+pub(crate) fn lane_fold<const K: usize>(xs: [&[f32]; K], f: impl Fn([f32; K]) -> f32) -> f32 {
+    let n = xs.iter().map(|x| x.len()).min().unwrap_or(0);
     let body = n / 16 * 16;
+    let mut acc = [0f32; 16];
     for c in (0..body).step_by(16) {
+        let blocks: [&[f32; 16]; K] =
+            std::array::from_fn(|j| xs[j][c..c + 16].try_into().expect("16 values"));
         for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(c + l);
+            *a += f(std::array::from_fn(|j| blocks[j][l]));
         }
     }
-    let tail: f32 = (body..n).map(&f).sum();
+    let tail: f32 = (body..n)
+        .map(|i| f(std::array::from_fn(|j| xs[j][i])))
+        .sum();
     acc.iter().sum::<f32>() + tail
 }

@@ -20,7 +20,7 @@ multiversion! {
     fn rms_norm_grad_row(x: &[f32], w: &[f32], r: f32, dy: &[f32], dres: Option<&[f32]>, dx: &mut [f32]) {
         let dim = x.len();
         let (w, dy) = (&w[..dim], &dy[..dim]);
-        let gx = lane_fold(dim, |k| dy[k] * w[k] * x[k]);
+        let gx = lane_fold([dy, w, x], |[d, w, x]| d * w * x);
         let c = r * r * r * gx / dim as f32;
         match dres {
             Some(d) => {
@@ -44,7 +44,7 @@ multiversion! {
     fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
         let dim = x.len();
         let mean = lane_sum(x) / dim as f32;
-        let var = lane_fold(dim, |k| (x[k] - mean) * (x[k] - mean)) / dim as f32;
+        let var = lane_fold([x], |[v]| (v - mean) * (v - mean)) / dim as f32;
         let r = 1.0 / (var + eps).sqrt();
         for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
             *y = (x - mean) * r * w + b;

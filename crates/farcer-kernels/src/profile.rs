@@ -1,5 +1,5 @@
 //! Where the kernels' time goes: wall time and calls per part (GEMM, attention, norms,
-//! activations, RoPE, copies), and the GEMMs' floating-point operations, summed while
+//! activations, RoPE, copies, LoRA adapters), and the GEMMs' floating-point operations, summed while
 //! [`start`] is on. Only the thread that started it counts, and only its outermost span
 //! (a GEMM inside attention is attention's), so the parts add up to at most the wall time
 //! of what ran; what is left is everything outside these kernels (candle's ops, autograd,
@@ -19,15 +19,19 @@ pub enum Part {
     Activation,
     Rope,
     Copy,
+    /// LoRA adapters inside a fused layer: dropout, their low-rank products, and adding
+    /// their gradients.
+    Adapter,
 }
 
-pub const PARTS: [Part; 6] = [
+pub const PARTS: [Part; 7] = [
     Part::Gemm,
     Part::Attention,
     Part::Norm,
     Part::Activation,
     Part::Rope,
     Part::Copy,
+    Part::Adapter,
 ];
 
 impl Part {
@@ -39,6 +43,7 @@ impl Part {
             Part::Activation => "activation",
             Part::Rope => "rope",
             Part::Copy => "copy",
+            Part::Adapter => "adapter",
         }
     }
 }

@@ -35,15 +35,7 @@ impl Dropout {
             .entry(site.to_string())
             .or_insert_with(|| Rng::derive(seed, site));
         let keep = 1.0 - p;
-        (0..n)
-            .map(|_| {
-                if rng.uniform() < keep {
-                    (1.0 / keep) as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect()
+        rng.keep_mask(n, keep, (1.0 / keep) as f32)
     }
 
     /// Inverted dropout of `x` with probability `p` (`x` itself when `p` is 0).

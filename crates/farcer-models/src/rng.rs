@@ -1,5 +1,27 @@
 //! The seeded random numbers of weight initialisation and dropout masks.
 
+use rayon::prelude::*;
+
+/// SplitMix64's step between states.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output for a state.
+#[inline(always)]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The draws after state `first` (the state before the chunk's first draw) as
+/// `on`/0 by `(x >> 11) < bound`; a plain loop over the index, which vectorises.
+fn keep_chunk(out: &mut [f32], first: u64, bound: u64, on: f32) {
+    for (i, o) in out.iter_mut().enumerate() {
+        let x = mix(first.wrapping_add((i as u64 + 1).wrapping_mul(GAMMA)));
+        *o = if (x >> 11) < bound { on } else { 0.0 };
+    }
+}
+
 /// SplitMix64 (Steele, Lea & Flood 2014). Tiny, fast, and fixed forever: our few-shot
 /// draws and weight initialisation must not change when a dependency does.
 #[derive(Debug, Clone)]
@@ -26,11 +48,28 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
+        self.state = self.state.wrapping_add(GAMMA);
+        mix(self.state)
+    }
+
+    /// `n` draws of `if uniform() < keep { on } else { 0 }`, exactly the values (and the
+    /// state after them) that `n` calls to [`Rng::uniform`] would give. SplitMix64's
+    /// `i`-th draw is a function of `state + i gamma` alone, so the draws are computed in
+    /// parallel: a LoRA step draws tens of millions of dropout decisions.
+    pub fn keep_mask(&mut self, n: usize, keep: f64, on: f32) -> Vec<f32> {
+        // `uniform() < keep` is `(x >> 11) 2^-53 < keep`, both sides exact in f64: the
+        // same as the integer test `(x >> 11) < ceil(keep 2^53)`.
+        let bound = (keep.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64;
+        let start = self.state;
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(1 << 16)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let first = start.wrapping_add(((c as u64) << 16).wrapping_mul(GAMMA));
+                keep_chunk(chunk, first, bound, on);
+            });
+        self.state = start.wrapping_add((n as u64).wrapping_mul(GAMMA));
+        out
     }
 
     /// Uniform in [0, 1).
@@ -70,5 +109,39 @@ impl Rng {
         } else {
             Some(&v[self.below(v.len())])
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rng;
+
+    /// The parallel mask is the scalar loop's, value for value, across chunk edges, and
+    /// leaves the stream where the loop would.
+    #[test]
+    fn keep_mask_is_the_sequential_draws() {
+        for (n, keep) in [
+            (0, 0.9),
+            (1, 0.9),
+            (7, 0.5),
+            (65_536, 0.9),
+            (65_537, 0.95),
+            (200_003, 0.9),
+            (1000, 1.0),
+            (1000, 0.0),
+        ] {
+            let mut a = Rng::derive(7, "mask");
+            let mut b = a.clone();
+            let on = (1.0 / keep) as f32;
+            let want: Vec<f32> = (0..n)
+                .map(|_| if a.uniform() < keep { on } else { 0.0 })
+                .collect();
+            let got = b.keep_mask(n, keep, on);
+            assert_eq!(got, want, "n {n}, keep {keep}");
+            assert_eq!(a.next_u64(), b.next_u64(), "state after n {n}");
+        }
+        // The test draws both outcomes.
+        let m = Rng::new(3).keep_mask(1000, 0.5, 2.0);
+        assert!(m.contains(&0.0) && m.contains(&2.0));
     }
 }
