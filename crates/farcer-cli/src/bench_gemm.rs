@@ -40,6 +40,10 @@ pub fn shapes() -> Vec<Shape> {
         v.push(s("llm qkv x W^T", m, 960, 576, false, true));
         v.push(s("llm weight grad (X^T dY)", 576, 960, m, true, false));
     }
+    // The LM head at a few answer tokens: memory-bound, it streams the 49152 x 576
+    // embedding (113 MB in f32) once forward and once backward.
+    v.push(s("llm lm head (h E^T)", 4, 49152, 576, false, true));
+    v.push(s("llm lm head bwd (dL E)", 4, 576, 49152, false, false));
     for (what, m, d, f) in [("vit-s", 2056, 384, 1536), ("vit-b", 1576, 768, 3072)] {
         v.push(s(what, m, 3 * d, d, false, false));
         v.push(s(what, m, f, d, false, false));
