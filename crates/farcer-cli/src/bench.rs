@@ -844,7 +844,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto")]
     pub recompute: String,
     /// Also say where each case's time goes: GEMM (and its GFLOP/s), attention, norms,
-    /// activations, RoPE, copies, and the rest (candle's ops, autograd, allocation).
+    /// activations, RoPE, copies, LoRA adapters, and the rest (candle's ops, autograd,
+    /// allocation).
     #[arg(long)]
     pub profile: bool,
     /// Time the GEMM engines (the `gemm` crate and these CBLAS libraries: openblas, mkl,
