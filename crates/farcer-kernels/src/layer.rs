@@ -513,10 +513,12 @@ fn lora_backward(
 ) -> (Vec<f32>, Vec<f32>) {
     let _span = crate::profile::span(crate::profile::Part::Adapter, 0.0);
     let r = p.r;
+    assert!(r > 0 && p.a.len() >= r * input && p.b.len() >= p.width * r);
+    assert!(p.col + p.width <= ldg && p.mask.is_none_or(|m| m.len() >= n * input));
     assert!(n == 0 || g.len() >= (n - 1) * ldg + p.col + p.width);
     assert!(dx.len() >= n * input && sv.xd.len() >= n * input && sv.us.len() >= n * r);
-    // The adapter's columns of `g`, as an address: tasks share it.
-    let gp = g[p.col.min(g.len())..].as_ptr() as usize;
+    // The adapter's columns of `g`: row `i` starts at `gc[i * ldg]`.
+    let gc = if n == 0 { &[][..] } else { &g[p.col..] };
     // gs = scale g B (n, r): the scale once here serves dA and dx.
     let mut gs = uninit(n * r);
     gs.par_chunks_mut(LORA_ROWS * r)
@@ -525,8 +527,8 @@ fn lora_backward(
         .for_each(|(bi, (gs, dx))| {
             let (r0, rows) = (bi * LORA_ROWS, gs.len() / r);
             let mut dxd = uninit(rows * input);
-            // SAFETY: rows `r0 .. r0 + rows` of `g` (checked above) and the block's own
-            // buffers.
+            // SAFETY: rows `r0 .. r0 + rows` of `gc`, `a` and `b` were checked above; the
+            // rest are the block's own buffers.
             unsafe {
                 gemm_raw(
                     rows,
@@ -535,7 +537,7 @@ fn lora_backward(
                     gs.as_mut_ptr(),
                     r,
                     false,
-                    (gp as *const f32).add(r0 * ldg),
+                    gc[r0 * ldg..].as_ptr(),
                     ldg,
                     1,
                     p.b.as_ptr(),
@@ -568,7 +570,8 @@ fn lora_backward(
         });
     let mut db = uninit(p.width * r);
     let mut da = uninit(r * input);
-    // SAFETY: `g`'s rows were checked above; the rest are this function's buffers.
+    // SAFETY: `gc`'s rows, `us` and `xd` were checked above; the rest are this function's
+    // buffers.
     unsafe {
         // dB = g^T us (width, r).
         gemm_raw(
@@ -578,7 +581,7 @@ fn lora_backward(
             db.as_mut_ptr(),
             r,
             false,
-            gp as *const f32,
+            gc.as_ptr(),
             1,
             ldg,
             sv.us.as_ptr(),
@@ -750,19 +753,26 @@ mod tests {
         a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
     }
 
-    /// An adapter's forward and backward against their formulas in f64, with a mask, on
+    /// An adapter's forward and backward against their formulas in f64, with a mask and
+    /// without, on
     /// columns in the middle of a wider product, over several row blocks (the last one
     /// part-way).
     #[test]
     fn adapter_matches_its_formulas() {
+        let mask: Vec<f32> = (0..70 * 150)
+            .map(|i| if i % 7 == 3 { 0.0 } else { 1.25 })
+            .collect();
+        adapter_check(Some(&mask));
+        adapter_check(None);
+    }
+
+    fn adapter_check(mask: Option<&[f32]>) {
         let (n, input, width, r, ld, col) = (70, 150, 100, 8, 130, 20);
         assert!(n > 2 * LORA_ROWS && n % LORA_ROWS != 0);
         let x = values(n * input, 1, 1.0);
         let a = values(r * input, 2, 0.3);
         let b = values(width * r, 3, 0.3);
-        let mask: Vec<f32> = (0..n * input)
-            .map(|i| if i % 7 == 3 { 0.0 } else { 1.25 })
-            .collect();
+        let m = |i: usize| mask.map_or(1.0, |m| m[i] as f64);
         let scale = 2.0;
         let p = LoraPart {
             site: Site::Qkv,
@@ -772,13 +782,13 @@ mod tests {
             a: &a,
             b: &b,
             scale,
-            mask: Some(&mask),
+            mask,
         };
         let y0 = values(n * ld, 4, 1.0);
         let mut y = y0.clone();
         let sv = lora_forward(&x, n, input, &p, &mut y, ld);
         let f = |v: f32| v as f64;
-        let xd = |i: usize, c: usize| f(x[i * input + c]) * f(mask[i * input + c]);
+        let xd = |i: usize, c: usize| f(x[i * input + c]) * m(i * input + c);
         let u = |i: usize, j: usize| {
             (0..input)
                 .map(|c| f(a[j * input + c]) * xd(i, c))
@@ -815,7 +825,7 @@ mod tests {
         for i in 0..n {
             for c in 0..input {
                 let back = (0..r).map(|j| gsv[i][j] * f(a[j * input + c])).sum::<f64>();
-                let want = f(dx0[i * input + c]) + back * f(mask[i * input + c]);
+                let want = f(dx0[i * input + c]) + back * m(i * input + c);
                 close(dx[i * input + c], want, "dx");
             }
         }

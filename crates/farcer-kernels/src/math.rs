@@ -53,12 +53,13 @@ pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     lane_fold([a, &b[..a.len()]], |[a, b]| a * b)
 }
 
-/// `sum(f(xs[0][i], xs[1][i], ...))` over the slices' common length: lane `l` adds the
+/// `sum(f(xs[0][i], xs[1][i], ...))` over the first slice's length (the others at least
+/// as long: a shorter one panics, as an index would): lane `l` adds the
 /// values at `l`, `l + 16`, ..., then the lanes are summed, then the tail. Each step reads
 /// 16-value arrays, so no index is checked inside and the lanes become one vector.
 #[inline(always)]
 pub(crate) fn lane_fold<const K: usize>(xs: [&[f32]; K], f: impl Fn([f32; K]) -> f32) -> f32 {
-    let n = xs.iter().map(|x| x.len()).min().unwrap_or(0);
+    let n = xs.first().map_or(0, |x| x.len());
     let body = n / 16 * 16;
     let mut acc = [0f32; 16];
     for c in (0..body).step_by(16) {

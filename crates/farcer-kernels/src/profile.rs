@@ -1,6 +1,6 @@
 //! Where the kernels' time goes: wall time and calls per part (GEMM, attention, norms,
-//! activations, RoPE, copies, LoRA adapters), and the GEMMs' floating-point operations, summed while
-//! [`start`] is on. Only the thread that started it counts, and only its outermost span
+//! activations, RoPE, copies, LoRA adapters), and the GEMMs' floating-point operations,
+//! summed while [`start`] is on. Only the thread that started it counts, and only its outermost span
 //! (a GEMM inside attention is attention's), so the parts add up to at most the wall time
 //! of what ran; what is left is everything outside these kernels (candle's ops, autograd,
 //! allocation). Off, a span costs one relaxed atomic load.
@@ -20,7 +20,7 @@ pub enum Part {
     Rope,
     Copy,
     /// LoRA adapters inside a fused layer: dropout, their low-rank products, and adding
-    /// their gradients.
+    /// their gradients. Their products count here, not in [`Part::Gemm`] or its rate.
     Adapter,
 }
 

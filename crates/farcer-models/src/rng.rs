@@ -13,8 +13,18 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Draws per task in [`Rng::keep_mask`].
+const MASK_CHUNK: usize = 1 << 16;
+
+/// The integer form of `uniform() < keep`: `uniform()` is `(x >> 11) 2^-53`, exact in
+/// f64, and so is `keep 2^53` after the clamp; for an integer `u`, `u < t` exactly when
+/// `u < ceil(t)`. A NaN `keep` keeps nothing, as `uniform() < NaN` never holds.
+fn keep_bound(keep: f64) -> u64 {
+    (keep.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64
+}
+
 /// The draws after state `first` (the state before the chunk's first draw) as
-/// `on`/0 by `(x >> 11) < bound`; a plain loop over the index, which vectorises.
+/// `on`/0 by `(x >> 11) < bound`.
 fn keep_chunk(out: &mut [f32], first: u64, bound: u64, on: f32) {
     for (i, o) in out.iter_mut().enumerate() {
         let x = mix(first.wrapping_add((i as u64 + 1).wrapping_mul(GAMMA)));
@@ -57,16 +67,19 @@ impl Rng {
     /// `i`-th draw is a function of `state + i gamma` alone, so the draws are computed in
     /// parallel: a LoRA step draws tens of millions of dropout decisions.
     pub fn keep_mask(&mut self, n: usize, keep: f64, on: f32) -> Vec<f32> {
-        // `uniform() < keep` is `(x >> 11) 2^-53 < keep`, both sides exact in f64: the
-        // same as the integer test `(x >> 11) < ceil(keep 2^53)`.
-        let bound = (keep.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64;
+        let bound = keep_bound(keep);
         let start = self.state;
         let mut out = vec![0f32; n];
-        out.par_chunks_mut(1 << 16)
+        out.par_chunks_mut(MASK_CHUNK)
             .enumerate()
             .for_each(|(c, chunk)| {
-                let first = start.wrapping_add(((c as u64) << 16).wrapping_mul(GAMMA));
-                keep_chunk(chunk, first, bound, on);
+                let before = (c as u64).wrapping_mul(MASK_CHUNK as u64);
+                keep_chunk(
+                    chunk,
+                    start.wrapping_add(before.wrapping_mul(GAMMA)),
+                    bound,
+                    on,
+                );
             });
         self.state = start.wrapping_add((n as u64).wrapping_mul(GAMMA));
         out
@@ -114,7 +127,26 @@ impl Rng {
 
 #[cfg(test)]
 mod tests {
-    use super::Rng;
+    use super::{keep_bound, Rng};
+
+    /// The integer bound keeps exactly the draws `uniform() < keep` keeps, at the edges
+    /// a random test would almost never reach.
+    #[test]
+    fn keep_bound_is_the_float_comparison() {
+        let two53 = 1u64 << 53;
+        let unit = |u: u64| u as f64 / two53 as f64;
+        assert_eq!(keep_bound(0.0), 0);
+        assert_eq!(keep_bound(-1.0), 0);
+        assert_eq!(keep_bound(f64::NAN), 0);
+        assert_eq!(keep_bound(1.0), two53);
+        assert_eq!(keep_bound(0.5), two53 / 2);
+        for keep in [0.5, 0.9, 0.95, 1.0 - 1.0 / two53 as f64, 1e-300, 0.3] {
+            let b = keep_bound(keep);
+            // The last kept value is below `keep`; the first dropped one is not.
+            assert!(b == 0 || unit(b - 1) < keep, "keep {keep}");
+            assert!(b == two53 || unit(b) >= keep, "keep {keep}");
+        }
+    }
 
     /// The parallel mask is the scalar loop's, value for value, across chunk edges, and
     /// leaves the stream where the loop would.
