@@ -128,10 +128,64 @@ fn fused_layers_match_the_op_by_op_path_on_smollm2() {
     assert!(dl <= 1e-4 && dg <= 1e-4, "logits {dl}, gradients {dg}");
 }
 
+/// The LM head read from the GGUF's Q8_0 blocks: its rows are bit for bit the f32 copy
+/// candle dequantized, and its product and input gradient match the f32 product's within
+/// 1e-5 of their size (f32 sums in another order).
+fn lm_head_reads_its_q8_blocks_as_the_f32_copy() {
+    let Some(p) = default_llm() else { return };
+    let g = farcer::model::gguf::load(&p, &Device::Cpu, DType::F32).unwrap();
+    let name = "model.embed_tokens.weight";
+    let q =
+        g.q8.get(name)
+            .expect("SmolLM2's GGUF stores its embeddings in Q8_0");
+    let w = &g.tensors[name];
+    for r0 in [0, 1000, 49152 - 3] {
+        let want = w.narrow(0, r0, 3).unwrap().flatten_all().unwrap();
+        assert_eq!(
+            q.row_values(r0, 3),
+            want.to_vec1::<f32>().unwrap(),
+            "rows {r0}.."
+        );
+    }
+    let x0: Vec<f32> = (0..3 * 576)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let r: Vec<f32> = (0..3 * 49152)
+        .map(|i| ((i * 13) % 29) as f32 / 14.0 - 1.0)
+        .collect();
+    let r = candle_core::Tensor::from_vec(r, (3, 49152), &Device::Cpu).unwrap();
+    let run = |quantized: bool| {
+        let x = candle_core::Tensor::from_vec(x0.clone(), (3, 576), &Device::Cpu).unwrap();
+        let x = candle_core::Var::from_tensor(&x).unwrap();
+        let y = if quantized {
+            farcer::model::frozen::matmul_t_q8(x.as_tensor(), q).unwrap()
+        } else {
+            let be = farcer::model::frozen::Backend::Kernels;
+            farcer::model::frozen::matmul_t(be, x.as_tensor(), w).unwrap()
+        };
+        let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, grads.get(&x).unwrap().clone())
+    };
+    let ((yq, gq), (yf, gf)) = (run(true), run(false));
+    let (dy, dg) = (max_abs_diff(&yq, &yf), max_abs_diff(&gq, &gf));
+    let (sy, sg) = (max_abs(&yf).max(1.0), max_abs(&gf).max(1.0));
+    assert!(dy <= 1e-5 * sy, "logits differ by {dy} (largest {sy})");
+    assert!(
+        dg <= 1e-5 * sg,
+        "input gradients differ by {dg} (largest {sg})"
+    );
+    let llm = llm().unwrap();
+    assert!(
+        llm.model.has_lm_head_q8(),
+        "the loaded model reads the Q8_0 blocks"
+    );
+}
+
 fn main() -> std::process::ExitCode {
     common::harness::main(tests![
         logits_match_transformers_on_a_100_token_prompt.needs_default_llm(),
         tokenizer_ids_follow_smollm_rules_and_round_trip.needs_default_llm(),
         fused_layers_match_the_op_by_op_path_on_smollm2.needs_default_llm(),
+        lm_head_reads_its_q8_blocks_as_the_f32_copy.needs_default_llm(),
     ])
 }

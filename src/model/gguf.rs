@@ -18,6 +18,9 @@ pub struct GgufModel {
     pub content: gguf_file::Content,
     /// Per-dimension RoPE divisors (`rope_freqs.weight`, Llama 3.1 GGUFs).
     pub rope_freqs: Option<Vec<f32>>,
+    /// The embeddings and the LM head as stored, by Hugging Face name, where the file
+    /// holds them in Q8_0 (see [`farcer_nn::Q8Weight`]).
+    pub q8: HashMap<String, farcer_nn::Q8Weight>,
 }
 
 /// Reads a GGUF file's header (metadata and tensor table), checked against the file's
@@ -401,6 +404,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
         e => e,
     })?;
     let mut tensors = HashMap::new();
+    let mut q8 = HashMap::new();
     let mut rope_freqs = None;
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
     for name in names {
@@ -418,6 +422,14 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
                 format!("unexpected tensor `{name}`"),
             ));
         };
+        if (name == "token_embd.weight" || name == "output.weight")
+            && q.dtype() == candle_core::quantized::GgmlDType::Q8_0
+        {
+            let (rows, cols) = q.shape().dims2()?;
+            if let Some(w) = farcer_nn::Q8Weight::new(q.data()?.into_owned(), rows, cols) {
+                q8.insert(hf.clone(), w);
+            }
+        }
         let t = if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
             unpermute(&t, cfg.num_heads)?
         } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
@@ -434,6 +446,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
         tensors,
         content,
         rope_freqs,
+        q8,
     })
 }
 

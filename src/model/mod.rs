@@ -260,10 +260,20 @@ fn load_dir(
 }
 
 fn load_gguf(path: &Path, name: &str, device: &Device, dtype: DType) -> Result<Llm> {
-    let g = gguf::load(path, device, dtype)?;
+    let mut g = gguf::load(path, device, dtype)?;
     let vb = VarBuilder::from_tensors(g.tensors, dtype, device);
-    let model = Llama::load(vb, &g.config)
+    let mut model = Llama::load(vb, &g.config)
         .map_err(|e| Error::model(path.display().to_string(), e.to_string()))?;
+    let head = if model.lm_head_is_tied() {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
+    if let Some(q) = g.q8.remove(head) {
+        model
+            .set_lm_head_q8(q)
+            .map_err(|e| Error::model(path.display().to_string(), e.to_string()))?;
+    }
     let tokenizer = TextTokenizer::from_gguf(&g.content)?;
     let template = g
         .content

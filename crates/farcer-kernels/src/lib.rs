@@ -21,6 +21,7 @@ pub mod layer;
 mod math;
 pub mod norm;
 pub mod profile;
+pub mod quant;
 pub mod rope;
 
 pub use activation::{gelu_erf, swiglu, swiglu_grad};
@@ -31,6 +32,7 @@ pub use layer::{
     LayerSaved, LayerWeights, LoraPart, LoraSaved, SegmentKv, Site,
 };
 pub use norm::{layer_norm, rms_norm, rms_norm_grad};
+pub use quant::{q8_matmul_nn, q8_matmul_nt, Q8Matrix};
 pub use rope::{split_rope, split_rope_grad, Heads};
 
 #[cfg(test)]

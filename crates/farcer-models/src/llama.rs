@@ -482,6 +482,9 @@ pub struct Llama {
     norm: Tensor,
     /// `None` when tied to the embeddings.
     lm_head: Option<Tensor>,
+    /// The LM head's weight as the GGUF stored it, when in Q8_0: the fused CPU path reads
+    /// these blocks (the same values, a quarter of the bytes of the f32 copy).
+    lm_head_q8: Option<frozen::Q8Weight>,
     cos: Tensor,
     sin: Tensor,
     pub config: Config,
@@ -585,6 +588,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            lm_head_q8: None,
             cos,
             sin,
             config: config.clone(),
@@ -625,6 +629,32 @@ impl Llama {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Whether the fused CPU path reads the LM head from Q8_0 blocks.
+    pub fn has_lm_head_q8(&self) -> bool {
+        self.lm_head_q8.is_some()
+    }
+
+    /// Whether the LM head is the embedding matrix.
+    pub fn lm_head_is_tied(&self) -> bool {
+        self.lm_head.is_none()
+    }
+
+    /// Gives the LM head's weight in Q8_0 blocks (as a GGUF stores it), for the fused CPU
+    /// path to read instead of the f32 copy. The caller vouches that the blocks hold the
+    /// f32 copy's values; only the shape is checked here.
+    pub fn set_lm_head_q8(&mut self, w: frozen::Q8Weight) -> Result<()> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        if w.dims() != head.dims2()? {
+            candle_core::bail!(
+                "LM head in Q8_0 of {:?}, the model's is {:?}",
+                w.dims(),
+                head.dims()
+            );
+        }
+        self.lm_head_q8 = Some(w);
+        Ok(())
     }
 
     pub fn device(&self) -> &Device {
@@ -965,7 +995,11 @@ impl Llama {
         let n = rms_norm(self.backend, &sel, &self.norm, self.config.rms_norm_eps)?;
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
         let flat = n.reshape((b * at.len(), d))?;
-        frozen::matmul_t(self.backend, &flat, w)?.reshape((b, at.len(), self.config.vocab_size))
+        let logits = match &self.lm_head_q8 {
+            Some(q) if self.backend == Backend::Kernels => frozen::matmul_t_q8(&flat, q)?,
+            _ => frozen::matmul_t(self.backend, &flat, w)?,
+        };
+        logits.reshape((b, at.len(), self.config.vocab_size))
     }
 
     /// Adds LoRA adapters (B = 0, so the model is unchanged) to the named projections

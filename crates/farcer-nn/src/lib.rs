@@ -219,6 +219,63 @@ pub fn matmul_t(be: Backend, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     attach("frozen-matmul", x, y, Box::new(move |_, g| g.matmul(&w)))
 }
 
+/// A frozen weight kept in GGUF's Q8_0 blocks beside its f32 copy, for the products
+/// that are memory-bound (see [`kernels::quant`]). Cloning shares the blocks.
+#[derive(Clone, Debug)]
+pub struct Q8Weight {
+    data: std::sync::Arc<Vec<u8>>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Q8Weight {
+    /// `None` unless `data` is exactly `rows` rows of `cols / 32` blocks.
+    pub fn new(data: Vec<u8>, rows: usize, cols: usize) -> Option<Self> {
+        kernels::Q8Matrix::new(&data, rows, cols)?;
+        Some(Q8Weight {
+            data: std::sync::Arc::new(data),
+            rows,
+            cols,
+        })
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Rows `r0 .. r0 + n` as f32.
+    pub fn row_values(&self, r0: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n * self.cols];
+        self.matrix().dequantize_rows(r0, &mut out);
+        out
+    }
+
+    fn matrix(&self) -> kernels::Q8Matrix<'_> {
+        kernels::Q8Matrix::new(&self.data, self.rows, self.cols).expect("checked in new")
+    }
+}
+
+/// [`matmul_t`] reading `w` from its Q8_0 blocks (CPU, f32): the same values as its f32
+/// copy, a quarter of the bytes. The backward returns the input gradient only.
+pub fn matmul_t_q8(x: &Tensor, w: &Q8Weight) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let (n, k) = x.dims2()?;
+    if k != w.cols {
+        candle_core::bail!("({n}, {k}) times a Q8_0 weight ({}, {})^T", w.rows, w.cols);
+    }
+    let y = kernels::q8_matmul_nt(view(&x)?.s(), n, w.matrix());
+    let m = w.rows;
+    let w = w.clone();
+    output("frozen-matmul-q8", &x, y, (n, m).into(), || {
+        Box::new(move |_, g| {
+            let g = g.contiguous()?;
+            let dx = kernels::q8_matmul_nn(view(&g)?.s(), n, w.matrix());
+            Tensor::from_vec(dx, (n, k), &candle_core::Device::Cpu)
+        })
+    })
+}
+
 /// RMSNorm with a frozen weight: `x / rms(x) * w`. Backward (input only), with
 /// `r = 1 / rms(x)` and `g = dy * w`: `dx = r g - x r^3 mean(g x)`.
 pub fn rms_norm(be: Backend, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
