@@ -65,6 +65,54 @@ pub struct Report {
     pub engines: Vec<String>,
     pub threads: usize,
     pub rows: Vec<Row>,
+    /// The LM head's two products read from Q8_0 blocks (as the model runs them):
+    /// (what, GFLOP/s, milliseconds per pass).
+    pub q8_lm_head: Vec<(String, f64, f64)>,
+}
+
+/// The LM head's products at 4 answer tokens with the weight in Q8_0 blocks (SmolLM2's
+/// 49152 x 576 embeddings; the values do not matter to the time), best of `reps` after
+/// a warm-up, on the process's GEMM choice.
+fn q8_lm_head(reps: usize) -> Vec<(String, f64, f64)> {
+    use farcer_kernels::quant::{Q8_BLOCK, Q8_BYTES};
+    let (rows, cols, n) = (49152, 576, 4);
+    let mut data = Vec::with_capacity(rows * cols / Q8_BLOCK * Q8_BYTES);
+    for b in 0..rows * cols / Q8_BLOCK {
+        data.extend_from_slice(&0x2e66u16.to_le_bytes());
+        data.extend((0..Q8_BLOCK).map(|j| ((b + j) % 200) as u8));
+    }
+    let w = farcer_kernels::Q8Matrix::new(&data, rows, cols).expect("whole blocks");
+    let x = vec![0.5f32; n * cols];
+    let g = vec![0.25f32; n * rows];
+    let flop = 2.0 * (n * rows * cols) as f64;
+    let best = |f: &dyn Fn()| {
+        f();
+        (0..reps.max(1))
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let fwd = best(&|| {
+        std::hint::black_box(farcer_kernels::q8_matmul_nt(&x, n, w));
+    });
+    let bwd = best(&|| {
+        std::hint::black_box(farcer_kernels::q8_matmul_nn(&g, n, w));
+    });
+    vec![
+        (
+            "llm lm head (h E^T), Q8_0".into(),
+            flop / fwd / 1e9,
+            fwd * 1e3,
+        ),
+        (
+            "llm lm head bwd (dL E), Q8_0".into(),
+            flop / bwd / 1e9,
+            bwd * 1e3,
+        ),
+    ]
 }
 
 /// Times every shape on the crate and on each library in `libs` (short names or paths).
@@ -112,11 +160,18 @@ pub fn run(libs: &[String], reps: usize, json: Option<&std::path::Path>) -> anyh
         );
         rows.push(Row { shape: sh, gflops });
     }
+    let q8 = q8_lm_head(reps);
+    println!("\nThe LM head from Q8_0 blocks (4 answer tokens; as the model reads it):\n");
+    println!("| product | GFLOP/s | ms per pass |\n|---|---:|---:|");
+    for (what, gf, ms) in &q8 {
+        println!("| {what} | {gf:.0} | {ms:.2} |");
+    }
     if let Some(p) = json {
         let r = Report {
             engines: names,
             threads: rayon::current_num_threads(),
             rows,
+            q8_lm_head: q8,
         };
         farcer::util::write_atomic(p, serde_json::to_string_pretty(&r)?.as_bytes())?;
     }

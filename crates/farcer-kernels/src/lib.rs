@@ -7,7 +7,8 @@
 //! step of a layer in one parallel pass: the q/k/v split with RoPE ([`rope`]), a blocked
 //! causal attention that skips masked-out key blocks and writes its output already
 //! transposed ([`attention`]), SwiGLU ([`activation`]), norms ([`norm`]), GEMMs
-//! ([`gemm`]), the whole decoder layer ([`layer`]), and their input-only backwards.
+//! ([`gemm`]), the whole decoder layer ([`layer`]), products with a weight kept in
+//! GGUF's Q8_0 blocks ([`quant`]), and their input-only backwards.
 //! farcer's model code wraps them as tensor ops for f32 on the CPU and runs candle's
 //! ops for every other device and dtype.
 
