@@ -18,8 +18,8 @@ pub struct GgufModel {
     pub content: gguf_file::Content,
     /// Per-dimension RoPE divisors (`rope_freqs.weight`, Llama 3.1 GGUFs).
     pub rope_freqs: Option<Vec<f32>>,
-    /// The embeddings and the LM head as stored, by Hugging Face name, where the file
-    /// holds them in Q8_0 (see [`farcer_nn::Q8Weight`]).
+    /// The LM head's weight as stored, by Hugging Face name, where the file holds it in
+    /// Q8_0 and the model will run the fused CPU path (see [`farcer_nn::Q8Weight`]).
     pub q8: HashMap<String, farcer_nn::Q8Weight>,
 }
 
@@ -422,8 +422,16 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
                 format!("unexpected tensor `{name}`"),
             ));
         };
-        if (name == "token_embd.weight" || name == "output.weight")
+        // The LM head's blocks, kept only where the fused CPU path can read them: the
+        // output matrix, or the embeddings when there is none (tied).
+        let head = if content.tensor_infos.contains_key("output.weight") {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        if name == head
             && q.dtype() == candle_core::quantized::GgmlDType::Q8_0
+            && farcer_nn::Backend::auto(device, dtype) == farcer_nn::Backend::Kernels
         {
             let (rows, cols) = q.shape().dims2()?;
             if let Some(w) = farcer_nn::Q8Weight::new(q.data()?.into_owned(), rows, cols) {

@@ -14,7 +14,8 @@ use rayon::prelude::*;
 pub const Q8_BLOCK: usize = 32;
 /// Bytes per Q8_0 block.
 pub const Q8_BYTES: usize = 34;
-/// Weight rows per tile: a tile (576 columns: 590 KB) stays in L2 for its product.
+/// Weight rows per tile: at SmolLM2's 576 columns a tile (590 KB) stays in L2 for its
+/// product.
 const TILE: usize = 256;
 /// Weight rows per task in the backward; fixed, so the order of its sums does not depend
 /// on the thread count.
@@ -32,11 +33,8 @@ impl<'a> Q8Matrix<'a> {
     /// `None` unless `cols` is whole blocks and `data` holds exactly `rows` rows of them.
     pub fn new(data: &'a [u8], rows: usize, cols: usize) -> Option<Self> {
         let bytes = rows.checked_mul(cols / Q8_BLOCK)?.checked_mul(Q8_BYTES)?;
-        (cols.is_multiple_of(Q8_BLOCK) && data.len() == bytes).then_some(Q8Matrix {
-            data,
-            rows,
-            cols,
-        })
+        let whole = cols > 0 && cols.is_multiple_of(Q8_BLOCK);
+        (whole && data.len() == bytes).then_some(Q8Matrix { data, rows, cols })
     }
 
     pub fn rows(&self) -> usize {
@@ -92,9 +90,9 @@ multiversion! {
 /// task dequantizes a tile of `w`'s rows and writes its columns of the result.
 pub fn q8_matmul_nt(x: &[f32], n: usize, w: Q8Matrix) -> Vec<f32> {
     let (rows, cols) = (w.rows, w.cols);
-    assert!(x.len() >= n * cols);
+    assert!(n.checked_mul(cols).is_some_and(|len| x.len() >= len));
     let _span = profile::span(Part::Gemm, 2.0 * (n * rows * cols) as f64);
-    let mut y = uninit(n * rows);
+    let mut y = uninit(n.checked_mul(rows).expect("output size overflows"));
     if n == 0 {
         return y;
     }
@@ -133,21 +131,22 @@ pub fn q8_matmul_nt(x: &[f32], n: usize, w: Q8Matrix) -> Vec<f32> {
 /// count.
 pub fn q8_matmul_nn(g: &[f32], n: usize, w: Q8Matrix) -> Vec<f32> {
     let (rows, cols) = (w.rows, w.cols);
-    assert!(g.len() >= n * rows);
+    assert!(n.checked_mul(rows).is_some_and(|len| g.len() >= len));
+    let out_len = n.checked_mul(cols).expect("output size overflows");
+    if n == 0 {
+        return Vec::new();
+    }
     let _span = profile::span(Part::Gemm, 2.0 * (n * rows * cols) as f64);
     let partials: Vec<Vec<f32>> = (0..rows.div_ceil(CHUNK))
         .into_par_iter()
         .map(|c| {
-            let mut acc = vec![0f32; n * cols];
+            let mut acc = vec![0f32; out_len];
             let end = ((c + 1) * CHUNK).min(rows);
             let mut tile = uninit(TILE * cols);
             for r0 in (c * CHUNK..end).step_by(TILE) {
                 let tr = TILE.min(end - r0);
                 let tile = &mut tile[..tr * cols];
                 w.dequantize_rows(r0, tile);
-                if n == 0 {
-                    continue;
-                }
                 // SAFETY: columns `r0 .. r0 + tr` of `g`'s `n` rows (checked above), the
                 // tile, and this task's own `acc`.
                 unsafe {
@@ -171,7 +170,7 @@ pub fn q8_matmul_nn(g: &[f32], n: usize, w: Q8Matrix) -> Vec<f32> {
             acc
         })
         .collect();
-    let mut out = vec![0f32; n * cols];
+    let mut out = vec![0f32; out_len];
     for p in &partials {
         for (o, v) in out.iter_mut().zip(p) {
             *o += v;
@@ -206,6 +205,37 @@ mod tests {
             }
         }
         (data, vals)
+    }
+
+    /// The backward's sums do not depend on how many threads run them.
+    #[test]
+    fn the_backward_is_the_same_on_any_thread_count() {
+        let (rows, cols, n) = (3 * CHUNK + 100, 64, 2);
+        let (data, _) = matrix(rows, cols);
+        let q = Q8Matrix::new(&data, rows, cols).expect("whole blocks");
+        let g: Vec<f32> = (0..n * rows)
+            .map(|i| ((i * 7) % 23) as f32 / 3.0 - 3.5)
+            .collect();
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| q8_matmul_nn(&g, n, q))
+        };
+        let one = on(1);
+        assert_eq!(one.len(), n * cols);
+        for threads in [2, 3, 5] {
+            let other = on(threads);
+            assert!(
+                one.iter()
+                    .zip(&other)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads} threads"
+            );
+        }
+        assert!(q8_matmul_nn(&[], 0, q).is_empty());
+        assert!(Q8Matrix::new(&[], 3, 0).is_none());
     }
 
     #[test]

@@ -631,7 +631,8 @@ impl Llama {
         self.backend
     }
 
-    /// Whether the fused CPU path reads the LM head from Q8_0 blocks.
+    /// Whether the model holds its LM head in Q8_0 blocks (read on the fused CPU path;
+    /// other backends compute with the f32 copy).
     pub fn has_lm_head_q8(&self) -> bool {
         self.lm_head_q8.is_some()
     }
