@@ -135,9 +135,11 @@ fn lm_head_reads_its_q8_blocks_as_the_f32_copy() {
     let Some(p) = default_llm() else { return };
     let g = farcer::model::gguf::load(&p, &Device::Cpu, DType::F32).unwrap();
     let name = "model.embed_tokens.weight";
-    let q =
-        g.q8.get(name)
-            .expect("SmolLM2's GGUF stores its embeddings in Q8_0");
+    let (head, q) = g
+        .head_q8
+        .as_ref()
+        .expect("SmolLM2's GGUF stores its embeddings in Q8_0");
+    assert_eq!(head, name, "the head is the tied embeddings");
     let w = &g.tensors[name];
     // Every row, bit for bit.
     let want = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -18,9 +18,9 @@ pub struct GgufModel {
     pub content: gguf_file::Content,
     /// Per-dimension RoPE divisors (`rope_freqs.weight`, Llama 3.1 GGUFs).
     pub rope_freqs: Option<Vec<f32>>,
-    /// The LM head's weight as stored, by Hugging Face name, where the file holds it in
-    /// Q8_0 and the model will run the fused CPU path (see [`farcer_nn::Q8Weight`]).
-    pub q8: HashMap<String, farcer_nn::Q8Weight>,
+    /// The LM head's weight as stored, with its Hugging Face name, where the file holds
+    /// it in Q8_0 and the model will run the fused CPU path (see [`farcer_nn::Q8Weight`]).
+    pub head_q8: Option<(String, farcer_nn::Q8Weight)>,
 }
 
 /// Reads a GGUF file's header (metadata and tensor table), checked against the file's
@@ -404,7 +404,15 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
         e => e,
     })?;
     let mut tensors = HashMap::new();
-    let mut q8 = HashMap::new();
+    let mut head_q8 = None;
+    // The LM head's blocks, kept only where the fused CPU path can read them: the output
+    // matrix, or the embeddings when there is none (tied).
+    let head = if content.tensor_infos.contains_key("output.weight") {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
+    let fused = farcer_nn::Backend::auto(device, dtype) == farcer_nn::Backend::Kernels;
     let mut rope_freqs = None;
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
     for name in names {
@@ -422,21 +430,10 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
                 format!("unexpected tensor `{name}`"),
             ));
         };
-        // The LM head's blocks, kept only where the fused CPU path can read them: the
-        // output matrix, or the embeddings when there is none (tied).
-        let head = if content.tensor_infos.contains_key("output.weight") {
-            "output.weight"
-        } else {
-            "token_embd.weight"
-        };
-        if name == head
-            && q.dtype() == candle_core::quantized::GgmlDType::Q8_0
-            && farcer_nn::Backend::auto(device, dtype) == farcer_nn::Backend::Kernels
-        {
+        if fused && name == head && q.dtype() == candle_core::quantized::GgmlDType::Q8_0 {
             let (rows, cols) = q.shape().dims2()?;
-            if let Some(w) = farcer_nn::Q8Weight::new(q.data()?.into_owned(), rows, cols) {
-                q8.insert(hf.clone(), w);
-            }
+            head_q8 = farcer_nn::Q8Weight::new(q.data()?.into_owned(), rows, cols)
+                .map(|w| (hf.clone(), w));
         }
         let t = if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
             unpermute(&t, cfg.num_heads)?
@@ -454,7 +451,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
         tensors,
         content,
         rope_freqs,
-        q8,
+        head_q8,
     })
 }
 

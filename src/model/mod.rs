@@ -260,7 +260,7 @@ fn load_dir(
 }
 
 fn load_gguf(path: &Path, name: &str, device: &Device, dtype: DType) -> Result<Llm> {
-    let mut g = gguf::load(path, device, dtype)?;
+    let g = gguf::load(path, device, dtype)?;
     let vb = VarBuilder::from_tensors(g.tensors, dtype, device);
     let mut model = Llama::load(vb, &g.config)
         .map_err(|e| Error::model(path.display().to_string(), e.to_string()))?;
@@ -269,7 +269,7 @@ fn load_gguf(path: &Path, name: &str, device: &Device, dtype: DType) -> Result<L
     } else {
         "lm_head.weight"
     };
-    if let Some(q) = g.q8.remove(head) {
+    if let Some((_, q)) = g.head_q8.filter(|(n, _)| n == head) {
         model
             .set_lm_head_q8(q)
             .map_err(|e| Error::model(path.display().to_string(), e.to_string()))?;

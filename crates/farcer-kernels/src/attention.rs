@@ -2,7 +2,7 @@
 //! backward), skipping key blocks a causal mask hides.
 
 use crate::gemm::gemm_raw;
-use crate::math::{exp_approx, lane_dot};
+use crate::math::{add_into, exp_approx, lane_dot};
 use crate::rope::Heads;
 use crate::util::{uninit, SendPtr};
 use rayon::prelude::*;
@@ -461,12 +461,8 @@ pub fn attention_grad(
         .enumerate()
         .for_each(|(kvh, (dk, dv))| {
             for (_, se, pk, pv) in parts.iter().filter(|p| p.0 == kvh) {
-                for (a, b) in dk[..se * d].iter_mut().zip(pk) {
-                    *a += b;
-                }
-                for (a, b) in dv[..se * d].iter_mut().zip(pv) {
-                    *a += b;
-                }
+                add_into(&mut dk[..se * d], pk);
+                add_into(&mut dv[..se * d], pv);
             }
         });
     (dq, dk, dv)

@@ -5,6 +5,7 @@ use crate::activation::{swiglu, swiglu_grad};
 use crate::attention::{attention, attention_grad};
 use crate::gemm::gemm_raw;
 use crate::gemm::{linear, matmul_nn};
+use crate::math::add_into;
 use crate::norm::{rms_norm, rms_norm_grad};
 use crate::rope::{split_rope, split_rope_grad, Heads};
 use crate::util::{parallelism, uninit};
@@ -422,15 +423,6 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// `acc += x`.
-    fn add_into(acc: &mut [f32], x: &[f32]) {
-        for (a, x) in acc.iter_mut().zip(x) {
-            *a += x;
-        }
-    }
-}
-
 /// Adds adapter `p`'s product on `x` `(n, input)` to its columns of `y` (row stride `ldy`):
 /// each block of rows is masked, multiplied by `A^T` and then by `B^T` in one task.
 fn lora_forward(
@@ -754,9 +746,8 @@ mod tests {
     }
 
     /// An adapter's forward and backward against their formulas in f64, with a mask and
-    /// without, on
-    /// columns in the middle of a wider product, over several row blocks (the last one
-    /// part-way).
+    /// without, on columns in the middle of a wider product, over several row blocks (the
+    /// last one part-way).
     #[test]
     fn adapter_matches_its_formulas() {
         let mask: Vec<f32> = (0..70 * 150)

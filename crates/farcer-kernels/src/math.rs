@@ -1,5 +1,5 @@
-//! Vectorisable `exp` and `erf`: libm's scalar calls would stop the loops around them
-//! from vectorising.
+//! Vectorisable `exp`, `erf`, lane sums and element-wise adds: libm's scalar calls and
+//! index-checked loops would stop the loops around them from vectorising.
 
 /// `e^x` to about 2 ulp on [-87, 88], 0 below; a branch-free polynomial (Cephes'
 /// `expf`) that the compiler vectorises, unlike libm's scalar call.
@@ -38,6 +38,15 @@ pub(crate) fn erf_approx(x: f32) -> f32 {
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
     let y = 1.0 - poly * exp_approx(-a * a);
     y.copysign(x)
+}
+
+multiversion! {
+    /// `acc += x`, element by element.
+    pub(crate) fn add_into(acc: &mut [f32], x: &[f32]) {
+        for (a, x) in acc.iter_mut().zip(x) {
+            *a += x;
+        }
+    }
 }
 
 /// Sum of `x` in 16 lanes: a plain `iter().sum()` keeps the strict order of the adds and

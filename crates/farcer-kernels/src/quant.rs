@@ -6,6 +6,7 @@
 //! is what its speed is made of.
 
 use crate::gemm::gemm_raw;
+use crate::math::add_into;
 use crate::profile::{self, Part};
 use crate::util::{uninit, SendPtr};
 use rayon::prelude::*;
@@ -172,9 +173,7 @@ pub fn q8_matmul_nn(g: &[f32], n: usize, w: Q8Matrix) -> Vec<f32> {
         .collect();
     let mut out = vec![0f32; out_len];
     for p in &partials {
-        for (o, v) in out.iter_mut().zip(p) {
-            *o += v;
-        }
+        add_into(&mut out, p);
     }
     out
 }
