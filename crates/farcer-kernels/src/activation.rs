@@ -72,6 +72,16 @@ multiversion! {
     }
 }
 
+/// `gelu(x + bias)` in place on every row of `x` `(n, m)`, in parallel (the epilogue of
+/// a product with bias and GELU).
+pub fn bias_gelu_rows(x: &mut [f32], bias: &[f32], m: usize) {
+    assert_eq!(bias.len(), m, "bias length");
+    let _span = crate::profile::span(crate::profile::Part::Activation, 0.0);
+    x.par_chunks_mut(m)
+        .with_min_len(8)
+        .for_each(|row| bias_gelu_row(row, bias));
+}
+
 /// Exact-erf GELU of every value, in place, in parallel.
 pub fn gelu_erf(x: &mut [f32]) {
     let _span = crate::profile::span(crate::profile::Part::Activation, 0.0);

@@ -1,6 +1,5 @@
 //! GEMMs over row-major slices (the `gemm` crate) and the linear layers built on them.
 
-use crate::activation::bias_gelu_row;
 use crate::blas::{self, Engine};
 use crate::profile::{self, Part};
 use crate::util::{parallelism, uninit};
@@ -233,6 +232,69 @@ fn linear_reading(
     y
 }
 
+/// `x @ wt[:, cols] + bias[cols]`: the product with a range of the weight's output
+/// columns only (`wt` `(k, m)` row-major, read in place), `(n, cols.len())`. Lets a ViT's
+/// last layer, which carries only its CLS rows on, make queries for those rows alone
+/// while it makes keys and values for all.
+pub fn linear_cols(
+    x: &[f32],
+    wt: &[f32],
+    cols: std::ops::Range<usize>,
+    bias: Option<&[f32]>,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Vec<f32> {
+    assert!(
+        cols.start <= cols.end && cols.end <= m,
+        "columns {cols:?} of {m}"
+    );
+    assert!(x.len() >= n * k && wt.len() >= k * m);
+    assert!(bias.is_none_or(|b| b.len() >= m));
+    let w = cols.len();
+    let mut y = uninit(n * w);
+    if n == 0 || w == 0 {
+        return y;
+    }
+    if k == 0 {
+        // An empty product: the bias alone (or zeros).
+        for row in y.chunks_mut(w) {
+            match bias {
+                Some(b) => row.copy_from_slice(&b[cols.clone()]),
+                None => row.fill(0.0),
+            }
+        }
+        return y;
+    }
+    if let Some(b) = bias {
+        let _copy = profile::span(Part::Copy, 0.0);
+        let b = &b[cols.clone()];
+        y.par_chunks_mut(w)
+            .with_min_len(8)
+            .for_each(|row| row.copy_from_slice(b));
+    }
+    // SAFETY: the lengths are checked above; `wt`'s columns `cols` are `(k, w)` with row
+    // stride `m`, and the last one read is `(k - 1) m + cols.end - 1 < k m`.
+    unsafe {
+        gemm_raw(
+            n,
+            w,
+            k,
+            y.as_mut_ptr(),
+            w,
+            bias.is_some(),
+            x.as_ptr(),
+            k,
+            1,
+            wt.as_ptr().add(cols.start),
+            m,
+            1,
+            parallelism(),
+        )
+    };
+    y
+}
+
 /// `y += x @ wt + bias` onto a buffer the caller owns (a residual stream updated in
 /// place: no copy of it).
 pub fn linear_acc(
@@ -274,10 +336,7 @@ pub fn linear_acc(
 /// costing one of its own.
 pub fn linear_gelu(x: &[f32], wt: &[f32], bias: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
     let mut y = linear(x, wt, None, None, None, n, k, m);
-    let _span = profile::span(Part::Activation, 0.0);
-    y.par_chunks_mut(m)
-        .with_min_len(8)
-        .for_each(|row| bias_gelu_row(row, bias));
+    crate::activation::bias_gelu_rows(&mut y, bias, m);
     y
 }
 
@@ -381,5 +440,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A range of the weight's columns, with and without a bias, against `x wt[:, cols]
+    /// + bias[cols]` in f64; empty ranges and an empty inner size give the bias alone.
+    #[test]
+    fn linear_cols_is_the_product_with_those_columns() {
+        let (n, k, m) = (23, 41, 30);
+        let val = |i: usize, salt: usize| (((i * 11 + salt * 17) % 97) as f32 - 48.0) * 0.02;
+        let x: Vec<f32> = (0..n * k).map(|i| val(i, 1)).collect();
+        let wt: Vec<f32> = (0..k * m).map(|i| val(i, 2)).collect();
+        let bias: Vec<f32> = (0..m).map(|i| val(i, 3)).collect();
+        for cols in [0..m, 0..10, 10..30, 7..8, 5..5] {
+            for b in [None, Some(&bias[..])] {
+                let got = linear_cols(&x, &wt, cols.clone(), b, n, k, m);
+                let w = cols.len();
+                assert_eq!(got.len(), n * w);
+                for i in 0..n {
+                    for (jj, j) in cols.clone().enumerate() {
+                        let mut s = b.map_or(0.0, |b| b[j] as f64);
+                        for p in 0..k {
+                            s += x[i * k + p] as f64 * wt[p * m + j] as f64;
+                        }
+                        let e = (got[i * w + jj] as f64 - s).abs();
+                        assert!(e < 1e-5, "cols {cols:?}, ({i}, {j}): {e}");
+                    }
+                }
+            }
+        }
+        let got = linear_cols(&[], &[], 1..3, Some(&bias[..3]), 2, 0, 3);
+        assert_eq!(got, [bias[1], bias[2], bias[1], bias[2]]);
     }
 }

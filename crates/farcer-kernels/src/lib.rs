@@ -25,9 +25,9 @@ pub mod profile;
 pub mod quant;
 pub mod rope;
 
-pub use activation::{gelu_erf, swiglu, swiglu_grad};
+pub use activation::{bias_gelu_rows, gelu_erf, swiglu, swiglu_grad};
 pub use attention::{attention, attention_grad, attention_rows, Rows};
-pub use gemm::{linear, linear_acc, linear_gelu, matmul_nn, matmul_nt};
+pub use gemm::{linear, linear_acc, linear_cols, linear_gelu, matmul_nn, matmul_nt};
 pub use layer::{
     gather_rows, layer_backward, layer_forward, layer_forward_segments, LayerInput, LayerOutput,
     LayerSaved, LayerWeights, LoraPart, LoraSaved, SegmentKv, Site,

@@ -1062,8 +1062,8 @@ pub struct VitLayer<'a> {
 /// onto the stream, and the fc1 bias folded into the exact-erf GELU's pass. With
 /// `cls_only` (the last layer, when only the CLS vector is wanted) every row still gives
 /// its key and value, but only each image's first row goes on through attention's query,
-/// the output projection and the MLP: the result is `(b, 1, d)`, and three quarters of
-/// the layer's products are skipped.
+/// the output projection and the MLP: the result is `(b, 1, d)`, and all the layer's
+/// products but the keys' and values' are skipped.
 pub fn vit_layer(
     mut x: Vec<f32>,
     (b, t, d): (usize, usize, usize),
@@ -1083,39 +1083,52 @@ pub fn vit_layer(
         ))
     };
     let n1 = norm(&x, l.ln1)?;
-    let qkv = {
-        let (w, bias) = (view(l.qkv.0)?, view(l.qkv.1)?);
-        kernels::linear(&n1, w.s(), None, Some(bias.s()), None, b * t, d, 3 * d)
-    };
-    drop(n1);
     let hs = Heads {
         batch: b,
         heads: h,
         kv_heads: h,
         head_dim: hd,
     };
-    // Attention reads q, k and v where the product wrote them (no split into heads); the
-    // rows that go on are all of them, or each image's first.
-    let tq = if cls_only {
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (w, bias) = (view(l.qkv.0)?, view(l.qkv.1)?);
+    // Attention reads q, k and v where the products wrote them (no split into heads).
+    // The rows that go on are all of them (one q/k/v product), or each image's first:
+    // then queries for those rows alone, keys and values for all.
+    let (tq, att) = if cls_only {
         x = kernels::gather_rows(&x, b, t, &[0], d);
-        1
+        let n1_cls = kernels::gather_rows(&n1, b, t, &[0], d);
+        let q = kernels::linear_cols(&n1_cls, w.s(), 0..d, Some(bias.s()), b, d, 3 * d);
+        let kv = kernels::linear_cols(&n1, w.s(), d..3 * d, Some(bias.s()), b * t, d, 3 * d);
+        drop(n1);
+        let kv_rows = |which| kernels::Rows::fused(which, 0, h, t, hd);
+        let (att, _) = kernels::attention_rows(
+            (&q, kernels::Rows::split(h, 1, hd)),
+            (&kv, kv_rows(1)),
+            (&kv, kv_rows(2)),
+            None,
+            hs,
+            1,
+            t,
+            scale,
+        );
+        (1, att)
     } else {
-        t
+        let qkv = kernels::linear(&n1, w.s(), None, Some(bias.s()), None, b * t, d, 3 * d);
+        drop(n1);
+        let rows = |which| kernels::Rows::fused(which, h, h, t, hd);
+        let (att, _) = kernels::attention_rows(
+            (&qkv, rows(0)),
+            (&qkv, rows(1)),
+            (&qkv, rows(2)),
+            None,
+            hs,
+            t,
+            t,
+            scale,
+        );
+        (t, att)
     };
     let n = b * tq;
-    let rows = |which| kernels::Rows::fused(which, h, h, t, hd);
-    let scale = 1.0 / (hd as f32).sqrt();
-    let (att, _) = kernels::attention_rows(
-        (&qkv, rows(0)),
-        (&qkv, rows(1)),
-        (&qkv, rows(2)),
-        None,
-        hs,
-        tq,
-        t,
-        scale,
-    );
-    drop(qkv);
     let acc = |y: &mut [f32], x: &[f32], (w, bias): (&Tensor, Option<&Tensor>), k, m| {
         let (wv, bv) = (view(w)?, bias.map(view).transpose()?);
         kernels::linear_acc(y, x, wv.s(), bv.as_ref().map(|b| b.s()), n, k, m);
