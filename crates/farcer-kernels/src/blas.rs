@@ -28,16 +28,56 @@ type SgemmFn = unsafe extern "C" fn(
     c_int,
 );
 type SetIntFn = unsafe extern "C" fn(c_int);
+type PackSizeFn = unsafe extern "C" fn(c_int, c_int, c_int, c_int) -> usize;
+type PackFn = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *mut f32,
+);
+type ComputeFn = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
 
 const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
 const TRANS: c_int = 112;
+const PACKED: c_int = 151;
+const B_MATRIX: c_int = 162;
+
+/// MKL's packed-operand GEMM (`cblas_sgemm_pack_get_size`, `cblas_sgemm_pack`,
+/// `cblas_sgemm_compute`); other libraries have none.
+#[derive(Clone, Copy)]
+struct PackFns {
+    size: PackSizeFn,
+    pack: PackFn,
+    compute: ComputeFn,
+}
 
 /// An opened CBLAS library; opened once and kept for the life of the process.
 pub struct Cblas {
     /// What it was opened as (`openblas`, `mkl` or a path) and the file found.
     pub name: String,
     sgemm: SgemmFn,
+    packs: Option<PackFns>,
 }
 
 impl std::fmt::Debug for Cblas {
@@ -128,6 +168,21 @@ pub fn open(spec: &str) -> Result<&'static Cblas, String> {
                 unsafe { std::mem::transmute::<*mut c_void, SetIntFn>(p)(arg) };
             }
         }
+        let packs = match (
+            symbol(handle, "cblas_sgemm_pack_get_size"),
+            symbol(handle, "cblas_sgemm_pack"),
+            symbol(handle, "cblas_sgemm_compute"),
+        ) {
+            // SAFETY: MKL's declarations of these three (LP64: MKL_INT is int).
+            (Some(size), Some(pack), Some(compute)) => unsafe {
+                Some(PackFns {
+                    size: std::mem::transmute::<*mut c_void, PackSizeFn>(size),
+                    pack: std::mem::transmute::<*mut c_void, PackFn>(pack),
+                    compute: std::mem::transmute::<*mut c_void, ComputeFn>(compute),
+                })
+            },
+            _ => None,
+        };
         let lib: &'static Cblas = Box::leak(Box::new(Cblas {
             name: if file == spec {
                 spec.to_string()
@@ -136,6 +191,7 @@ pub fn open(spec: &str) -> Result<&'static Cblas, String> {
             },
             // SAFETY: cblas_sgemm has this signature in every CBLAS.
             sgemm: unsafe { std::mem::transmute::<*mut c_void, SgemmFn>(sgemm) },
+            packs,
         }));
         opened.push((spec.to_string(), lib));
         return Ok(lib);
@@ -144,6 +200,132 @@ pub fn open(spec: &str) -> Result<&'static Cblas, String> {
         "cannot open the BLAS library {spec:?}: {}",
         errors.join("; ")
     ))
+}
+
+/// A frozen weight `(k, n)` packed once into the library's own layout for the right
+/// operand of its products (MKL's `cblas_sgemm_pack`): each product then skips
+/// repacking it, 5-8% faster on the ViTs' shapes (BENCHMARKS.md). The buffer MKL asks
+/// for is several times the matrix, but it writes about 1.2x the matrix's bytes and the
+/// rest is never touched, so it never becomes resident.
+pub struct PackedB {
+    lib: &'static Cblas,
+    fns: PackFns,
+    buf: Vec<f32>,
+    k: usize,
+    n: usize,
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB({} x {}, {})", self.k, self.n, self.lib.name)
+    }
+}
+
+impl PackedB {
+    /// Packs `b` `(k, n)` on `lib`: `b` row-major, or when `transposed` its transpose
+    /// `(n, k)` row-major (a linear layer's `(out, in)` weight, packed as `w^T` with no
+    /// copy). `None` when the library cannot pack or a size passes `int`.
+    pub fn new(
+        lib: &'static Cblas,
+        b: &[f32],
+        transposed: bool,
+        k: usize,
+        n: usize,
+    ) -> Option<Self> {
+        let fns = lib.packs?;
+        assert!(b.len() >= k * n, "packed operand shorter than ({k}, {n})");
+        if k == 0 || n == 0 || [k, n].iter().any(|&v| v > c_int::MAX as usize) {
+            return None;
+        }
+        // The row count is only a hint for the layout (any count may use it after).
+        // SAFETY: MKL's documented signatures; dest holds the size it asked for.
+        unsafe {
+            let bytes = (fns.size)(B_MATRIX, 1024, n as c_int, k as c_int);
+            // Never read from Rust: only MKL reads what it wrote (length stays 0).
+            let mut buf: Vec<f32> = Vec::with_capacity(bytes.div_ceil(4));
+            let (trans, ld) = if transposed {
+                (TRANS, k)
+            } else {
+                (NO_TRANS, n)
+            };
+            (fns.pack)(
+                ROW_MAJOR,
+                B_MATRIX,
+                trans,
+                1024,
+                n as c_int,
+                k as c_int,
+                1.0,
+                b.as_ptr(),
+                ld as c_int,
+                buf.as_mut_ptr(),
+            );
+            Some(PackedB {
+                lib,
+                fns,
+                buf,
+                k,
+                n,
+            })
+        }
+    }
+
+    /// `(k, n)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// `dst (+)= a @ b` for `m` rows of `a` (row stride `a_rs`), split over `threads`
+    /// threads by rows (a packed operand cannot be split by columns).
+    ///
+    /// # Safety
+    /// `a` holds `m` rows of `k` values at stride `a_rs >= k`; `dst` `m` rows of `n` at
+    /// stride `dst_rs >= n`; all sizes fit `int`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm(
+        &self,
+        m: usize,
+        a: *const f32,
+        a_rs: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        acc: bool,
+        threads: usize,
+    ) {
+        let (k, n) = (self.k, self.n);
+        let beta = if acc { 1.0 } else { 0.0 };
+        let call = |m: usize, a: *const f32, c: *mut f32| {
+            (self.fns.compute)(
+                ROW_MAJOR,
+                NO_TRANS,
+                PACKED,
+                m as c_int,
+                n as c_int,
+                k as c_int,
+                a,
+                a_rs as c_int,
+                self.buf.as_ptr(),
+                n as c_int,
+                beta,
+                c,
+                dst_rs as c_int,
+            )
+        };
+        let parts = threads.min(m.div_ceil(8)).max(1);
+        if parts == 1 {
+            call(m, a, dst);
+            return;
+        }
+        let step = m.div_ceil(parts).div_ceil(8) * 8;
+        let (a, dst) = (a as usize, dst as usize);
+        (0..parts).into_par_iter().for_each(|p| {
+            let (lo, hi) = (p * step, ((p + 1) * step).min(m));
+            if lo < hi {
+                let (a, dst) = (a as *const f32, dst as *mut f32);
+                call(hi - lo, a.add(lo * a_rs), dst.add(lo * dst_rs));
+            }
+        });
+    }
 }
 
 /// Which GEMM runs a product.
@@ -538,6 +720,16 @@ pub fn set_choice(c: Choice) -> bool {
 /// The process's choice (the crate for everything unless [`set_choice`] said otherwise).
 pub fn choice() -> &'static Choice {
     CHOICE.get_or_init(Choice::crate_only)
+}
+
+/// The library that frozen weights are packed for: the one the process's choice sends
+/// every plain (NN) product to, when it can pack (MKL); `None` otherwise.
+pub fn packing() -> Option<&'static Cblas> {
+    let c = choice();
+    let lib = c.lib()?;
+    let i = c.libs.iter().position(|l| std::ptr::eq(*l, lib))? + 1;
+    let all_nn = c.table[0].iter().flatten().all(|&v| v as usize == i);
+    (all_nn && lib.packs.is_some()).then_some(lib)
 }
 
 /// The engine for a top-level product of this shape under the process's choice.

@@ -1,6 +1,6 @@
 //! GEMMs over row-major slices (the `gemm` crate) and the linear layers built on them.
 
-use crate::blas::{self, Engine};
+use crate::blas::{self, Engine, PackedB};
 use crate::profile::{self, Part};
 use crate::util::{parallelism, uninit};
 use rayon::prelude::*;
@@ -295,6 +295,102 @@ pub fn linear_cols(
     y
 }
 
+/// A frozen linear layer's weight `(k, m)` as a product reads it: the `(in, out)` copy
+/// row-major, or packed once by the library (see [`PackedB`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Weight<'a> {
+    T(&'a [f32]),
+    Packed(&'a PackedB),
+}
+
+/// `dst (+)= x @ w` for `x` `(n, k)`, `dst` `(n, m)`, over all rayon threads.
+fn product(w: Weight, x: &[f32], dst: &mut [f32], acc: bool, n: usize, k: usize, m: usize) {
+    assert!(x.len() >= n * k && dst.len() >= n * m);
+    match w {
+        Weight::T(wt) => {
+            assert!(wt.len() >= k * m);
+            // SAFETY: the lengths are checked above; the strides describe those slices.
+            unsafe {
+                gemm_raw(
+                    n,
+                    m,
+                    k,
+                    dst.as_mut_ptr(),
+                    m,
+                    acc,
+                    x.as_ptr(),
+                    k,
+                    1,
+                    wt.as_ptr(),
+                    m,
+                    1,
+                    parallelism(),
+                )
+            }
+        }
+        Weight::Packed(p) => {
+            assert_eq!(p.shape(), (k, m), "packed weight shape");
+            if n == 0 {
+                return;
+            }
+            let _span = profile::span(Part::Gemm, 2.0 * (n * m * k) as f64);
+            // SAFETY: as above; `PackedB::new` checked that k and m fit `int`, and n
+            // rows of k values are in `x`.
+            assert!(n <= i32::MAX as usize);
+            unsafe { p.gemm(n, x.as_ptr(), k, dst.as_mut_ptr(), m, acc, blas::threads()) }
+        }
+    }
+}
+
+/// A frozen linear layer `x @ w^T + residual`: [`linear`] on the copy `wt` (which may
+/// read the `(m, k)` original `w` instead), or the product on the packed weight.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_frozen(
+    x: &[f32],
+    wt: Weight,
+    w: &[f32],
+    residual: Option<&[f32]>,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Vec<f32> {
+    match wt {
+        Weight::T(wt) => linear(x, wt, Some(w), None, residual, n, k, m),
+        Weight::Packed(_) => {
+            let (mut y, acc) = match residual {
+                Some(r) => {
+                    let _copy = profile::span(Part::Copy, 0.0);
+                    (r[..n * m].to_vec(), true)
+                }
+                None => (uninit(n * m), false),
+            };
+            product(wt, x, &mut y, acc, n, k, m);
+            y
+        }
+    }
+}
+
+/// `x @ w + bias` (see [`Weight`]); `x` `(n, k)`, `bias` `(m)`.
+pub fn linear_w(
+    x: &[f32],
+    w: Weight,
+    bias: Option<&[f32]>,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Vec<f32> {
+    let mut y = uninit(n * m);
+    if let Some(b) = bias {
+        assert!(b.len() >= m, "bias shorter than {m}");
+        let _copy = profile::span(Part::Copy, 0.0);
+        y.par_chunks_mut(m.max(1))
+            .with_min_len(8)
+            .for_each(|row| row.copy_from_slice(&b[..m]));
+    }
+    product(w, x, &mut y, bias.is_some(), n, k, m);
+    y
+}
+
 /// `y += x @ wt + bias` onto a buffer the caller owns (a residual stream updated in
 /// place: no copy of it).
 pub fn linear_acc(
@@ -306,36 +402,40 @@ pub fn linear_acc(
     k: usize,
     m: usize,
 ) {
-    assert!(y.len() >= n * m && x.len() >= n * k && wt.len() >= k * m);
+    linear_acc_w(y, x, Weight::T(wt), bias, n, k, m)
+}
+
+/// [`linear_acc`] with either form of the weight.
+pub fn linear_acc_w(
+    y: &mut [f32],
+    x: &[f32],
+    w: Weight,
+    bias: Option<&[f32]>,
+    n: usize,
+    k: usize,
+    m: usize,
+) {
+    assert!(y.len() >= n * m);
     if let Some(b) = bias {
         let _copy = profile::span(Part::Copy, 0.0);
-        y.par_chunks_mut(m)
+        y[..n * m]
+            .par_chunks_mut(m.max(1))
             .with_min_len(8)
             .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
     }
-    unsafe {
-        gemm_raw(
-            n,
-            m,
-            k,
-            y.as_mut_ptr(),
-            m,
-            true,
-            x.as_ptr(),
-            k,
-            1,
-            wt.as_ptr(),
-            m,
-            1,
-            parallelism(),
-        )
-    };
+    product(w, x, y, true, n, k, m);
 }
 
 /// `gelu(x @ wt + bias)` (see [`linear`]): the bias joins the GELU's pass instead of
 /// costing one of its own.
 pub fn linear_gelu(x: &[f32], wt: &[f32], bias: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
-    let mut y = linear(x, wt, None, None, None, n, k, m);
+    linear_gelu_w(x, Weight::T(wt), bias, n, k, m)
+}
+
+/// [`linear_gelu`] with either form of the weight.
+pub fn linear_gelu_w(x: &[f32], w: Weight, bias: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
+    let mut y = uninit(n * m);
+    product(w, x, &mut y, false, n, k, m);
     crate::activation::bias_gelu_rows(&mut y, bias, m);
     y
 }

@@ -4,7 +4,7 @@
 use crate::activation::{swiglu, swiglu_grad};
 use crate::attention::{attention, attention_grad};
 use crate::gemm::gemm_raw;
-use crate::gemm::{linear, matmul_nn};
+use crate::gemm::{linear_frozen, matmul_nn, Weight};
 use crate::math::add_into;
 use crate::norm::{rms_norm, rms_norm_grad};
 use crate::rope::{split_rope, split_rope_grad, Heads};
@@ -14,12 +14,13 @@ use rayon::prelude::*;
 /// A frozen decoder layer's weights (row-major, as Hugging Face stores them).
 pub struct LayerWeights<'a> {
     pub input_norm: &'a [f32],
-    /// The four projections transposed, `(in, out)`, for the forward (see [`linear`]);
-    /// the backward reads the `(out, in)` originals, which suit it.
-    pub qkv_t: &'a [f32],
-    pub o_t: &'a [f32],
-    pub gate_up_t: &'a [f32],
-    pub down_t: &'a [f32],
+    /// The four projections for the forward: transposed `(in, out)` (see [`linear`]) or
+    /// packed by the library; the backward reads the `(out, in)` originals, which suit
+    /// it.
+    pub qkv_t: Weight<'a>,
+    pub o_t: Weight<'a>,
+    pub gate_up_t: Weight<'a>,
+    pub down_t: Weight<'a>,
     /// q, k, v stacked: `((h + 2 hk) d, hidden)`.
     pub qkv: &'a [f32],
     pub o: &'a [f32],
@@ -215,27 +216,18 @@ fn layer_after_qkv(
     } else {
         atts.concat()
     };
-    let mut h1 = linear(&att, w.o_t, Some(w.o), None, Some(h), n, hd, dim);
+    let mut h1 = linear_frozen(&att, w.o_t, w.o, Some(h), n, hd, dim);
     for (i, p) in at(Site::O) {
         lsaved[i] = Some(lora_forward(&att, n, hd, p, &mut h1, dim));
     }
     let (n2, r2) = rms_norm(&h1, w.post_norm, w.eps, dim);
-    let mut gu = linear(
-        &n2,
-        w.gate_up_t,
-        Some(w.gate_up),
-        None,
-        None,
-        n,
-        dim,
-        2 * w.inter,
-    );
+    let mut gu = linear_frozen(&n2, w.gate_up_t, w.gate_up, None, n, dim, 2 * w.inter);
     for (i, p) in at(Site::GateUp) {
         lsaved[i] = Some(lora_forward(&n2, n, dim, p, &mut gu, 2 * w.inter));
     }
     drop(n2);
     let m = swiglu(&gu, n, w.inter);
-    let mut out = linear(&m, w.down_t, Some(w.down), None, Some(&h1), n, w.inter, dim);
+    let mut out = linear_frozen(&m, w.down_t, w.down, Some(&h1), n, w.inter, dim);
     for (i, p) in at(Site::Down) {
         lsaved[i] = Some(lora_forward(&m, n, w.inter, p, &mut out, dim));
     }
@@ -644,7 +636,7 @@ fn forward(
     let (dim, n) = (w.hidden, h.len() / w.hidden);
     let wd = segs[0].heads.width();
     let (n1, r1) = rms_norm(h, w.input_norm, w.eps, dim);
-    let mut qkv = linear(&n1, w.qkv_t, Some(w.qkv), None, None, n, dim, wd);
+    let mut qkv = linear_frozen(&n1, w.qkv_t, w.qkv, None, n, dim, wd);
     let mut lsaved: Vec<Option<LoraSaved>> = parts.iter().map(|_| None).collect();
     for (i, p) in parts
         .iter()
@@ -863,10 +855,10 @@ mod tests {
         let down_t = transpose(&down, dim, inter);
         let w = LayerWeights {
             input_norm: &norm1,
-            qkv_t: &qkv_t,
-            o_t: &o_t,
-            gate_up_t: &gate_up_t,
-            down_t: &down_t,
+            qkv_t: Weight::T(&qkv_t),
+            o_t: Weight::T(&o_t),
+            gate_up_t: Weight::T(&gate_up_t),
+            down_t: Weight::T(&down_t),
             qkv: &qkv,
             o: &o,
             post_norm: &norm2,

@@ -27,7 +27,11 @@ pub mod rope;
 
 pub use activation::{bias_gelu_rows, gelu_erf, swiglu, swiglu_grad};
 pub use attention::{attention, attention_grad, attention_rows, Rows};
-pub use gemm::{linear, linear_acc, linear_cols, linear_gelu, matmul_nn, matmul_nt};
+pub use blas::PackedB;
+pub use gemm::{
+    linear, linear_acc, linear_acc_w, linear_cols, linear_frozen, linear_gelu, linear_gelu_w,
+    linear_w, matmul_nn, matmul_nt, Weight,
+};
 pub use layer::{
     gather_rows, layer_backward, layer_forward, layer_forward_segments, LayerInput, LayerOutput,
     LayerSaved, LayerWeights, LoraPart, LoraSaved, SegmentKv, Site,

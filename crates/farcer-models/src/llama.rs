@@ -469,9 +469,9 @@ struct Block {
     attn: Attention,
     post_norm: Tensor,
     mlp: Mlp,
-    /// On the CPU in f32: qkv, o, gate_up, down transposed to `(in, out)`, which the
-    /// fused forward reads without repacking (the backward reads the originals).
-    transposed: Option<[Tensor; 4]>,
+    /// On the CPU in f32: qkv, o, gate_up, down as the fused forward reads them, packed by
+    /// the GEMM library or transposed to `(in, out)` (the backward reads the originals).
+    transposed: Option<[frozen::FrozenWeight; 4]>,
 }
 
 /// The Llama model: embeddings, decoder blocks, final norm and the LM head.
@@ -1123,7 +1123,7 @@ impl Block {
     /// Refreshes the transposed copies of the fused weights (the kernels' backend only).
     fn transpose(&mut self, be: Backend) -> Result<()> {
         self.transposed = if be == Backend::Kernels {
-            let t = |w: &Tensor| w.t()?.contiguous();
+            let t = frozen::FrozenWeight::new;
             Some([
                 t(&self.attn.qkv)?,
                 t(&self.attn.o.weight)?,

@@ -11,7 +11,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use farcer_nn::{self as frozen, Backend};
+use farcer_nn::{self as frozen, Backend, FrozenWeight};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,8 +106,8 @@ impl ViTConfig {
 
 struct Lin {
     w: Tensor,
-    /// `w` transposed, `(in, out)`, on the CPU in f32 (what the fused path reads).
-    wt: Option<Tensor>,
+    /// `w` as the fused CPU path reads it (packed, or transposed to `(in, out)`).
+    wt: Option<FrozenWeight>,
     b: Option<Tensor>,
 }
 
@@ -130,10 +130,11 @@ impl Lin {
     }
 }
 
-/// `w` transposed and contiguous, for the kernels' backend (none for candle's).
-fn transposed(w: &Tensor, be: Backend) -> Result<Option<Tensor>> {
+/// `w` transposed and contiguous (or packed), for the kernels' backend (none for
+/// candle's).
+fn transposed(w: &Tensor, be: Backend) -> Result<Option<FrozenWeight>> {
     if be == Backend::Kernels {
-        Ok(Some(w.t()?.contiguous()?))
+        Ok(Some(FrozenWeight::new(w)?))
     } else {
         Ok(None)
     }
@@ -160,7 +161,7 @@ impl Norm {
 
 struct Layer {
     /// q, k, v weights (transposed) and biases stacked, for the fused CPU path.
-    qkv: Option<(Tensor, Tensor)>,
+    qkv: Option<(FrozenWeight, Tensor)>,
     ln1: Norm,
     q: Lin,
     k: Lin,
@@ -265,6 +266,17 @@ impl ViT {
 
     pub fn device(&self) -> &Device {
         self.cls.device()
+    }
+
+    /// Whether the fused CPU path reads every layer's weights packed by the GEMM library
+    /// (MKL, when the process's choice sends the products there), not the plain copies.
+    pub fn packed(&self) -> bool {
+        !self.layers.is_empty()
+            && self.layers.iter().all(|l| {
+                let packed = |w: Option<&FrozenWeight>| w.is_some_and(|w| w.is_packed());
+                packed(l.qkv.as_ref().map(|q| &q.0))
+                    && [&l.o, &l.fc1, &l.fc2].iter().all(|x| packed(x.wt.as_ref()))
+            })
     }
 
     pub fn dtype(&self) -> DType {
