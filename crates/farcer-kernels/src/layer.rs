@@ -72,6 +72,38 @@ pub fn gather_rows(x: &[f32], blocks: usize, t: usize, rows: &[usize], w: usize)
     out
 }
 
+/// A ViT's token rows `(b, 1 + np, d)`: each image's `cls` row, then its `np` rows of
+/// `patches` `(b np, d)`, each plus its row of the position embeddings `pos`
+/// `(1 + np, d)`.
+pub fn vit_tokens(
+    patches: &[f32],
+    cls: &[f32],
+    pos: &[f32],
+    b: usize,
+    np: usize,
+    d: usize,
+) -> Vec<f32> {
+    let t = np + 1;
+    assert!(patches.len() >= b * np * d && cls.len() >= d && pos.len() >= t * d);
+    let _copy = crate::profile::span(crate::profile::Part::Copy, 0.0);
+    let mut x = uninit(b * t * d);
+    x.par_chunks_mut(d.max(1))
+        .enumerate()
+        .with_min_len(16)
+        .for_each(|(i, row)| {
+            let (bi, r) = (i / t, i % t);
+            let src = if r == 0 {
+                &cls[..d]
+            } else {
+                &patches[(bi * np + r - 1) * d..][..d]
+            };
+            for ((y, s), p) in row.iter_mut().zip(src).zip(&pos[r * d..][..d]) {
+                *y = s + p;
+            }
+        });
+    x
+}
+
 /// The adjoint of [`gather_rows`]: `x`'s rows added into rows `rows` of zeros.
 fn scatter_rows(x: &[f32], blocks: usize, t: usize, rows: &[usize], w: usize) -> Vec<f32> {
     let mut out = vec![0f32; blocks * t * w];

@@ -33,8 +33,8 @@ pub use gemm::{
     linear_w, matmul_nn, matmul_nt, Weight,
 };
 pub use layer::{
-    gather_rows, layer_backward, layer_forward, layer_forward_segments, LayerInput, LayerOutput,
-    LayerSaved, LayerWeights, LoraPart, LoraSaved, SegmentKv, Site,
+    gather_rows, layer_backward, layer_forward, layer_forward_segments, vit_tokens, LayerInput,
+    LayerOutput, LayerSaved, LayerWeights, LoraPart, LoraSaved, SegmentKv, Site,
 };
 pub use norm::{layer_norm, rms_norm, rms_norm_grad};
 pub use quant::{q8_matmul_nn, q8_matmul_nt, Q8Matrix};

@@ -175,6 +175,8 @@ struct Layer {
 /// A ViT image encoder.
 pub struct ViT {
     patch_w: Tensor,
+    /// `patch_w` as the fused CPU path reads it (kernels' backend only).
+    patch_fused: Option<FrozenWeight>,
     patch_b: Tensor,
     cls: Tensor,
     pos: Tensor,
@@ -242,8 +244,10 @@ impl ViT {
             layer.prepare(be)?;
             layers.push(layer);
         }
+        let patch_w = patch_w.reshape((d, c.num_channels * c.patch_size * c.patch_size))?;
         Ok(ViT {
-            patch_w: patch_w.reshape((d, c.num_channels * c.patch_size * c.patch_size))?,
+            patch_fused: transposed(&patch_w, be)?,
+            patch_w,
             patch_b,
             cls: e.get((1, 1, d), "cls_token")?,
             pos: e.get((1, n + 1, d), "position_embeddings")?,
@@ -260,6 +264,7 @@ impl ViT {
         for l in &mut self.layers {
             l.prepare(be)?;
         }
+        self.patch_fused = transposed(&self.patch_w, be)?;
         self.backend = be;
         Ok(self)
     }
@@ -310,27 +315,29 @@ impl ViT {
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * gh * gw, ch * p * p))?;
-        let emb = patches
-            .matmul(&self.patch_w.t()?)?
-            .broadcast_add(&self.patch_b)?
-            .reshape((b, gh * gw, c.hidden_size))?;
-        let cls = self.cls.broadcast_as((b, 1, c.hidden_size))?;
-        let mut x = Tensor::cat(&[&cls, &emb], 1)?.broadcast_add(&self.pos)?;
         let heads = c.num_attention_heads;
         let fused: Option<Vec<_>> = self.layers.iter().map(|l| l.fused(heads)).collect();
         // The last layer carries only the CLS rows when asked; with no layer, they are
         // taken at the end.
         let last = self.layers.len().saturating_sub(1);
         let narrowed = cls_only && !self.layers.is_empty();
-        if let (Backend::Kernels, Some(fused)) = (self.backend, fused) {
-            // The residual stream stays one vector through all layers.
-            let (b, t, d) = x.dims3()?;
-            let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut x;
+        if let (Backend::Kernels, Some(fused), Some(pw)) = (self.backend, fused, &self.patch_fused)
+        {
+            // The residual stream stays one vector from the embedding through all layers.
+            let (t, d) = (gh * gw + 1, c.hidden_size);
+            let mut v = frozen::vit_embed(&patches, pw, &self.patch_b, &self.cls, &self.pos, b)?;
             for (i, l) in fused.iter().enumerate() {
                 v = frozen::vit_layer(v, (b, t, d), l, cls_only && i == last)?;
             }
-            x = Tensor::from_vec(v, (b, if narrowed { 1 } else { t }, d), x.device())?;
+            x = Tensor::from_vec(v, (b, if narrowed { 1 } else { t }, d), pixels.device())?;
         } else {
+            let emb = patches
+                .matmul(&self.patch_w.t()?)?
+                .broadcast_add(&self.patch_b)?
+                .reshape((b, gh * gw, c.hidden_size))?;
+            let cls = self.cls.broadcast_as((b, 1, c.hidden_size))?;
+            x = Tensor::cat(&[&cls, &emb], 1)?.broadcast_add(&self.pos)?;
             for (i, l) in self.layers.iter().enumerate() {
                 x = l.forward(&x, heads, cls_only && i == last)?;
             }

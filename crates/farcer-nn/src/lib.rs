@@ -1114,6 +1114,41 @@ pub struct VitLayer<'a> {
     pub heads: usize,
 }
 
+/// A ViT's input stream `(b, 1 + np, d)` as one vector (CPU, f32): each image's CLS
+/// token, then its `np` patches' embeddings `patches @ w + bias`, plus the position
+/// embeddings; one product and one pass where candle's ops take five. `patches` `(b np,
+/// c p p)`, `w` the patch weight, `cls` `(1, 1, d)`, `pos` `(1, 1 + np, d)`.
+pub fn vit_embed(
+    patches: &Tensor,
+    w: &FrozenWeight,
+    bias: &Tensor,
+    cls: &Tensor,
+    pos: &Tensor,
+    b: usize,
+) -> Result<Vec<f32>> {
+    let (rows, k) = patches.dims2()?;
+    let d = w.out_dim()?;
+    if b == 0 || rows % b != 0 {
+        candle_core::bail!("{rows} patch rows for {b} images");
+    }
+    let np = rows / b;
+    let t = np + 1;
+    if bias.dims() != [d] || cls.elem_count() != d || pos.elem_count() != t * d {
+        candle_core::bail!(
+            "ViT embedding: bias {:?}, cls {:?}, positions {:?} for width {d} and {t} rows",
+            bias.dims(),
+            cls.dims(),
+            pos.dims()
+        );
+    }
+    frozen_weight!(w, w_view, wk);
+    let (pv, bv) = (view(patches)?, view(bias)?);
+    let e = kernels::linear_w(pv.s(), wk, Some(bv.s()), rows, k, d);
+    drop(w_view);
+    let (cv, posv) = (view(cls)?, view(pos)?);
+    Ok(kernels::vit_tokens(&e, cv.s(), posv.s(), b, np, d))
+}
+
 /// One pre-norm ViT encoder layer (inference, CPU, f32) on the residual stream `x`
 /// `(b, t, d)` (updated in place and returned): one GEMM for q, k, v, the blocked
 /// attention kernel (no mask, no rotation), the output and MLP products accumulated
