@@ -2,7 +2,7 @@
 `cblas_sgemm` on SmolLM2's product shapes, single-threaded, cycling through 30 weight
 copies (one per layer) so caches stay as cold as in the model. It also checks that a
 matrix packed for one row count gives correct products at other row counts, and prints
-how large the packed buffer is. Numbers are in BENCHMARKS.md (Intel Xeon, 2026-12-06).
+how large a buffer MKL asks for and how much of it becomes resident. Numbers are in BENCHMARKS.md (Intel Xeon, 2026-12-06).
 
     python tools/probe_mkl_packed.py [path/to/libmkl_rt.so.3]
 
@@ -36,11 +36,22 @@ def pack(w, m, n, k):
     return p, size
 
 
+def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
 def check(n=960, k=576):
     rng = np.random.default_rng(0)
     w = rng.random((k, n), dtype=np.float32)
     p, size = pack(w, 128, n, k)
-    print(f"packed B for ({k} x {n}): {size / 1e6:.1f} MB, the matrix {w.nbytes / 1e6:.1f} MB")
+    print(f"packed B for ({k} x {n}): {size / 1e6:.1f} MB asked for, the matrix {w.nbytes / 1e6:.1f} MB")
+    # What becomes resident: MKL writes only part of the buffer it asks for (np.empty
+    # leaves the rest untouched, as farcer's allocation does).
+    ws = [rng.random((k, n), dtype=np.float32) for _ in range(10)]
+    before = resident_mb()
+    kept = [pack(x, 128, n, k)[0] for x in ws]
+    grown = (resident_mb() - before) / len(kept)
+    print(f"  resident per packed matrix: {grown:.1f} MB ({grown * 1e6 / w.nbytes:.2f}x the matrix)")
     for m in (1, 7, 88, 128, 512, 2048):
         x = rng.random((m, k), dtype=np.float32)
         y = np.zeros((m, n), np.float32)
