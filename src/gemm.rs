@@ -83,7 +83,15 @@ pub fn choose_from_env(log: &dyn Fn(&str)) -> Result<String> {
         }
     };
     let words = choice.describe();
-    blas::set_choice(choice);
+    if !blas::set_choice(choice) {
+        // An earlier call or product fixed it; the same choice again is fine.
+        let fixed = blas::choice().describe();
+        if fixed != words {
+            return Err(Error::msg(format!(
+                "FARCER_GEMM={spec}: the process's GEMM choice was already fixed ({fixed})"
+            )));
+        }
+    }
     Ok(words)
 }
 

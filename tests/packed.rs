@@ -28,10 +28,11 @@ fn erf64(x: f64) -> f64 {
     sum * 2.0 / std::f64::consts::PI.sqrt()
 }
 
-/// Packed from `(in, out)` and from `(out, in)` (transposed), over 1 row to rows split
-/// across threads: `x w + bias`, `y += x w + bias` and `gelu(x w + bias)` equal an f64
-/// product to 1e-5 of its scale (GELU's 2e-6 added), and the library's product on the
-/// plain copy to 1e-5.
+/// Packed from `(in, out)` and from `(out, in)` (transposed), over 1 to 1000 rows on 8
+/// threads (fewer than 8 rows per thread read the original instead, where it is given;
+/// more split into up to 8 row blocks, the last one short): `x w (+ bias)`, `y += x w + bias` and
+/// `gelu(x w + bias)` equal an f64 product to 1e-5 of its scale (GELU's 2e-6 added), and
+/// the library's product on the plain copy to 1e-5.
 fn packed_products_equal_a_plain_product() {
     let lib = blas::packing().expect("the suite sends every product to MKL");
     for (k, m) in [(129, 70), (384, 40)] {
@@ -41,7 +42,8 @@ fn packed_products_equal_a_plain_product() {
         for (transposed, src) in [(false, &wt), (true, &w)] {
             let p = PackedB::new(lib, src, transposed, k, m).expect("MKL packs");
             assert_eq!(p.shape(), (k, m));
-            for n in [1, 7, 300] {
+            let rows = (1..=17).chain([63, 64, 65, 300, 1000]);
+            for n in rows {
                 let x = fill(n * k, 1);
                 let y0 = fill(n * m, 4);
                 let mut want = vec![0f64; n * m];
@@ -64,24 +66,33 @@ fn packed_products_equal_a_plain_product() {
                         );
                     }
                 };
-                let plain = linear_w(&x, Weight::T(&wt), Some(&bias), n, k, m);
-                let got = linear_w(&x, Weight::Packed(&p), Some(&bias), n, k, m);
-                close(&got, &|i| want[i], 1e-5, "x w + b");
-                close(&got, &|i| plain[i] as f64, 1e-5, "x w + b against the copy");
-                let mut acc = y0.clone();
-                linear_acc_w(&mut acc, &x, Weight::Packed(&p), Some(&bias), n, k, m);
-                close(&acc, &|i| y0[i] as f64 + want[i], 1e-5, "y += x w + b");
-                let g = linear_gelu_w(&x, Weight::Packed(&p), &bias, n, k, m);
-                let gelu = |v: f64| 0.5 * v * (1.0 + erf64(v / std::f64::consts::SQRT_2));
-                close(&g, &|i| gelu(want[i]), 1e-5 + 2e-6, "gelu(x w + b)");
+                // With the original beside it (few rows read that), and without.
+                for orig in [Some(&w[..]), None] {
+                    let packed = Weight::Packed {
+                        packed: &p,
+                        w: orig,
+                    };
+                    let plain = linear_w(&x, Weight::T(&wt), Some(&bias), n, k, m);
+                    let got = linear_w(&x, packed, Some(&bias), n, k, m);
+                    close(&got, &|i| want[i], 1e-5, "x w + b");
+                    close(&got, &|i| plain[i] as f64, 1e-5, "x w + b against the copy");
+                    let got = linear_w(&x, packed, None, n, k, m);
+                    close(&got, &|i| want[i] - bias[i % m] as f64, 1e-5, "x w");
+                    let mut acc = y0.clone();
+                    linear_acc_w(&mut acc, &x, packed, Some(&bias), n, k, m);
+                    close(&acc, &|i| y0[i] as f64 + want[i], 1e-5, "y += x w + b");
+                    let g = linear_gelu_w(&x, packed, &bias, n, k, m);
+                    let gelu = |v: f64| 0.5 * v * (1.0 + erf64(v / std::f64::consts::SQRT_2));
+                    close(&g, &|i| gelu(want[i]), 1e-5 + 2e-6, "gelu(x w + b)");
+                }
             }
         }
     }
 }
 
 /// DINOv2-small with packed weights: the last hidden state and the CLS vectors (whose
-/// last layer makes queries for the CLS rows only) within 1e-4 of transformers', as on
-/// the plain copies (tests/vision.rs).
+/// last layer carries only the CLS rows past its keys and values) within 1e-4 of
+/// transformers', as on the plain copies (tests/vision.rs).
 fn pretrained_vit_on_packed_weights_matches_its_reference_outputs() {
     let Some(dir) = shared("models/vit-small-dinov2") else {
         return;
@@ -109,7 +120,7 @@ fn pretrained_vit_on_packed_weights_matches_its_reference_outputs() {
 /// selftest's f32 tolerance.
 fn model_kernels_on_packed_weights_match_candle() {
     let w = Tensor::randn(0f32, 1.0, (48, 32), &Device::Cpu).unwrap();
-    let fw = farcer::model::frozen::FrozenWeight::new(&w).unwrap();
+    let fw = farcer::model::frozen::FrozenWeight::new(&w, true).unwrap();
     assert!(fw.is_packed(), "frozen weights are packed under MKL");
     assert_eq!(fw.out_dim().unwrap(), 48);
     let r = farcer::selftest::run(&Device::Cpu, DType::F32).unwrap();
@@ -117,8 +128,10 @@ fn model_kernels_on_packed_weights_match_candle() {
 }
 
 fn main() -> std::process::ExitCode {
-    // SAFETY (set_var): no other thread runs yet.
+    // SAFETY (set_var): no other thread runs yet. Eight threads, so products split many
+    // ways and the few-row fallback is reached on any machine.
     std::env::set_var("FARCER_GEMM", "mkl");
+    std::env::set_var("RAYON_NUM_THREADS", "8");
     let mkl = farcer::gemm::choose_from_env(&|_| {}).is_ok();
     let available = move || mkl;
     let what = "MKL (scripts/setup installs it on x86-64)";

@@ -10,7 +10,7 @@ multiversion! {
         let i = y.len();
         let (g, u) = gu.split_at(i);
         for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-            *y = g / (1.0 + exp_approx(-g)) * u;
+            *y = g / (1.0 + exp_approx::<FMA>(-g)) * u;
         }
     }
 }
@@ -23,7 +23,7 @@ multiversion! {
         let (g, u) = gu.split_at(i);
         let (dg, du) = dgu.split_at_mut(i);
         for k in 0..i {
-            let s = 1.0 / (1.0 + exp_approx(-g[k]));
+            let s = 1.0 / (1.0 + exp_approx::<FMA>(-g[k]));
             du[k] = dy[k] * g[k] * s;
             dg[k] = dy[k] * u[k] * s * (1.0 + g[k] * (1.0 - s));
         }
@@ -57,7 +57,7 @@ multiversion! {
     /// Exact-erf GELU in place: `x Phi(x)`.
     pub(crate) fn gelu_erf_slice(x: &mut [f32]) {
         for v in x.iter_mut() {
-            *v = 0.5 * *v * (1.0 + erf_approx(*v * std::f32::consts::FRAC_1_SQRT_2));
+            *v = 0.5 * *v * (1.0 + erf_approx::<FMA>(*v * std::f32::consts::FRAC_1_SQRT_2));
         }
     }
 }
@@ -67,7 +67,7 @@ multiversion! {
     pub(crate) fn bias_gelu_row(x: &mut [f32], bias: &[f32]) {
         for (v, b) in x.iter_mut().zip(bias) {
             let y = *v + b;
-            *v = 0.5 * y * (1.0 + erf_approx(y * std::f32::consts::FRAC_1_SQRT_2));
+            *v = 0.5 * y * (1.0 + erf_approx::<FMA>(y * std::f32::consts::FRAC_1_SQRT_2));
         }
     }
 }
@@ -76,6 +76,9 @@ multiversion! {
 /// a product with bias and GELU).
 pub fn bias_gelu_rows(x: &mut [f32], bias: &[f32], m: usize) {
     assert_eq!(bias.len(), m, "bias length");
+    if m == 0 {
+        return;
+    }
     let _span = crate::profile::span(crate::profile::Part::Activation, 0.0);
     x.par_chunks_mut(m)
         .with_min_len(8)

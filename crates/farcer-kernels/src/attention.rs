@@ -14,13 +14,13 @@ multiversion! {
         let mut chunks = row.chunks_exact_mut(16);
         for c in &mut chunks {
             for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
-                *v = exp_approx((*v - shift) * scale);
+                *v = exp_approx::<FMA>((*v - shift) * scale);
                 *a += *v;
             }
         }
         let mut sum = 0f32;
         for v in chunks.into_remainder() {
-            *v = exp_approx((*v - shift) * scale);
+            *v = exp_approx::<FMA>((*v - shift) * scale);
             sum += *v;
         }
         sum + acc.iter().sum::<f32>()
@@ -72,7 +72,7 @@ multiversion! {
             }
         }
         for (v, g) in p.iter_mut().zip(dp.iter_mut()) {
-            *v = exp_approx(*v - lse);
+            *v = exp_approx::<FMA>(*v - lse);
             *g = *v * (*g - d);
         }
     }

@@ -202,15 +202,56 @@ pub fn open(spec: &str) -> Result<&'static Cblas, String> {
     ))
 }
 
+/// Fresh anonymous pages for MKL's packed buffer, never read or written from Rust: the
+/// kernel backs a page only once MKL writes it, and huge pages are turned off so an
+/// untouched part stays unbacked (the heap could hand back pages that are already
+/// resident).
+struct Pages {
+    ptr: *mut c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by one `Pages` and only read after packing.
+unsafe impl Send for Pages {}
+unsafe impl Sync for Pages {}
+
+impl Pages {
+    fn new(len: usize) -> Option<Self> {
+        // SAFETY: an anonymous private mapping of `len > 0` bytes; checked for failure.
+        unsafe {
+            let ptr = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if ptr == libc::MAP_FAILED {
+                return None;
+            }
+            libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE);
+            Some(Pages { ptr, len })
+        }
+    }
+}
+
+impl Drop for Pages {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
 /// A frozen weight `(k, n)` packed once into the library's own layout for the right
 /// operand of its products (MKL's `cblas_sgemm_pack`): each product then skips
-/// repacking it, 5-8% faster on the ViTs' shapes (BENCHMARKS.md). The buffer MKL asks
-/// for is several times the matrix, but it writes about 1.2x the matrix's bytes and the
-/// rest is never touched, so it never becomes resident.
+/// repacking it, 5-8% faster on the ViTs' shapes (BENCHMARKS.md). MKL asks for a buffer
+/// several times the matrix but writes about 1.2x the matrix's bytes; the rest of the
+/// fresh pages it gets is never touched, so it does not become resident.
 pub struct PackedB {
     lib: &'static Cblas,
     fns: PackFns,
-    buf: Vec<f32>,
+    buf: Pages,
     k: usize,
     n: usize,
 }
@@ -224,7 +265,8 @@ impl std::fmt::Debug for PackedB {
 impl PackedB {
     /// Packs `b` `(k, n)` on `lib`: `b` row-major, or when `transposed` its transpose
     /// `(n, k)` row-major (a linear layer's `(out, in)` weight, packed as `w^T` with no
-    /// copy). `None` when the library cannot pack or a size passes `int`.
+    /// copy). `None` when the library cannot pack, a size passes `int`, or the buffer
+    /// cannot be mapped.
     pub fn new(
         lib: &'static Cblas,
         b: &[f32],
@@ -241,8 +283,10 @@ impl PackedB {
         // SAFETY: MKL's documented signatures; dest holds the size it asked for.
         unsafe {
             let bytes = (fns.size)(B_MATRIX, 1024, n as c_int, k as c_int);
-            // Never read from Rust: only MKL reads what it wrote (length stays 0).
-            let mut buf: Vec<f32> = Vec::with_capacity(bytes.div_ceil(4));
+            if bytes == 0 {
+                return None;
+            }
+            let buf = Pages::new(bytes)?;
             let (trans, ld) = if transposed {
                 (TRANS, k)
             } else {
@@ -258,7 +302,7 @@ impl PackedB {
                 1.0,
                 b.as_ptr(),
                 ld as c_int,
-                buf.as_mut_ptr(),
+                buf.ptr as *mut f32,
             );
             Some(PackedB {
                 lib,
@@ -304,7 +348,7 @@ impl PackedB {
                 k as c_int,
                 a,
                 a_rs as c_int,
-                self.buf.as_ptr(),
+                self.buf.ptr as *const f32,
                 n as c_int,
                 beta,
                 c,
@@ -724,11 +768,14 @@ pub fn choice() -> &'static Choice {
 
 /// The library that frozen weights are packed for: the one the process's choice sends
 /// every plain (NN) product to, when it can pack (MKL); `None` otherwise.
+///
+/// It reads the choice without fixing it: loading a model before the program chooses
+/// must not lock in the default.
 pub fn packing() -> Option<&'static Cblas> {
-    let c = choice();
-    let lib = c.lib()?;
-    let i = c.libs.iter().position(|l| std::ptr::eq(*l, lib))? + 1;
-    let all_nn = c.table[0].iter().flatten().all(|&v| v as usize == i);
+    let c = CHOICE.get()?;
+    let i = c.table[0][0][0] as usize;
+    let all_nn = i > 0 && c.table[0].iter().flatten().all(|&v| v as usize == i);
+    let lib = c.libs[i.checked_sub(1)?];
     (all_nn && lib.packs.is_some()).then_some(lib)
 }
 

@@ -296,12 +296,20 @@ pub fn linear_cols(
 }
 
 /// A frozen linear layer's weight `(k, m)` as a product reads it: the `(in, out)` copy
-/// row-major, or packed once by the library (see [`PackedB`]).
+/// row-major, or packed once by the library (see [`PackedB`]), where given with the
+/// `(m, k)` original beside it, which products over few rows read instead: a packed
+/// operand splits only by rows, and a few rows would leave threads idle.
 #[derive(Clone, Copy, Debug)]
 pub enum Weight<'a> {
     T(&'a [f32]),
-    Packed(&'a PackedB),
+    Packed {
+        packed: &'a PackedB,
+        w: Option<&'a [f32]>,
+    },
 }
+
+/// Rows per thread below which a product skips the packed weight.
+const PACKED_MIN_ROWS: usize = 8;
 
 /// `dst (+)= x @ w` for `x` `(n, k)`, `dst` `(n, m)`, over all rayon threads.
 fn product(w: Weight, x: &[f32], dst: &mut [f32], acc: bool, n: usize, k: usize, m: usize) {
@@ -328,16 +336,38 @@ fn product(w: Weight, x: &[f32], dst: &mut [f32], acc: bool, n: usize, k: usize,
                 )
             }
         }
-        Weight::Packed(p) => {
-            assert_eq!(p.shape(), (k, m), "packed weight shape");
+        Weight::Packed { packed, w } => {
+            assert_eq!(packed.shape(), (k, m), "packed weight shape");
+            assert!(w.is_none_or(|w| w.len() >= m * k));
             if n == 0 {
                 return;
             }
+            let threads = blas::threads();
+            if let Some(w) = w.filter(|_| n < PACKED_MIN_ROWS * threads) {
+                // SAFETY: as above; the original `(m, k)` read transposed.
+                unsafe {
+                    gemm_raw(
+                        n,
+                        m,
+                        k,
+                        dst.as_mut_ptr(),
+                        m,
+                        acc,
+                        x.as_ptr(),
+                        k,
+                        1,
+                        w.as_ptr(),
+                        1,
+                        k,
+                        parallelism(),
+                    )
+                };
+                return;
+            }
             let _span = profile::span(Part::Gemm, 2.0 * (n * m * k) as f64);
-            // SAFETY: as above; `PackedB::new` checked that k and m fit `int`, and n
-            // rows of k values are in `x`.
             assert!(n <= i32::MAX as usize);
-            unsafe { p.gemm(n, x.as_ptr(), k, dst.as_mut_ptr(), m, acc, blas::threads()) }
+            // SAFETY: as above; `PackedB::new` checked that k and m fit `int`.
+            unsafe { packed.gemm(n, x.as_ptr(), k, dst.as_mut_ptr(), m, acc, threads) }
         }
     }
 }
@@ -356,7 +386,7 @@ pub fn linear_frozen(
 ) -> Vec<f32> {
     match wt {
         Weight::T(wt) => linear(x, wt, Some(w), None, residual, n, k, m),
-        Weight::Packed(_) => {
+        Weight::Packed { .. } => {
             let (mut y, acc) = match residual {
                 Some(r) => {
                     let _copy = profile::span(Part::Copy, 0.0);
@@ -417,6 +447,7 @@ pub fn linear_acc_w(
 ) {
     assert!(y.len() >= n * m);
     if let Some(b) = bias {
+        assert!(b.len() >= m, "bias shorter than {m}");
         let _copy = profile::span(Part::Copy, 0.0);
         y[..n * m]
             .par_chunks_mut(m.max(1))

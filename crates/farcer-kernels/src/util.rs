@@ -31,22 +31,32 @@ pub(crate) fn parallelism() -> gemm::Parallelism {
     }
 }
 
+/// Whether the baseline build may use fused multiply-adds: always on aarch64, and on
+/// x86-64 only when the whole crate is compiled for FMA (elsewhere `mul_add` would be a
+/// libm call per value).
+pub(crate) const BASE_FMA: bool = cfg!(target_arch = "aarch64") || cfg!(target_feature = "fma");
+
 /// Compiles `$body` (loops over slices; whatever it calls must be `#[inline(always)]` to
 /// be compiled with it) for AVX-512, AVX2+FMA and the baseline, and runs the best one
-/// this CPU has.
+/// this CPU has. The body sees a const `FMA`: whether its build has fused multiply-adds
+/// (see [`crate::math::fmadd`]).
 macro_rules! multiversion {
     ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$attr])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[allow(unused)]
+            fn imp<const FMA: bool>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma")]
-                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? { imp::<true>($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") {
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? { imp::<true>($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                {
                     return unsafe { v4($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
@@ -55,7 +65,7 @@ macro_rules! multiversion {
                     return unsafe { v3($($arg),*) };
                 }
             }
-            imp($($arg),*)
+            imp::<{ $crate::util::BASE_FMA }>($($arg),*)
         }
     };
 }

@@ -1123,7 +1123,8 @@ impl Block {
     /// Refreshes the transposed copies of the fused weights (the kernels' backend only).
     fn transpose(&mut self, be: Backend) -> Result<()> {
         self.transposed = if be == Backend::Kernels {
-            let t = frozen::FrozenWeight::new;
+            // The model keeps these tensors, so keeping them beside costs nothing.
+            let t = |w| frozen::FrozenWeight::new(w, true);
             Some([
                 t(&self.attn.qkv)?,
                 t(&self.attn.o.weight)?,

@@ -130,11 +130,11 @@ impl Lin {
     }
 }
 
-/// `w` transposed and contiguous (or packed), for the kernels' backend (none for
-/// candle's).
-fn transposed(w: &Tensor, be: Backend) -> Result<Option<FrozenWeight>> {
+/// `w` transposed and contiguous (or packed, keeping `w` beside it when `keep`: see
+/// [`FrozenWeight::new`]), for the kernels' backend (none for candle's).
+fn transposed(w: &Tensor, be: Backend, keep: bool) -> Result<Option<FrozenWeight>> {
     if be == Backend::Kernels {
-        Ok(Some(FrozenWeight::new(w)?))
+        Ok(Some(FrozenWeight::new(w, keep)?))
     } else {
         Ok(None)
     }
@@ -246,7 +246,7 @@ impl ViT {
         }
         let patch_w = patch_w.reshape((d, c.num_channels * c.patch_size * c.patch_size))?;
         Ok(ViT {
-            patch_fused: transposed(&patch_w, be)?,
+            patch_fused: transposed(&patch_w, be, true)?,
             patch_w,
             patch_b,
             cls: e.get((1, 1, d), "cls_token")?,
@@ -264,7 +264,7 @@ impl ViT {
         for l in &mut self.layers {
             l.prepare(be)?;
         }
-        self.patch_fused = transposed(&self.patch_w, be)?;
+        self.patch_fused = transposed(&self.patch_w, be, true)?;
         self.backend = be;
         Ok(self)
     }
@@ -377,12 +377,12 @@ impl Layer {
             Some(b) => Ok(b.clone()),
             None => Tensor::zeros(d, l.w.dtype(), l.w.device()),
         };
-        self.qkv = match transposed(&Tensor::cat(&[&q.w, &k.w, &v.w], 0)?, be)? {
+        self.qkv = match transposed(&Tensor::cat(&[&q.w, &k.w, &v.w], 0)?, be, false)? {
             Some(wt) => Some((wt, Tensor::cat(&[bias(q)?, bias(k)?, bias(v)?], 0)?)),
             None => None,
         };
         for l in [&mut self.o, &mut self.fc1, &mut self.fc2] {
-            l.wt = transposed(&l.w, be)?;
+            l.wt = transposed(&l.w, be, true)?;
         }
         Ok(())
     }

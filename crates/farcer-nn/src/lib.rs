@@ -641,49 +641,60 @@ pub fn attend(qkv: &Tensor, a: &AttendArgs) -> Result<(Tensor, Tensor, Tensor)> 
 #[derive(Clone, Debug)]
 pub enum FrozenWeight {
     T(Tensor),
-    Packed(std::sync::Arc<kernels::PackedB>),
+    /// The packed weight and, where kept, the `(out, in)` original (the same storage as
+    /// the model's own tensor), which products over a few rows read instead.
+    Packed(std::sync::Arc<kernels::PackedB>, Option<Tensor>),
 }
 
 impl FrozenWeight {
     /// From a `(out, in)` weight (CPU, f32): packed straight from it (no transposed
-    /// copy), or its transposed copy.
-    pub fn new(w: &Tensor) -> Result<Self> {
+    /// copy), or its transposed copy. A packed weight keeps `w` beside it for products
+    /// over a few rows when `keep` (pass false for a temporary, e.g. stacked weights that
+    /// only ever meet many rows, so it is not held).
+    pub fn new(w: &Tensor, keep: bool) -> Result<Self> {
         if let Some(lib) = kernels::blas::packing() {
             let (n, k) = w.dims2()?;
             let w = w.contiguous()?;
             let packed = kernels::PackedB::new(lib, view(&w)?.s(), true, k, n);
             if let Some(p) = packed {
-                return Ok(FrozenWeight::Packed(std::sync::Arc::new(p)));
+                return Ok(FrozenWeight::Packed(
+                    std::sync::Arc::new(p),
+                    keep.then_some(w),
+                ));
             }
         }
         Ok(FrozenWeight::T(w.t()?.contiguous()?))
     }
 
     pub fn is_packed(&self) -> bool {
-        matches!(self, FrozenWeight::Packed(_))
+        matches!(self, FrozenWeight::Packed(..))
     }
 
     /// The output size.
     pub fn out_dim(&self) -> Result<usize> {
         match self {
             FrozenWeight::T(t) => t.dim(1),
-            FrozenWeight::Packed(p) => Ok(p.shape().1),
+            FrozenWeight::Packed(p, _) => Ok(p.shape().1),
         }
     }
 }
 
-/// Binds `$out` to the kernels' form of the [`FrozenWeight`] `$w`, holding a copy's view
-/// in `$view` while it is read.
+/// Binds `$out` to the kernels' form of the [`FrozenWeight`] `$w`, holding the view of
+/// its tensor (the copy, or the original beside the packed weight) in `$view` while it
+/// is read.
 macro_rules! frozen_weight {
     ($w:expr, $view:ident, $out:ident) => {
         let $view = match $w {
-            FrozenWeight::T(t) => Some(view(t)?),
-            FrozenWeight::Packed(_) => None,
+            FrozenWeight::T(t) | FrozenWeight::Packed(_, Some(t)) => Some(view(t)?),
+            FrozenWeight::Packed(_, None) => None,
         };
-        let $out = match (&$view, $w) {
-            (Some(v), _) => kernels::Weight::T(v.s()),
-            (None, FrozenWeight::Packed(p)) => kernels::Weight::Packed(p),
-            (None, FrozenWeight::T(_)) => unreachable!("viewed above"),
+        let $out = match ($w, &$view) {
+            (FrozenWeight::T(_), Some(v)) => kernels::Weight::T(v.s()),
+            (FrozenWeight::Packed(p, _), v) => kernels::Weight::Packed {
+                packed: p,
+                w: v.as_ref().map(|v| v.s()),
+            },
+            (FrozenWeight::T(_), None) => unreachable!("viewed above"),
         };
     };
 }
@@ -1128,7 +1139,17 @@ pub fn vit_embed(
 ) -> Result<Vec<f32>> {
     let (rows, k) = patches.dims2()?;
     let d = w.out_dim()?;
-    if b == 0 || rows % b != 0 {
+    let k_w = match w {
+        FrozenWeight::T(t) => t.dim(0)?,
+        FrozenWeight::Packed(p, _) => p.shape().0,
+    };
+    if k_w != k {
+        candle_core::bail!("patch width {k}, patch weight input size {k_w}");
+    }
+    if b == 0 {
+        return Ok(Vec::new());
+    }
+    if rows % b != 0 {
         candle_core::bail!("{rows} patch rows for {b} images");
     }
     let np = rows / b;
