@@ -29,8 +29,8 @@ fn erf64(x: f64) -> f64 {
 }
 
 /// Packed from `(in, out)` and from `(out, in)` (transposed), over 1 to 1000 rows on 8
-/// threads (fewer than 8 rows per thread read the original instead, where it is given;
-/// more split into up to 8 row blocks, the last one short): `x w (+ bias)`, `y += x w + bias` and
+/// threads (fewer rows than threads read the original instead, where it is given; more
+/// split into up to 8 row blocks, the last one short): `x w (+ bias)`, `y += x w + bias` and
 /// `gelu(x w + bias)` equal an f64 product to 1e-5 of its scale (GELU's 2e-6 added), and
 /// the library's product on the plain copy to 1e-5.
 fn packed_products_equal_a_plain_product() {
