@@ -99,20 +99,7 @@ fn pretrained_vit_on_packed_weights_matches_its_reference_outputs() {
     };
     let enc = VisionEncoder::load(dir.to_str().unwrap(), &Device::Cpu, true).unwrap();
     assert!(enc.vit.packed(), "the ViT reads packed weights under MKL");
-    let px = Tensor::read_npy(dir.join("reference/pixel_values.npy"))
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let want = Tensor::read_npy(dir.join("reference/last_hidden_state.npy"))
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let got = enc.vit.last_hidden_state(&px).unwrap();
-    let d = max_abs_diff(&got, &want);
-    assert!(d <= 1e-4, "max abs difference {d}");
-    let cls = enc.vit.cls(&px, true).unwrap();
-    let d = max_abs_diff(&cls, &want.narrow(1, 0, 1).unwrap().squeeze(1).unwrap());
-    assert!(d <= 1e-4, "CLS: max abs difference {d}");
+    assert_matches_dinov2_reference(&enc, &dir);
 }
 
 /// The fused decoder layers on packed weights (forward, cached prefix, training with

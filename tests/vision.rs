@@ -2,7 +2,7 @@
 //! pretrained DINOv2-small's reference outputs; preprocessing against ViTImageProcessor.
 
 mod common;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use common::*;
 use farcer::vision::VisionEncoder;
 
@@ -76,21 +76,8 @@ fn real_pretrained_vit_matches_its_reference_outputs() {
         return;
     };
     let enc = VisionEncoder::load(dir.to_str().unwrap(), &Device::Cpu, true).unwrap();
-    let px = Tensor::read_npy(dir.join("reference/pixel_values.npy"))
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let want = Tensor::read_npy(dir.join("reference/last_hidden_state.npy"))
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let got = enc.vit.last_hidden_state(&px).unwrap();
-    let d = max_abs_diff(&got, &want);
-    assert!(d <= 1e-4, "max abs difference {d}");
+    assert_matches_dinov2_reference(&enc, &dir);
     assert_eq!(enc.dim(), 384);
-    // The after-norm CLS is row 0 of the reference.
-    let cls = enc.vit.cls(&px, true).unwrap();
-    assert!(max_abs_diff(&cls, &want.narrow(1, 0, 1).unwrap().squeeze(1).unwrap()) <= 1e-4);
 }
 
 /// The demo's untrained ViT must still carry what its images show: a nearest-centroid

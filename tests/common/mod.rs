@@ -82,6 +82,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).unwrap())
 }
 
+/// The shared DINOv2-small's last hidden state and after-norm CLS vectors on its
+/// reference pixels, each within 1e-4 of transformers' reference outputs.
+pub fn assert_matches_dinov2_reference(enc: &farcer::vision::VisionEncoder, dir: &std::path::Path) {
+    let read = |name: &str| {
+        Tensor::read_npy(dir.join("reference").join(name))
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+    };
+    let (px, want) = (read("pixel_values.npy"), read("last_hidden_state.npy"));
+    let got = enc.vit.last_hidden_state(&px).unwrap();
+    let d = max_abs_diff(&got, &want);
+    assert!(d <= 1e-4, "max abs difference {d}");
+    // The after-norm CLS is row 0 of the reference.
+    let cls = enc.vit.cls(&px, true).unwrap();
+    let d = max_abs_diff(&cls, &want.narrow(1, 0, 1).unwrap().squeeze(1).unwrap());
+    assert!(d <= 1e-4, "CLS: max abs difference {d}");
+}
+
 pub fn load_safetensors(name: &str) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name), &Device::Cpu).unwrap()
 }

@@ -355,21 +355,30 @@ impl PackedB {
                 dst_rs as c_int,
             )
         };
-        let parts = threads.min(m.div_ceil(8)).max(1);
-        if parts == 1 {
-            call(m, a, dst);
-            return;
-        }
-        let step = m.div_ceil(parts).div_ceil(8) * 8;
         let (a, dst) = (a as usize, dst as usize);
-        (0..parts).into_par_iter().for_each(|p| {
-            let (lo, hi) = (p * step, ((p + 1) * step).min(m));
-            if lo < hi {
-                let (a, dst) = (a as *const f32, dst as *mut f32);
-                call(hi - lo, a.add(lo * a_rs), dst.add(lo * dst_rs));
-            }
+        in_blocks(m, 8, threads, |lo, hi| {
+            let (a, dst) = (a as *const f32, dst as *mut f32);
+            call(hi - lo, a.add(lo * a_rs), dst.add(lo * dst_rs));
         });
     }
+}
+
+/// Runs `f(lo, hi)` on one block of `0..len` per thread (at most `threads` blocks, each
+/// a multiple of `align` long but the last), in parallel; on the calling thread when
+/// there is one block.
+fn in_blocks(len: usize, align: usize, threads: usize, f: impl Fn(usize, usize) + Sync) {
+    let parts = threads.min(len.div_ceil(align)).max(1);
+    if parts == 1 {
+        f(0, len);
+        return;
+    }
+    let step = len.div_ceil(parts).div_ceil(align) * align;
+    (0..parts).into_par_iter().for_each(|p| {
+        let (lo, hi) = (p * step, ((p + 1) * step).min(len));
+        if lo < hi {
+            f(lo, hi);
+        }
+    });
 }
 
 /// Which GEMM runs a product.
@@ -470,18 +479,8 @@ pub(crate) unsafe fn blas_gemm(
     // Split the longer side into one block per thread (rows in multiples of 8, columns
     // of 16, so no block splits a vector).
     let (len, align) = if m >= n { (m, 8) } else { (n, 16) };
-    let parts = threads.min(len.div_ceil(align)).max(1);
-    if parts == 1 {
-        call(m, n, a, b, dst);
-        return true;
-    }
-    let step = len.div_ceil(parts).div_ceil(align) * align;
     let (a, b, dst) = (a as usize, b as usize, dst as usize);
-    (0..parts).into_par_iter().for_each(|p| {
-        let (lo, hi) = (p * step, ((p + 1) * step).min(len));
-        if lo >= hi {
-            return;
-        }
+    in_blocks(len, align, threads, |lo, hi| {
         let (a, b, dst) = (a as *const f32, b as *const f32, dst as *mut f32);
         if m >= n {
             // Rows lo..hi of a and of dst.

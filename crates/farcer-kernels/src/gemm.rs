@@ -252,26 +252,20 @@ pub fn linear_cols(
     assert!(x.len() >= n * k && wt.len() >= k * m);
     assert!(bias.is_none_or(|b| b.len() >= m));
     let w = cols.len();
-    let mut y = uninit(n * w);
+    let mut y = match bias {
+        Some(b) => bias_rows(&b[cols.clone()], n),
+        None => uninit(n * w),
+    };
     if n == 0 || w == 0 {
         return y;
     }
     if k == 0 {
-        // An empty product: the bias alone (or zeros).
-        for row in y.chunks_mut(w) {
-            match bias {
-                Some(b) => row.copy_from_slice(&b[cols.clone()]),
-                None => row.fill(0.0),
-            }
+        // An empty product: the bias alone (or zeros). Returned here: `wt` may then be
+        // empty, and no pointer may be taken past its end.
+        if bias.is_none() {
+            y.fill(0.0);
         }
         return y;
-    }
-    if let Some(b) = bias {
-        let _copy = profile::span(Part::Copy, 0.0);
-        let b = &b[cols.clone()];
-        y.par_chunks_mut(w)
-            .with_min_len(8)
-            .for_each(|row| row.copy_from_slice(b));
     }
     // SAFETY: the lengths are checked above; `wt`'s columns `cols` are `(k, w)` with row
     // stride `m`, and the last one read is `(k - 1) m + cols.end - 1 < k m`.
@@ -308,18 +302,27 @@ pub enum Weight<'a> {
     },
 }
 
-/// A product skips the packed weight when it has fewer rows than threads (one-token
-/// decoding): split by rows, some threads would get none. Measured on 2 cores, reading
-/// the original for up to 8 rows per thread (the ViT's CLS-only last layer) cost ViT-S
-/// about 3%, so the bar is one row per thread.
-const PACKED_MIN_ROWS: usize = 1;
-
-/// `dst (+)= x @ w` for `x` `(n, k)`, `dst` `(n, m)`, over all rayon threads.
+/// `dst (+)= x @ w` for `x` `(n, k)`, `dst` `(n, m)`, over all rayon threads. A packed
+/// weight is skipped for its original when there are fewer rows than threads (one-token
+/// decoding): split by rows, some threads would get none. (Reading the original up to 8
+/// rows per thread, which covered the ViT's CLS-only last layer, cost ViT-S about 3% on
+/// 2 cores.)
 fn product(w: Weight, x: &[f32], dst: &mut [f32], acc: bool, n: usize, k: usize, m: usize) {
     assert!(x.len() >= n * k && dst.len() >= n * m);
-    match w {
-        Weight::T(wt) => {
-            assert!(wt.len() >= k * m);
+    let threads = blas::threads();
+    // The weight as `b` `(k, m)` for a plain product: the copy row-major, or the
+    // original read transposed.
+    let plain = match w {
+        Weight::T(wt) => Some((wt, m, 1)),
+        Weight::Packed { packed, w } => {
+            assert_eq!(packed.shape(), (k, m), "packed weight shape");
+            assert!(w.is_none_or(|w| w.len() >= m * k));
+            w.filter(|_| n < threads).map(|w| (w, 1, k))
+        }
+    };
+    match (plain, w) {
+        (Some((b, b_rs, b_cs)), _) => {
+            assert!(b.len() >= k * m);
             // SAFETY: the lengths are checked above; the strides describe those slices.
             unsafe {
                 gemm_raw(
@@ -332,39 +335,15 @@ fn product(w: Weight, x: &[f32], dst: &mut [f32], acc: bool, n: usize, k: usize,
                     x.as_ptr(),
                     k,
                     1,
-                    wt.as_ptr(),
-                    m,
-                    1,
+                    b.as_ptr(),
+                    b_rs,
+                    b_cs,
                     parallelism(),
                 )
             }
         }
-        Weight::Packed { packed, w } => {
-            assert_eq!(packed.shape(), (k, m), "packed weight shape");
-            assert!(w.is_none_or(|w| w.len() >= m * k));
+        (None, Weight::Packed { packed, .. }) => {
             if n == 0 {
-                return;
-            }
-            let threads = blas::threads();
-            if let Some(w) = w.filter(|_| n < PACKED_MIN_ROWS * threads) {
-                // SAFETY: as above; the original `(m, k)` read transposed.
-                unsafe {
-                    gemm_raw(
-                        n,
-                        m,
-                        k,
-                        dst.as_mut_ptr(),
-                        m,
-                        acc,
-                        x.as_ptr(),
-                        k,
-                        1,
-                        w.as_ptr(),
-                        1,
-                        k,
-                        parallelism(),
-                    )
-                };
                 return;
             }
             let _span = profile::span(Part::Gemm, 2.0 * (n * m * k) as f64);
@@ -372,6 +351,7 @@ fn product(w: Weight, x: &[f32], dst: &mut [f32], acc: bool, n: usize, k: usize,
             // SAFETY: as above; `PackedB::new` checked that k and m fit `int`.
             unsafe { packed.gemm(n, x.as_ptr(), k, dst.as_mut_ptr(), m, acc, threads) }
         }
+        (None, Weight::T(_)) => unreachable!("a copy is always plain"),
     }
 }
 
@@ -403,6 +383,17 @@ pub fn linear_frozen(
     }
 }
 
+/// `n` rows, each a copy of `b`: the start of a product that adds a bias.
+fn bias_rows(b: &[f32], n: usize) -> Vec<f32> {
+    let m = b.len();
+    let mut y = uninit(n * m);
+    let _copy = profile::span(Part::Copy, 0.0);
+    y.par_chunks_mut(m.max(1))
+        .with_min_len(8)
+        .for_each(|row| row.copy_from_slice(b));
+    y
+}
+
 /// `x @ w + bias` (see [`Weight`]); `x` `(n, k)`, `bias` `(m)`.
 pub fn linear_w(
     x: &[f32],
@@ -412,14 +403,13 @@ pub fn linear_w(
     k: usize,
     m: usize,
 ) -> Vec<f32> {
-    let mut y = uninit(n * m);
-    if let Some(b) = bias {
-        assert!(b.len() >= m, "bias shorter than {m}");
-        let _copy = profile::span(Part::Copy, 0.0);
-        y.par_chunks_mut(m.max(1))
-            .with_min_len(8)
-            .for_each(|row| row.copy_from_slice(&b[..m]));
-    }
+    let mut y = match bias {
+        Some(b) => {
+            assert!(b.len() >= m, "bias shorter than {m}");
+            bias_rows(&b[..m], n)
+        }
+        None => uninit(n * m),
+    };
     product(w, x, &mut y, bias.is_some(), n, k, m);
     y
 }

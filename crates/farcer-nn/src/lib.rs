@@ -670,6 +670,14 @@ impl FrozenWeight {
         matches!(self, FrozenWeight::Packed(..))
     }
 
+    /// The input size.
+    pub fn in_dim(&self) -> Result<usize> {
+        match self {
+            FrozenWeight::T(t) => t.dim(0),
+            FrozenWeight::Packed(p, _) => Ok(p.shape().0),
+        }
+    }
+
     /// The output size.
     pub fn out_dim(&self) -> Result<usize> {
         match self {
@@ -1139,10 +1147,7 @@ pub fn vit_embed(
 ) -> Result<Vec<f32>> {
     let (rows, k) = patches.dims2()?;
     let d = w.out_dim()?;
-    let k_w = match w {
-        FrozenWeight::T(t) => t.dim(0)?,
-        FrozenWeight::Packed(p, _) => p.shape().0,
-    };
+    let k_w = w.in_dim()?;
     if k_w != k {
         candle_core::bail!("patch width {k}, patch weight input size {k_w}");
     }
@@ -1214,29 +1219,20 @@ pub fn vit_layer(
     // The rows that go on are all of them, or each image's first: then (on the copy,
     // whose columns can be read apart) queries for those rows alone, keys and values for
     // all.
-    let (tq, att) = match (cls_only, w_qkv) {
+    // The query buffer, a separate key/value buffer (or none: the same), where each
+    // operand's rows lie, and the query rows per image.
+    let (q, kv, rows, tq) = match (cls_only, w_qkv) {
         (true, kernels::Weight::T(w)) => {
             x = kernels::gather_rows(&x, b, t, &[0], d);
             let n1_cls = kernels::gather_rows(&n1, b, t, &[0], d);
             let q = kernels::linear_cols(&n1_cls, w, 0..d, Some(bias.s()), b, d, 3 * d);
             let kv = kernels::linear_cols(&n1, w, d..3 * d, Some(bias.s()), b * t, d, 3 * d);
-            drop(n1);
             let kv_rows = |which| kernels::Rows::fused(which, 0, h, t, hd);
-            let (att, _) = kernels::attention_rows(
-                (&q, kernels::Rows::split(h, 1, hd)),
-                (&kv, kv_rows(1)),
-                (&kv, kv_rows(2)),
-                None,
-                hs,
-                1,
-                t,
-                scale,
-            );
-            (1, att)
+            let rows = [kernels::Rows::split(h, 1, hd), kv_rows(1), kv_rows(2)];
+            (q, Some(kv), rows, 1)
         }
         (cls_only, w) => {
             let qkv = kernels::linear_w(&n1, w, Some(bias.s()), b * t, d, 3 * d);
-            drop(n1);
             let tq = if cls_only {
                 x = kernels::gather_rows(&x, b, t, &[0], d);
                 1
@@ -1244,19 +1240,22 @@ pub fn vit_layer(
                 t
             };
             let rows = |which| kernels::Rows::fused(which, h, h, t, hd);
-            let (att, _) = kernels::attention_rows(
-                (&qkv, rows(0)),
-                (&qkv, rows(1)),
-                (&qkv, rows(2)),
-                None,
-                hs,
-                tq,
-                t,
-                scale,
-            );
-            (tq, att)
+            (qkv, None, [rows(0), rows(1), rows(2)], tq)
         }
     };
+    drop(n1);
+    let kvb = kv.as_deref().unwrap_or(&q);
+    let (att, _) = kernels::attention_rows(
+        (&q, rows[0]),
+        (kvb, rows[1]),
+        (kvb, rows[2]),
+        None,
+        hs,
+        tq,
+        t,
+        scale,
+    );
+    drop((q, kv));
     let n = b * tq;
     let acc = |y: &mut [f32], x: &[f32], w, bias: Option<&Tensor>, k, m| {
         let bv = bias.map(view).transpose()?;
