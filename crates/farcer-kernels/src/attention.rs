@@ -248,11 +248,55 @@ pub fn attention_rows(
         assert!(m.len() >= t * s, "mask shorter than ({t}, {s})");
     }
     let rep = h / hk;
-    let ext = block_extents(mask, t, s);
-    let nblk = ext.len();
     let mut out = uninit(b * t * h * d);
     let mut lse = uninit(b * h * t);
     let (op, lp) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    #[cfg(target_arch = "x86_64")]
+    if mask.is_none()
+        && t >= crate::tiled::R
+        && s > 0
+        && kr.row < i32::MAX as usize / 16
+        && crate::tiled::available(d)
+    {
+        // Whole heads per task while there are enough to keep every thread busy, else
+        // chunks of rows (each task packs its head's keys and values again).
+        let chunks = (4 * rayon::current_num_threads()).div_ceil(b * h).min(t);
+        let rows = t.div_ceil(chunks).next_multiple_of(crate::tiled::R);
+        let nch = t.div_ceil(rows);
+        (0..b * h * nch).into_par_iter().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(kv, sc), job| {
+                let (bh, ch) = (job / nch, job % nch);
+                let (bi, hi) = (bh / h, bh % h);
+                let t0 = ch * rows;
+                let n = rows.min(t - t0);
+                // SAFETY: the operands' bounds were checked above, `available` checked
+                // the CPU, and each task writes its own rows of `out` and `lse`.
+                unsafe {
+                    crate::tiled::pack_head(
+                        (k.as_ptr().add(kr.start(bi, hi / rep, 0)), kr.row),
+                        (v.as_ptr().add(vr.start(bi, hi / rep, 0)), vr.row),
+                        s,
+                        kv,
+                    );
+                    let lse_b = lp.get().add((bi * h + hi) * t + t0);
+                    crate::tiled::head_rows(
+                        (q.as_ptr().add(qr.start(bi, hi, t0)), qr.row),
+                        kv,
+                        s,
+                        n,
+                        scale,
+                        (op.get().add((bi * t + t0) * h * d + hi * d), h * d),
+                        std::slice::from_raw_parts_mut(lse_b, n),
+                        sc,
+                    );
+                }
+            },
+        );
+        return (out, lse);
+    }
+    let ext = block_extents(mask, t, s);
+    let nblk = ext.len();
     (0..b * h * nblk).into_par_iter().for_each(|job| {
         let (bh, blk) = (job / nblk, job % nblk);
         let (bi, hi) = (bh / h, bh % h);
