@@ -38,7 +38,7 @@ pub use layer::{
     gather_rows, layer_backward, layer_forward, layer_forward_segments, vit_tokens, LayerInput,
     LayerOutput, LayerSaved, LayerWeights, LoraPart, LoraSaved, SegmentKv, Site,
 };
-pub use norm::{layer_norm, rms_norm, rms_norm_grad};
+pub use norm::{layer_norm, layer_norm_shifted, rms_norm, rms_norm_grad};
 pub use quant::{q8_matmul_nn, q8_matmul_nt, Q8Matrix};
 pub use rope::{split_rope, split_rope_grad, Heads};
 
@@ -225,6 +225,42 @@ mod tests {
                 worst < 1e-5,
                 "({h}, {hk}) heads of {d}, {tq} of {t} query rows: max abs error {worst}"
             );
+        }
+    }
+
+    /// A LayerNorm that adds a shift as it reads each row gives the norm of the shifted
+    /// rows, against the f64 form written out here, at widths around the 16-value lanes
+    /// and with a large mean (the shift of a residual stream's carried biases).
+    #[test]
+    fn shifted_layer_norm_is_the_norm_of_the_shifted_rows() {
+        for dim in [1, 15, 16, 17, 384] {
+            let n = 5;
+            let x: Vec<f32> = (0..n * dim)
+                .map(|i| ((i * 29 % 53) as f32 - 26.0) * 0.1)
+                .collect();
+            let sh: Vec<f32> = (0..dim).map(|c| 40.0 + (c % 7) as f32 * 0.3).collect();
+            let w: Vec<f32> = (0..dim).map(|c| 0.5 + (c % 5) as f32 * 0.1).collect();
+            let b: Vec<f32> = (0..dim).map(|c| (c % 3) as f32 * 0.2 - 0.2).collect();
+            let eps = 1e-6;
+            for shift in [None, Some(&sh[..])] {
+                let y = layer_norm_shifted(&x, shift, &w, &b, eps, dim);
+                for r in 0..n {
+                    let v: Vec<f64> = (0..dim)
+                        .map(|c| x[r * dim + c] as f64 + shift.map_or(0.0, |s| s[c] as f64))
+                        .collect();
+                    let mean = v.iter().sum::<f64>() / dim as f64;
+                    let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f64>() / dim as f64;
+                    for c in 0..dim {
+                        let want =
+                            (v[c] - mean) / (var + eps as f64).sqrt() * w[c] as f64 + b[c] as f64;
+                        let got = y[r * dim + c] as f64;
+                        assert!(
+                            (got - want).abs() < 2e-5,
+                            "dim {dim}, row {r}, col {c}: {got} against {want}"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -39,15 +39,28 @@ multiversion! {
 }
 
 multiversion! {
-    /// One row of [`layer_norm`] (two passes over the row for the variance, which stays
-    /// accurate when the mean is large).
-    fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    /// One row of [`layer_norm_shifted`] (two passes over the row for the variance, which
+    /// stays accurate when the mean is large).
+    fn layer_norm_row(x: &[f32], shift: Option<&[f32]>, w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
         let dim = x.len();
-        let mean = lane_sum(x) / dim as f32;
-        let var = lane_fold([x], |[v]| (v - mean) * (v - mean)) / dim as f32;
-        let r = 1.0 / (var + eps).sqrt();
-        for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
-            *y = (x - mean) * r * w + b;
+        match shift {
+            None => {
+                let mean = lane_sum(x) / dim as f32;
+                let var = lane_fold([x], |[v]| (v - mean) * (v - mean)) / dim as f32;
+                let r = 1.0 / (var + eps).sqrt();
+                for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                    *y = (x - mean) * r * w + b;
+                }
+            }
+            Some(s) => {
+                let s = &s[..dim];
+                let mean = lane_fold([x, s], |[v, s]| v + s) / dim as f32;
+                let var = lane_fold([x, s], |[v, s]| (v + s - mean) * (v + s - mean)) / dim as f32;
+                let r = 1.0 / (var + eps).sqrt();
+                for ((((y, &x), &s), &w), &b) in y.iter_mut().zip(x).zip(s).zip(w).zip(b) {
+                    *y = (x + s - mean) * r * w + b;
+                }
+            }
         }
     }
 }
@@ -93,12 +106,26 @@ pub fn rms_norm_grad(
 
 /// LayerNorm of the rows of `x` `(n, dim)`: `(x - mean) / sqrt(var + eps) * w + b`.
 pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, dim: usize) -> Vec<f32> {
+    layer_norm_shifted(x, None, w, b, eps, dim)
+}
+
+/// [`layer_norm`] of `x + shift` (`shift` `(dim)` added to every row), without writing
+/// that sum: a residual stream can carry its biases aside until a norm reads it.
+pub fn layer_norm_shifted(
+    x: &[f32],
+    shift: Option<&[f32]>,
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    dim: usize,
+) -> Vec<f32> {
     let _span = crate::profile::span(crate::profile::Part::Norm, 0.0);
+    assert!(w.len() >= dim && b.len() >= dim && shift.is_none_or(|s| s.len() >= dim));
     let n = x.len() / dim;
     let mut y = uninit(n * dim);
     y.par_chunks_mut(dim)
         .zip(x.par_chunks(dim))
         .with_min_len(8)
-        .for_each(|(y, x)| layer_norm_row(x, w, b, eps, y));
+        .for_each(|(y, x)| layer_norm_row(x, shift, w, b, eps, y));
     y
 }

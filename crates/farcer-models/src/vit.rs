@@ -327,8 +327,13 @@ impl ViT {
             // The residual stream stays one vector from the embedding through all layers.
             let (t, d) = (gh * gw + 1, c.hidden_size);
             let mut v = frozen::vit_embed(&patches, pw, &self.patch_b, &self.cls, &self.pos, b)?;
+            // The biases the layers carry aside (see `vit_layer`), added once at the end.
+            let mut shift = vec![0f32; d];
             for (i, l) in fused.iter().enumerate() {
-                v = frozen::vit_layer(v, (b, t, d), l, cls_only && i == last)?;
+                v = frozen::vit_layer(v, &mut shift, (b, t, d), l, cls_only && i == last)?;
+            }
+            for row in v.chunks_exact_mut(d) {
+                row.iter_mut().zip(&shift).for_each(|(x, s)| *x += s);
             }
             x = Tensor::from_vec(v, (b, if narrowed { 1 } else { t }, d), pixels.device())?;
         } else {

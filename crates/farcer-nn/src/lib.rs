@@ -1184,12 +1184,20 @@ pub fn vit_embed(
 /// the output projection and the MLP: the result is `(b, 1, d)`, and all the layer's
 /// products but the keys' and values' are skipped (the queries' too on a plain copy; a
 /// packed q/k/v weight cannot be read by columns, so it makes every row's).
+///
+/// The output and fc2 biases are not written into the stream: they are added to `shift`
+/// `(d)`, which every row of the stream lacks and the norms add as they read it (the
+/// caller adds it once at the end). Two passes over the stream per layer fewer.
 pub fn vit_layer(
     mut x: Vec<f32>,
+    shift: &mut [f32],
     (b, t, d): (usize, usize, usize),
     l: &VitLayer,
     cls_only: bool,
 ) -> Result<Vec<f32>> {
+    if shift.len() != d {
+        candle_core::bail!("ViT layer: shift of {} for width {d}", shift.len());
+    }
     let h = l.heads;
     let hd = d / h;
     frozen_weight!(l.qkv.0, qkv_view, w_qkv);
@@ -1197,16 +1205,19 @@ pub fn vit_layer(
     frozen_weight!(l.fc1.0, fc1_view, w_fc1);
     frozen_weight!(l.fc2.0, fc2_view, w_fc2);
     let inter = l.fc1.0.out_dim()?;
-    let norm = |x: &[f32], (w, bias, eps): (&Tensor, &Tensor, f32)| -> Result<Vec<f32>> {
-        Ok(kernels::layer_norm(
+    let norm = |x: &[f32], shift: &[f32], (w, bias, eps): (&Tensor, &Tensor, f32)| {
+        let (w, bias) = (view(w)?, view(bias)?);
+        let shift = shift.iter().any(|&v| v != 0.0).then_some(shift);
+        Ok::<_, candle_core::Error>(kernels::layer_norm_shifted(
             x,
-            view(w)?.s(),
-            view(bias)?.s(),
+            shift,
+            w.s(),
+            bias.s(),
             eps,
             d,
         ))
     };
-    let n1 = norm(&x, l.ln1)?;
+    let n1 = norm(&x, shift, l.ln1)?;
     let hs = Heads {
         batch: b,
         heads: h,
@@ -1257,14 +1268,21 @@ pub fn vit_layer(
     );
     drop((q, kv));
     let n = b * tq;
-    let acc = |y: &mut [f32], x: &[f32], w, bias: Option<&Tensor>, k, m| {
-        let bv = bias.map(view).transpose()?;
-        kernels::linear_acc_w(y, x, w, bv.as_ref().map(|b| b.s()), n, k, m);
+    // `y += x @ w`, and the bias into `shift`.
+    let acc = |y: &mut [f32], shift: &mut [f32], x: &[f32], w, bias: Option<&Tensor>, k| {
+        kernels::linear_acc_w(y, x, w, None, n, k, d);
+        if let Some(b) = bias {
+            let b = view(b)?;
+            if b.s().len() != d {
+                candle_core::bail!("ViT layer: bias of {} for width {d}", b.s().len());
+            }
+            shift.iter_mut().zip(b.s()).for_each(|(s, b)| *s += b);
+        }
         Ok::<_, candle_core::Error>(())
     };
-    acc(&mut x, &att, w_o, l.o.1, d, d)?;
+    acc(&mut x, shift, &att, w_o, l.o.1, d)?;
     drop(att);
-    let n2 = norm(&x, l.ln2)?;
+    let n2 = norm(&x, shift, l.ln2)?;
     let f = match l.fc1.1 {
         Some(b1) => kernels::linear_gelu_w(&n2, w_fc1, view(b1)?.s(), n, d, inter),
         None => {
@@ -1274,7 +1292,7 @@ pub fn vit_layer(
         }
     };
     drop(n2);
-    acc(&mut x, &f, w_fc2, l.fc2.1, inter, d)?;
+    acc(&mut x, shift, &f, w_fc2, l.fc2.1, inter)?;
     drop((qkv_view, o_view, fc1_view, fc2_view));
     Ok(x)
 }
