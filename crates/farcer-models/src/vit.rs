@@ -162,6 +162,9 @@ impl Norm {
 struct Layer {
     /// q, k, v weights (transposed) and biases stacked, for the fused CPU path.
     qkv: Option<(FrozenWeight, Tensor)>,
+    /// The last layer's k and v weights stacked and packed on their own, where `qkv` is
+    /// packed (see `frozen::VitLayer::kv`).
+    kv: Option<FrozenWeight>,
     ln1: Norm,
     q: Lin,
     k: Lin,
@@ -227,6 +230,7 @@ impl ViT {
             // The fused path reads q, k, v stacked; their own transposed copies go.
             let mut layer = Layer {
                 qkv: None,
+                kv: None,
                 ln1: Norm::load(&l.pp("layernorm_before"), d, c.layer_norm_eps)?,
                 q: Lin::load(&a.pp("attention").pp("query"), d, d, c.qkv_bias)?,
                 k: Lin::load(&a.pp("attention").pp("key"), d, d, c.qkv_bias)?,
@@ -241,7 +245,7 @@ impl ViT {
                 )?,
                 fc2: Lin::load(&l.pp("output").pp("dense"), c.intermediate_size, d, true)?,
             };
-            layer.prepare(be)?;
+            layer.prepare(be, i + 1 == c.num_hidden_layers)?;
             layers.push(layer);
         }
         let patch_w = patch_w.reshape((d, c.num_channels * c.patch_size * c.patch_size))?;
@@ -261,8 +265,9 @@ impl ViT {
     /// The same weights with another backend.
     pub fn with_backend(mut self, be: Backend) -> Result<Self> {
         be.check(self.device(), self.dtype())?;
-        for l in &mut self.layers {
-            l.prepare(be)?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            l.prepare(be, i == last)?;
         }
         self.patch_fused = transposed(&self.patch_w, be, true)?;
         self.backend = be;
@@ -274,11 +279,12 @@ impl ViT {
     }
 
     /// Whether the fused CPU path reads every layer's weights packed by the GEMM library
-    /// (MKL, when the process's choice sends the products there), not the plain copies.
+    /// (MKL, when the process's choice sends the products there), not the plain copies,
+    /// with the last layer's keys and values packed on their own too.
     pub fn packed(&self) -> bool {
-        !self.layers.is_empty()
+        let packed = |w: Option<&FrozenWeight>| w.is_some_and(|w| w.is_packed());
+        self.layers.last().is_some_and(|l| packed(l.kv.as_ref()))
             && self.layers.iter().all(|l| {
-                let packed = |w: Option<&FrozenWeight>| w.is_some_and(|w| w.is_packed());
                 packed(l.qkv.as_ref().map(|q| &q.0))
                     && [&l.o, &l.fc1, &l.fc2].iter().all(|x| packed(x.wt.as_ref()))
             })
@@ -375,7 +381,9 @@ impl ViT {
 impl Layer {
     /// The kernels' copies of the weights: q, k, v (transposed) and their biases stacked,
     /// the other linears transposed; none for candle's backend.
-    fn prepare(&mut self, be: Backend) -> Result<()> {
+    /// The fused CPU path's weights for `be` (none for candle's); `last`: the encoder's
+    /// last layer, which may carry only the CLS rows past its keys and values.
+    fn prepare(&mut self, be: Backend, last: bool) -> Result<()> {
         let (q, k, v) = (&self.q, &self.k, &self.v);
         let d = q.w.dim(0)?;
         let bias = |l: &Lin| match &l.b {
@@ -385,6 +393,12 @@ impl Layer {
         self.qkv = match transposed(&Tensor::cat(&[&q.w, &k.w, &v.w], 0)?, be, false)? {
             Some(wt) => Some((wt, Tensor::cat(&[bias(q)?, bias(k)?, bias(v)?], 0)?)),
             None => None,
+        };
+        self.kv = match &self.qkv {
+            Some((w, _)) if last && w.is_packed() => {
+                transposed(&Tensor::cat(&[&k.w, &v.w], 0)?, be, false)?
+            }
+            _ => None,
         };
         for l in [&mut self.o, &mut self.fc1, &mut self.fc2] {
             l.wt = transposed(&l.w, be, true)?;
@@ -402,6 +416,7 @@ impl Layer {
         Some(frozen::VitLayer {
             ln1: (&self.ln1.w, &self.ln1.b, self.ln1.eps as f32),
             qkv: (&qkv.0, &qkv.1),
+            kv: self.kv.as_ref(),
             o: (o, self.o.b.as_ref()),
             ln2: (&self.ln2.w, &self.ln2.b, self.ln2.eps as f32),
             fc1: (fc1, self.fc1.b.as_ref()),

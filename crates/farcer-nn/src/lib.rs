@@ -1126,6 +1126,10 @@ pub fn layer_segments(
 pub struct VitLayer<'a> {
     pub ln1: (&'a Tensor, &'a Tensor, f32),
     pub qkv: (&'a FrozenWeight, &'a Tensor),
+    /// The key and value rows of `qkv`'s weight packed on their own, for a last layer
+    /// whose packed `qkv` cannot be read by columns: with `cls_only`, the queries then
+    /// come from the CLS rows alone.
+    pub kv: Option<&'a FrozenWeight>,
     pub o: (&'a FrozenWeight, Option<&'a Tensor>),
     pub ln2: (&'a Tensor, &'a Tensor, f32),
     pub fc1: (&'a FrozenWeight, Option<&'a Tensor>),
@@ -1182,8 +1186,9 @@ pub fn vit_embed(
 /// `cls_only` (the last layer, when only the CLS vector is wanted) every row still gives
 /// its key and value, but only each image's first row goes on through attention's query,
 /// the output projection and the MLP: the result is `(b, 1, d)`, and all the layer's
-/// products but the keys' and values' are skipped (the queries' too on a plain copy; a
-/// packed q/k/v weight cannot be read by columns, so it makes every row's).
+/// products but the keys' and values' are skipped (the queries' of the other rows too:
+/// on a plain copy its columns are read apart; a packed q/k/v weight cannot be, so it
+/// needs [`VitLayer::kv`], else it makes every row's queries).
 ///
 /// The output and fc2 biases are not written into the stream: they are added to `shift`
 /// `(d)`, which every row of the stream lacks and the norms add as they read it (the
@@ -1228,8 +1233,8 @@ pub fn vit_layer(
     let bias = view(l.qkv.1)?;
     // Attention reads q, k and v where the products wrote them (no split into heads).
     // The rows that go on are all of them, or each image's first: then (on the copy,
-    // whose columns can be read apart) queries for those rows alone, keys and values for
-    // all.
+    // whose columns can be read apart, or with the keys' and values' weight packed on its
+    // own) queries for those rows alone, keys and values for all.
     // The query buffer, a separate key/value buffer (or none: the same), where each
     // operand's rows lie, and the query rows per image.
     let (q, kv, rows, tq) = match (cls_only, w_qkv) {
@@ -1240,6 +1245,29 @@ pub fn vit_layer(
             let kv = kernels::linear_cols(&n1, w, d..3 * d, Some(bias.s()), b * t, d, 3 * d);
             let kv_rows = |which| kernels::Rows::fused(which, 0, h, t, hd);
             let rows = [kernels::Rows::split(h, 1, hd), kv_rows(1), kv_rows(2)];
+            (q, Some(kv), rows, 1)
+        }
+        (true, w @ kernels::Weight::Packed { .. }) if l.kv.is_some_and(|kv| kv.is_packed()) => {
+            let Some(FrozenWeight::Packed(kv_w, _)) = l.kv else {
+                unreachable!("checked above")
+            };
+            if kv_w.shape() != (d, 2 * d) {
+                candle_core::bail!(
+                    "ViT layer: key/value weight {:?} for width {d}",
+                    kv_w.shape()
+                );
+            }
+            x = kernels::gather_rows(&x, b, t, &[0], d);
+            // q, k, v of the CLS rows (k and v unused), then keys and values of all rows.
+            let n1_cls = kernels::gather_rows(&n1, b, t, &[0], d);
+            let q = kernels::linear_w(&n1_cls, w, Some(bias.s()), b, d, 3 * d);
+            let kv_w = kernels::Weight::Packed {
+                packed: kv_w,
+                w: None,
+            };
+            let kv = kernels::linear_w(&n1, kv_w, Some(&bias.s()[d..]), b * t, d, 2 * d);
+            let kv_rows = |which| kernels::Rows::fused(which, 0, h, t, hd);
+            let rows = [kernels::Rows::fused(0, h, h, 1, hd), kv_rows(1), kv_rows(2)];
             (q, Some(kv), rows, 1)
         }
         (cls_only, w) => {
