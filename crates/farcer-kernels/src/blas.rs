@@ -738,7 +738,11 @@ impl Choice {
             ));
         }
         if self.in_tasks {
-            parts.push("attention's products on the library too".into());
+            parts.push(
+                "attention's products on the library too (but unmasked heads of 64 on \
+                 AVX-512, which run their own tiles)"
+                    .into(),
+            );
         }
         parts.join("; ")
     }
