@@ -255,6 +255,7 @@ pub fn attention_rows(
     if mask.is_none()
         && t >= crate::tiled::R
         && s > 0
+        && b * h > 0
         && kr.row < i32::MAX as usize / 16
         && crate::tiled::available(d)
     {

@@ -139,8 +139,10 @@ mod tests {
             (2, 2, 7, 64),
             (2, 1, 16, 64),
             (2, 2, 17, 64),
+            (2, 2, 40, 64),
             (2, 2, 64, 64),
             (4, 2, 65, 64),
+            (2, 1, 100, 64),
             (3, 3, 197, 64),
             (2, 2, 257, 64),
         ] {
@@ -224,6 +226,66 @@ mod tests {
             assert!(
                 worst < 1e-5,
                 "({h}, {hk}) heads of {d}, {tq} of {t} query rows: max abs error {worst}"
+            );
+        }
+    }
+
+    /// Unmasked attention over split heads with fewer or more keys than queries, and
+    /// with one head in all (its rows then split into chunks, each packing the head
+    /// again), against the f64 form: the AVX-512 tiles where the CPU has them.
+    #[test]
+    fn unmasked_attention_with_other_key_counts_matches_the_plain_form() {
+        if !crate::tiled::available(64) {
+            eprintln!("no AVX-512 here: this runs the blocked path, not the tiles");
+        }
+        let d = 64;
+        for (b, h, hk, t, s) in [
+            (1, 1, 1, 6, 33),
+            (1, 2, 1, 6, 1),
+            (1, 1, 1, 70, 70),
+            (2, 2, 2, 13, 100),
+            (1, 3, 3, 200, 7),
+        ] {
+            let val = |i: usize, salt: usize| ((i * 31 + salt) % 97) as f32 / 97.0 - 0.5;
+            let q: Vec<f32> = (0..b * h * t * d).map(|i| val(i, 3) * 0.4).collect();
+            let k: Vec<f32> = (0..b * hk * s * d).map(|i| val(i, 11) * 2.0).collect();
+            let v: Vec<f32> = (0..b * hk * s * d).map(|i| val(i, 29)).collect();
+            let hs = Heads {
+                batch: b,
+                heads: h,
+                kv_heads: hk,
+                head_dim: d,
+            };
+            let (out, lse) = attention(&q, &k, &v, None, hs, t, s);
+            let mut worst = 0f64;
+            for bi in 0..b {
+                for hi in 0..h {
+                    let kh = bi * hk + hi / (h / hk);
+                    for r in 0..t {
+                        let qr = &q[((bi * h + hi) * t + r) * d..][..d];
+                        let sc: Vec<f64> = (0..s)
+                            .map(|j| {
+                                let kj = &k[(kh * s + j) * d..][..d];
+                                qr.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum()
+                            })
+                            .collect();
+                        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                        let got_lse = lse[(bi * h + hi) * t + r] as f64;
+                        worst = worst.max((got_lse - (m + z.ln())).abs());
+                        for c in 0..d {
+                            let want: f64 = (0..s)
+                                .map(|j| (sc[j] - m).exp() / z * v[(kh * s + j) * d + c] as f64)
+                                .sum();
+                            let got = out[(bi * t + r) * h * d + hi * d + c] as f64;
+                            worst = worst.max((got - want).abs());
+                        }
+                    }
+                }
+            }
+            assert!(
+                worst < 1e-5,
+                "({b}, {h}, {hk}) heads, {t} queries over {s} keys: max abs error {worst}"
             );
         }
     }

@@ -1,8 +1,8 @@
 //! An AVX-512 attention forward without a mask, for heads of 64 values (the ViTs').
 //!
-//! Per head, keys are packed once as 16-key panels and values as contiguous rows; then
-//! each tile of [`R`] query rows runs its scores, their softmax and `p v` while the
-//! scores sit in L1. On the ViTs' heads, MKL's products over 64-row blocks ran at 50-70%
+//! Per task (a head, or a chunk of its query rows), the head's keys are packed as
+//! 16-key panels and its values as contiguous rows; then each tile of [`R`] query rows
+//! runs its scores, their softmax and `p v` while the scores sit in L1. On the ViTs' heads, MKL's products over 64-row blocks ran at 50-70%
 //! of the FMA units' rate (an inner size of 64 leaves each call much packing), and the
 //! softmax, row by row, cost a fifth of attention on top.
 
@@ -68,6 +68,9 @@ pub(crate) unsafe fn pack_head(
     buf.set_len(n);
 }
 
+// The helpers below take and return vectors; `#[inline(always)]` compiles them inside
+// `head_rows`, whose `target_feature` they need.
+
 /// Scores of `R` query rows against the block of `NP` panels that starts at key `j0`
 /// (see [`pack_head`]), unscaled, into `sc` (rows of `s_pad` values); each row's
 /// running maximum in `mx`, over keys before `s` only.
@@ -118,7 +121,8 @@ fn tail_mask(j: usize, s: usize) -> __mmask16 {
 #[inline(always)]
 unsafe fn exp16(x: __m512) -> __m512 {
     let shift = _mm512_set1_ps(12_582_912.0);
-    let xc = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+    // `max` returns its second operand where either is NaN: a NaN stays NaN.
+    let xc = _mm512_max_ps(_mm512_set1_ps(-87.0), x);
     let t = _mm512_fmadd_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E), shift);
     let n = _mm512_sub_ps(t, shift);
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), xc);
@@ -230,7 +234,14 @@ pub(crate) unsafe fn head_rows(
         let mut inv = [0f32; R];
         for r in 0..n {
             let max = _mm512_reduce_max_ps(mx[r]);
-            let (ms, row) = (_mm512_set1_ps(max * scale), scp.add(r * s_pad));
+            let row = scp.add(r * s_pad);
+            if max == f32::NEG_INFINITY {
+                // Every score -inf (infinite inputs): a zero row, as the blocked path.
+                std::ptr::write_bytes(row, 0, s_pad);
+                lse[r0 + r] = f32::NEG_INFINITY;
+                continue;
+            }
+            let ms = _mm512_set1_ps(max * scale);
             let mut sum = _mm512_setzero_ps();
             for j in (0..s_pad).step_by(P) {
                 let e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(row.add(j)), sv, ms));

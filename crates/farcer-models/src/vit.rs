@@ -379,10 +379,10 @@ impl ViT {
 }
 
 impl Layer {
-    /// The kernels' copies of the weights: q, k, v (transposed) and their biases stacked,
-    /// the other linears transposed; none for candle's backend.
-    /// The fused CPU path's weights for `be` (none for candle's); `last`: the encoder's
-    /// last layer, which may carry only the CLS rows past its keys and values.
+    /// The fused CPU path's weights for `be` (none for candle's backend): q, k, v and
+    /// their biases stacked, the other linears, each packed or transposed; with `last`
+    /// (the encoder's last layer, which may carry only the CLS rows past its keys and
+    /// values) also k and v stacked on their own.
     fn prepare(&mut self, be: Backend, last: bool) -> Result<()> {
         let (q, k, v) = (&self.q, &self.k, &self.v);
         let d = q.w.dim(0)?;

@@ -1231,6 +1231,9 @@ pub fn vit_layer(
     };
     let scale = 1.0 / (hd as f32).sqrt();
     let bias = view(l.qkv.1)?;
+    if bias.s().len() != 3 * d {
+        candle_core::bail!("ViT layer: q/k/v bias of {} for width {d}", bias.s().len());
+    }
     // Attention reads q, k and v where the products wrote them (no split into heads).
     // The rows that go on are all of them, or each image's first: then (on the copy,
     // whose columns can be read apart, or with the keys' and values' weight packed on its
