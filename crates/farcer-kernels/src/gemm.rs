@@ -207,17 +207,33 @@ fn linear_reading(
     };
     drop(copy);
     // The weight as `b` `(k, m)`: the copy row-major, or the original read transposed.
-    let (b, b_rs, b_cs) = match w {
+    let b = match w {
         Some(w) => (w, 1, k),
         None => (wt, m, 1),
     };
+    plain_product(x, b, &mut y, acc, n, k, m);
+    y
+}
+
+/// `dst (+)= x @ b` over all threads, `x` `(n, k)`, `b` `(k, m)` read with strides
+/// `(b_rs, b_cs)`: a weight's copy `(m, 1)`, or its `(m, k)` original `(1, k)`.
+fn plain_product(
+    x: &[f32],
+    (b, b_rs, b_cs): (&[f32], usize, usize),
+    dst: &mut [f32],
+    acc: bool,
+    n: usize,
+    k: usize,
+    m: usize,
+) {
+    assert!(x.len() >= n * k && b.len() >= k * m && dst.len() >= n * m);
     // SAFETY: the lengths are checked above; the strides describe those slices.
     unsafe {
         gemm_raw(
             n,
             m,
             k,
-            y.as_mut_ptr(),
+            dst.as_mut_ptr(),
             m,
             acc,
             x.as_ptr(),
@@ -228,8 +244,7 @@ fn linear_reading(
             b_cs,
             parallelism(),
         )
-    };
-    y
+    }
 }
 
 /// `x @ wt[:, cols] + bias[cols]`: the product with a range of the weight's output
@@ -321,27 +336,7 @@ fn product(w: Weight, x: &[f32], dst: &mut [f32], acc: bool, n: usize, k: usize,
         }
     };
     match (plain, w) {
-        (Some((b, b_rs, b_cs)), _) => {
-            assert!(b.len() >= k * m);
-            // SAFETY: the lengths are checked above; the strides describe those slices.
-            unsafe {
-                gemm_raw(
-                    n,
-                    m,
-                    k,
-                    dst.as_mut_ptr(),
-                    m,
-                    acc,
-                    x.as_ptr(),
-                    k,
-                    1,
-                    b.as_ptr(),
-                    b_rs,
-                    b_cs,
-                    parallelism(),
-                )
-            }
-        }
+        (Some(b), _) => plain_product(x, b, dst, acc, n, k, m),
         (None, Weight::Packed { packed, .. }) => {
             if n == 0 {
                 return;

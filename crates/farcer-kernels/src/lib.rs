@@ -150,6 +150,28 @@ mod tests {
         }
     }
 
+    /// `softmax(scale q k^T) v` for one query row over `s` keys of `d` values, in f64
+    /// (`q(c)`, `k(j, c)`, `v(j, c)`), and the row's log-sum-exp.
+    fn plain_attention_row(
+        s: usize,
+        d: usize,
+        scale: f64,
+        q: impl Fn(usize) -> f64,
+        k: impl Fn(usize, usize) -> f64,
+        v: impl Fn(usize, usize) -> f64,
+    ) -> (Vec<f64>, f64) {
+        let sc: Vec<f64> = (0..s)
+            .map(|j| (0..d).map(|c| q(c) * k(j, c)).sum::<f64>() * scale)
+            .collect();
+        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        let o = (0..d)
+            .map(|c| (0..s).map(|j| e[j] / z * v(j, c)).sum())
+            .collect();
+        (o, m + z.ln())
+    }
+
     fn fused_attention_case(h: usize, hk: usize, t: usize, d: usize) {
         let b = 2;
         let w = (h + 2 * hk) * d;
@@ -175,24 +197,19 @@ mod tests {
         };
         // Output row `r` of image `bi`, every head, `(h d)`, and each head's log-sum-exp.
         let plain = |bi: usize, r: usize| -> (Vec<f64>, Vec<f64>) {
-            let mut o = vec![0f64; h * d];
-            let mut lse = vec![0f64; h];
+            let mut o = Vec::with_capacity(h * d);
+            let mut lse = Vec::with_capacity(h);
             for hi in 0..h {
-                let sc: Vec<f64> = (0..t)
-                    .map(|j| {
-                        (0..d)
-                            .map(|c| at(bi, r, 0, hi, c) * at(bi, j, 1, hi, c))
-                            .sum::<f64>()
-                            * scale as f64
-                    })
-                    .collect();
-                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                lse[hi] = m + z.ln();
-                for c in 0..d {
-                    o[hi * d + c] = (0..t).map(|j| e[j] / z * at(bi, j, 2, hi, c)).sum();
-                }
+                let (oh, l) = plain_attention_row(
+                    t,
+                    d,
+                    scale as f64,
+                    |c| at(bi, r, 0, hi, c),
+                    |j, c| at(bi, j, 1, hi, c),
+                    |j, c| at(bi, j, 2, hi, c),
+                );
+                o.extend(oh);
+                lse.push(l);
             }
             (o, lse)
         };
@@ -266,23 +283,19 @@ mod tests {
                 for hi in 0..h {
                     let kh = bi * hk + hi / (h / hk);
                     for r in 0..t {
-                        let qr = &q[((bi * h + hi) * t + r) * d..][..d];
-                        let sc: Vec<f64> = (0..s)
-                            .map(|j| {
-                                let kj = &k[(kh * s + j) * d..][..d];
-                                qr.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum()
-                            })
-                            .collect();
-                        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                        let (want, want_lse) = plain_attention_row(
+                            s,
+                            d,
+                            1.0,
+                            |c| q[((bi * h + hi) * t + r) * d + c] as f64,
+                            |j, c| k[(kh * s + j) * d + c] as f64,
+                            |j, c| v[(kh * s + j) * d + c] as f64,
+                        );
                         let got_lse = lse[(bi * h + hi) * t + r] as f64;
-                        worst = worst.max((got_lse - (m + z.ln())).abs());
-                        for c in 0..d {
-                            let want: f64 = (0..s)
-                                .map(|j| (sc[j] - m).exp() / z * v[(kh * s + j) * d + c] as f64)
-                                .sum();
-                            let got = out[(bi * t + r) * h * d + hi * d + c] as f64;
-                            worst = worst.max((got - want).abs());
+                        worst = worst.max((got_lse - want_lse).abs());
+                        let got = &out[(bi * t + r) * h * d + hi * d..][..d];
+                        for (g, w) in got.iter().zip(&want) {
+                            worst = worst.max((*g as f64 - w).abs());
                         }
                     }
                 }
